@@ -1,0 +1,206 @@
+"""LoRA (Hu et al., 2021), rsLoRA and DoRA around any linear layer, quantized or not.
+
+    x ──► base_layer (frozen; fp32, NF4, FP4 or int8) ──────────────┐
+    │                                                               + ──► y
+    └──► dropout ──► A (r × in) ──► B (out × r) ──► × alpha/r ──────┘
+                                                     (alpha/√r with rsLoRA)
+    DoRA: y = base(x) + dora_extra(...)   (see dora.py)
+
+The wrapper calls the base layer's own forward, so bitsandbytes does the
+quantized matmul; LoRA never branches on the backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from edgepeft.adapters import dora
+from edgepeft.adapters.layer import AdapterLayer, MethodSpec
+from edgepeft.adapters.saved_modules import add_modules_to_save
+from edgepeft.adapters.targets import pattern_value, select_modules, wrap
+from edgepeft.architectures import require_architecture
+from edgepeft.base import linear_features
+from edgepeft.config import LoraConfig
+
+
+class LoraLayer(AdapterLayer):
+    peft_type = "LORA"
+    adapter_attrs = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_dropout")
+    mergeable = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+
+    def add(self, name: str, r: int, alpha: float, config: LoraConfig) -> None:
+        in_f, out_f = linear_features(self.innermost())
+        device = next(self.innermost().parameters()).device
+        A = nn.Linear(in_f, r, bias=False, device=device)
+        B = nn.Linear(r, out_f, bias=False, device=device)
+        if config.init == "default":
+            nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+            nn.init.zeros_(B.weight)
+        elif config.init == "gaussian":
+            nn.init.normal_(A.weight, std=1 / r)
+            nn.init.zeros_(B.weight)
+        # "random": nn.Linear's own init for both, so the adapter starts non-zero.
+        self.lora_A[name], self.lora_B[name] = A, B
+        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scaling[name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        if config.use_dora:
+            m = dora.initial_magnitude(self.innermost(), A, B, self.scaling[name])
+            self.lora_magnitude_vector[name] = nn.Parameter(m)
+
+    def forget(self, name: str) -> None:
+        self.scaling.pop(name, None)
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        # peft stores the DoRA magnitude under the bare container name.
+        out = {
+            "lora_A.weight": self.lora_A[name].weight,
+            "lora_B.weight": self.lora_B[name].weight,
+        }
+        if name in self.lora_magnitude_vector:
+            out["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return out
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        name = self.active
+        if name is None:
+            return out
+        A, B = self.lora_A[name], self.lora_B[name]
+        dropout = self.lora_dropout[name]
+        x_in = dropout(x.to(A.weight.dtype))
+        if name in self.lora_magnitude_vector:
+            # peft semantics: with dropout active, DoRA recomputes W x on the dropped input.
+            dropped = self.training and not isinstance(dropout, nn.Identity)
+            extra = dora.dora_extra(
+                x_in,
+                None if dropped else out.to(x_in.dtype),
+                self.innermost(),
+                A,
+                B,
+                self.lora_magnitude_vector[name],
+                self.scaling[name],
+            )
+        else:
+            extra = B(A(x_in)) * self.scaling[name]
+        return out + extra.to(out.dtype)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        A, B = self.lora_A[name], self.lora_B[name]
+        if name in self.lora_magnitude_vector:
+            return dora.dora_delta(
+                self.innermost(), A, B, self.lora_magnitude_vector[name], self.scaling[name]
+            )
+        return (B.weight.detach().float() @ A.weight.detach().float()) * self.scaling[name]
+
+
+def resolve(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """The config with the architecture's default targets filled in."""
+    if config.target_modules is not None:
+        return config
+    arch = require_architecture(model.config.model_type, "LoRA target modules")
+    return dataclasses.replace(config, target_modules=arch.lora_targets)
+
+
+def inject(model: nn.Module, config: LoraConfig, name: str) -> list[str]:
+    """Wrap every targeted layer and add adapter `name`; returns the wrapped module names."""
+    selected = select_modules(
+        model,
+        config.target_modules,
+        layers_to_transform=config.layers_to_transform,
+        layers_pattern=config.layers_pattern,
+        exclude=config.exclude_modules,
+        what=f"LoRA adapter {name!r}",
+    )
+    for module_name in selected:
+        r = pattern_value(module_name, dict(config.rank_pattern), config.r)
+        alpha = pattern_value(module_name, dict(config.alpha_pattern), config.alpha)
+        wrap(model, module_name, LoraLayer).add(name, r, alpha, config)
+    return selected + add_modules_to_save(model, config.modules_to_save, name)
+
+
+# ---------------------------------------------------------------- HF peft JSON
+
+_PEFT_INIT = {"default": True, "gaussian": "gaussian", "random": False}
+
+# peft fields whose non-default values change what a saved adapter computes and
+# that edgepeft does not implement: refuse them rather than load something else.
+_UNSUPPORTED = {
+    "bias": "none",
+    "lora_bias": False,
+    "use_qalora": False,
+    "layer_replication": None,
+    "target_parameters": None,
+    "alora_invocation_tokens": None,
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+}
+
+
+def to_peft(config: LoraConfig) -> dict:
+    targets = config.target_modules
+    return {
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": targets if isinstance(targets, str) else list(targets),
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "init_lora_weights": _PEFT_INIT[config.init],
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "layers_to_transform": list(config.layers_to_transform)
+        if config.layers_to_transform is not None
+        else None,
+        "layers_pattern": config.layers_pattern,
+        "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
+        "exclude_modules": list(config.exclude_modules) if config.exclude_modules else None,
+        "bias": "none",
+    }
+
+
+def from_peft(data: dict) -> LoraConfig:
+    for key, default in _UNSUPPORTED.items():
+        if data.get(key, default) not in (default, [], {}):
+            raise ValueError(
+                f"LoRA adapter uses {key}={data[key]!r}, which edgepeft does not implement"
+            )
+    init = data.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):
+        raise ValueError(
+            f"LoRA adapter was initialised with init_lora_weights={init!r}, which rewrites the "
+            "base weights; convert it to a plain LoRA with peft first"
+        )
+    targets = data.get("target_modules")
+    layers = data.get("layers_to_transform")
+    return LoraConfig(
+        r=int(data["r"]),
+        alpha=data.get("lora_alpha", 8),
+        dropout=data.get("lora_dropout", 0.0),
+        target_modules=targets if isinstance(targets, str) or targets is None else tuple(targets),
+        use_rslora=bool(data.get("use_rslora", False)),
+        use_dora=bool(data.get("use_dora", False)),
+        init={True: "default", False: "random", "gaussian": "gaussian"}[init],
+        rank_pattern=dict(data.get("rank_pattern") or {}),
+        alpha_pattern=dict(data.get("alpha_pattern") or {}),
+        layers_to_transform=(layers,) if isinstance(layers, int) else tuple(layers) if layers else None,
+        layers_pattern=data.get("layers_pattern") if isinstance(data.get("layers_pattern"), str) else None,
+        modules_to_save=tuple(data["modules_to_save"]) if data.get("modules_to_save") else None,
+        exclude_modules=tuple(data["exclude_modules"]) if data.get("exclude_modules") else None,
+    )
+
+
+METHOD = MethodSpec(
+    config_cls=LoraConfig, resolve=resolve, inject=inject, to_peft=to_peft, from_peft=from_peft
+)

@@ -1,0 +1,83 @@
+"""What edgepeft knows about each architecture: one explicit table, validated at import.
+
+Module names are dotted-name suffixes inside one decoder layer. A model type not
+in the table still works where the user names `target_modules` explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Architecture:
+    lora_targets: tuple[str, ...]
+    """LoRA's default targets (peft's defaults, so configs agree between libraries)."""
+    ia3_targets: tuple[str, ...]
+    ia3_feedforward: tuple[str, ...]
+    attention_output: str
+    """Attention's output projection: a Houlsby bottleneck goes after it."""
+    ffn_output: str
+    """The FFN's output projection: both bottleneck styles go after it."""
+    layers_pattern: str = "layers"
+    """Name of the ModuleList that holds the decoder layers."""
+
+
+_LLAMA_LIKE = Architecture(
+    lora_targets=("q_proj", "v_proj"),
+    ia3_targets=("k_proj", "v_proj", "down_proj"),
+    ia3_feedforward=("down_proj",),
+    attention_output="self_attn.o_proj",
+    ffn_output="mlp.down_proj",
+)
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "phi3": Architecture(
+        lora_targets=("qkv_proj",),
+        ia3_targets=("qkv_proj", "down_proj"),
+        ia3_feedforward=("down_proj",),
+        attention_output="self_attn.o_proj",
+        ffn_output="mlp.down_proj",
+    ),
+    "gpt2": Architecture(
+        lora_targets=("c_attn",),
+        ia3_targets=("c_attn", "mlp.c_proj"),
+        ia3_feedforward=("mlp.c_proj",),
+        attention_output="attn.c_proj",
+        ffn_output="mlp.c_proj",
+        layers_pattern="h",
+    ),
+}
+
+
+def _validate(table: dict[str, Architecture]) -> None:
+    for name, arch in table.items():
+        if not set(arch.ia3_feedforward) <= set(arch.ia3_targets):
+            raise AssertionError(f"{name}: IA3 feedforward modules must be IA3 targets")
+        if not arch.lora_targets:
+            raise AssertionError(f"{name}: no default LoRA targets")
+
+
+_validate(ARCHITECTURES)
+
+
+def architecture_of(model_type: str) -> Architecture | None:
+    return ARCHITECTURES.get(model_type)
+
+
+def require_architecture(model_type: str, what: str) -> Architecture:
+    """The table entry, or an error that says how to proceed without one."""
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        raise ValueError(
+            f"edgepeft has no default {what} for model_type {model_type!r} "
+            f"(known: {', '.join(sorted(ARCHITECTURES))}); pass target_modules explicitly"
+        )
+    return arch

@@ -1,0 +1,425 @@
+"""The frozen base: load, quantize with bitsandbytes, freeze, fingerprint.
+
+    HF folder / hub id ──from_pretrained (safetensors only)──► fp model
+        │ fingerprint(weights as stored)     recorded before any rounding
+        ▼
+    quantize_linears(quant)    nn.Linear / GPT-2 Conv1D ─► bnb Linear4bit | Linear8bitLt
+        ▼
+    freeze ─► (model, tokenizer), model.edgepeft_base = BaseInfo(...)
+
+Every other part of edgepeft reads a layer's weight through `dequantized_weight`,
+so adapters never branch on the quantization backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+log = logging.getLogger("edgepeft")
+
+Quant = Literal["nf4", "fp4", "int8", "none"]
+QUANTS: tuple[str, ...] = ("nf4", "fp4", "int8", "none")
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """What an adapter must know about the base it was trained on."""
+
+    name_or_path: str
+    fingerprint: str
+    quant: str
+    double_quant: bool
+    compute_dtype: str
+
+
+# ---------------------------------------------------------------- layer access
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a [train] dependency
+        return None
+    return Conv1D
+
+
+def _bnb():
+    import bitsandbytes as bnb
+
+    return bnb
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """A layer computing x @ W^T + b that an adapter can wrap (incl. bnb and GPT-2 Conv1D)."""
+    conv1d = _conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def is_quantized(module: nn.Module) -> bool:
+    bnb = _bnb()
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like layer."""
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return module.weight.shape[0], module.nf
+    return module.in_features, module.out_features
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as a new fp32 tensor of shape (out, in), whatever its storage."""
+    bnb = _bnb()
+    weight = module.weight
+    if isinstance(module, bnb.nn.Linear4bit):
+        w = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    elif isinstance(module, bnb.nn.Linear8bitLt):
+        # LLM.int8 stores row-wise absmax scales beside the int8 codes.
+        scb = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+        w = weight.data.float() * (scb.float().unsqueeze(1) / 127.0)
+    elif is_linear_like(module) and not isinstance(module, nn.Linear):
+        w = weight.detach().t()  # Conv1D keeps (in, out)
+    else:
+        w = weight.detach()
+    return w.to(torch.float32).clone()
+
+
+def is_conv1d_origin(module: nn.Module) -> bool:
+    """True for GPT-2 Conv1D layers, also after quantization turned them into Linear."""
+    conv1d = _conv1d_type()
+    return (conv1d is not None and isinstance(module, conv1d)) or getattr(
+        module, "edgepeft_conv1d", False
+    )
+
+
+# ---------------------------------------------------------------- quantization
+
+
+def _quantized_linear(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    quant: str,
+    double_quant: bool,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+) -> nn.Module:
+    """A bitsandbytes layer holding `weight` (out, in) quantized on `device`."""
+    bnb = _bnb()
+    out_f, in_f = weight.shape
+    if quant in ("nf4", "fp4"):
+        layer = bnb.nn.Linear4bit(
+            in_f,
+            out_f,
+            bias=bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=double_quant,
+            quant_type=quant,
+            device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight.detach().to(torch.float32 if compute_dtype == torch.float32 else compute_dtype),
+            requires_grad=False,
+            compress_statistics=double_quant,
+            quant_type=quant,
+        )
+    elif quant == "int8":
+        layer = bnb.nn.Linear8bitLt(
+            in_f, out_f, bias=bias is not None, has_fp16_weights=False, threshold=6.0, device="meta"
+        )
+        layer.weight = bnb.nn.Int8Params(
+            weight.detach().to(torch.float16).contiguous(), requires_grad=False, has_fp16_weights=False
+        )
+    else:
+        raise ValueError(f"quant must be one of {QUANTS[:-1]} here, got {quant!r}")
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(compute_dtype).clone(), requires_grad=False)
+    return layer.to(device)  # bitsandbytes quantizes on the move to a device
+
+
+def quantize_linears(
+    model: nn.Module,
+    quant: str,
+    *,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    skip_modules: tuple[str, ...] = ("lm_head",),
+) -> int:
+    """Replace every linear-like layer (but `skip_modules`) by a bitsandbytes one, in place.
+
+    Returns the number of layers replaced.
+    """
+    device = torch.device(device)
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not is_linear_like(module) or is_quantized(module):
+            continue
+        if any(name == s or name.endswith("." + s) for s in skip_modules):
+            continue
+        bias = module.bias if module.bias is not None else None
+        new = _quantized_linear(
+            dequantized_weight(module), bias, quant, double_quant, compute_dtype, device
+        )
+        if not isinstance(module, nn.Linear):
+            new.edgepeft_conv1d = True  # remembers GPT-2's (in, out) layout for merges
+        set_submodule(model, name, new)
+        replaced += 1
+    return replaced
+
+
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+# ---------------------------------------------------------------- fingerprint
+
+_SAMPLES_PER_TENSOR = 4096
+
+
+def weights_fingerprint(config_dict: dict, named_tensors) -> str:
+    """Stable 16-hex-digit id of a checkpoint: shape-defining config + sampled weights.
+
+    Sampled values are hashed as fp32, so the same checkpoint loaded in bf16 or
+    fp32 gives the same id; any fine-tune or merge that moves the sampled weights
+    gives another.
+    """
+    h = hashlib.sha256()
+    keep = {
+        k: v
+        for k, v in sorted(config_dict.items())
+        if isinstance(v, (int, float, str, bool)) and not k.startswith("_")
+        and k not in {"transformers_version", "torch_dtype", "dtype", "use_cache"}
+    }
+    h.update(json.dumps(keep, sort_keys=True).encode())
+    for name, tensor in sorted(named_tensors, key=lambda kv: kv[0]):
+        flat = tensor.detach().reshape(-1)
+        h.update(f"{name}:{tuple(tensor.shape)}".encode())
+        if flat.numel() > _SAMPLES_PER_TENSOR:
+            idx = torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_TENSOR, device=flat.device).long()
+            flat = flat[idx]
+        h.update(flat.to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(model: nn.Module) -> str:
+    """The base's fingerprint: the one `load_base` recorded, else computed now.
+
+    For a model quantized outside edgepeft the quantized layers are hashed through
+    their dequantized weights, so that id differs from the checkpoint's.
+    """
+    info = getattr(model, "edgepeft_base", None)
+    if info is not None:
+        return info.fingerprint
+    from edgepeft.adapters.layer import base_named_tensors
+
+    return weights_fingerprint(model.config.to_dict(), base_named_tensors(model))
+
+
+def base_info(model: nn.Module) -> BaseInfo:
+    info = getattr(model, "edgepeft_base", None)
+    if info is not None:
+        return info
+    quantized = [m for m in model.modules() if is_quantized(m)]
+    quant = "none"
+    if quantized:
+        q = quantized[0]
+        quant = "int8" if isinstance(q, _bnb().nn.Linear8bitLt) else q.weight.quant_type
+    info = BaseInfo(
+        name_or_path=str(getattr(model.config, "_name_or_path", "") or ""),
+        fingerprint=fingerprint(model),
+        quant=quant,
+        double_quant=bool(quantized and getattr(quantized[0].weight, "compress_statistics", False)),
+        compute_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+    )
+    model.edgepeft_base = info
+    return info
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _default_compute_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _check_local_folder(path: Path) -> None:
+    """Refuse pickled checkpoints and name the file when safetensors are unreadable."""
+    from safetensors import safe_open
+
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        what = f"only pickled weights ({', '.join(pickled)})" if pickled else "no weights"
+        raise FileNotFoundError(
+            f"{path} holds {what}; edgepeft loads safetensors only and never unpickles. "
+            "Convert the checkpoint with `model.save_pretrained(dir, safe_serialization=True)` "
+            "in a trusted environment."
+        )
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise ValueError(
+                f"{shard} is not a readable safetensors file ({e}); re-download or re-save it"
+            ) from e
+
+
+def load_base(
+    name_or_path: str | os.PathLike,
+    quant: Quant = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    skip_modules: tuple[str, ...] = ("lm_head",),
+):
+    """Load a causal LM, quantize its linear layers, freeze everything.
+
+    Args:
+        name_or_path: Local HF model folder or hub id.
+        quant: "nf4" / "fp4" (4-bit, QLoRA), "int8" (LLM.int8) or "none".
+        double_quant: Quantize the 4-bit absmax statistics too (saves ~0.4 bit/param).
+        compute_dtype: Dtype of activations and unquantized weights; default fp32 on
+            CPU, bf16 (or fp16) on CUDA.
+        device: "cpu", "cuda", ...; default CUDA when present.
+        trust_remote_code: Run modelling code shipped with the checkpoint. Off by default.
+        skip_modules: Linear layers kept unquantized (embeddings are never quantized).
+
+    Returns:
+        (model, tokenizer); the tokenizer is None when the folder has none.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if quant not in QUANTS:
+        raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    compute_dtype = compute_dtype or _default_compute_dtype(device)
+
+    path = Path(name_or_path)
+    if path.is_dir():
+        _check_local_folder(path)
+        source = str(path)
+    else:
+        source = _resolve_hub_id(str(name_or_path))
+
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype="auto", use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    model.eval()
+    fp = weights_fingerprint(
+        model.config.to_dict(), [(n, t) for n, t in model.state_dict().items()]
+    )
+    if quant == "none":
+        model.to(device=device, dtype=compute_dtype)
+    else:
+        # Unquantized parts (embeddings, norms, lm_head) live in compute_dtype on the device.
+        model.to(dtype=compute_dtype)
+        quantize_linears(
+            model,
+            quant,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype,
+            device=device,
+            skip_modules=skip_modules,
+        )
+        model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.edgepeft_base = BaseInfo(
+        name_or_path=str(name_or_path),
+        fingerprint=fp,
+        quant=quant,
+        double_quant=double_quant and quant in ("nf4", "fp4"),
+        compute_dtype=str(compute_dtype).removeprefix("torch."),
+    )
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        log.warning("no tokenizer loaded from %s (%s)", name_or_path, e)
+    log.info("%s", describe_base(model))
+    return model, tokenizer
+
+
+def _resolve_hub_id(hub_id: str) -> str:
+    """Download (or find in the cache) a hub checkpoint; a clear error when offline."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        )
+    except Exception as e:
+        raise OSError(
+            f"could not fetch {hub_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Without network access, download it elsewhere and pass the local folder path."
+        ) from e
+    _check_local_folder(Path(folder))
+    return folder
+
+
+# ---------------------------------------------------------------- reporting
+
+
+@dataclass(frozen=True)
+class BaseReport:
+    total_params: int
+    quantized_layers: int
+    linear_layers: int
+    weight_bytes: int
+    quant: str
+
+    def __str__(self) -> str:
+        return (
+            f"base: {self.total_params / 1e6:.2f}M params, {self.quantized_layers}/"
+            f"{self.linear_layers} linear layers quantized ({self.quant}), "
+            f"{self.weight_bytes / 2**20:.1f} MiB of weights"
+        )
+
+
+def _param_count(p: torch.Tensor) -> int:
+    # bitsandbytes packs two 4-bit codes per byte; count logical parameters.
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None:
+        return int(torch.Size(quant_state.shape).numel())
+    return p.numel()
+
+
+def describe_base(model: nn.Module) -> BaseReport:
+    """Parameter count and bytes actually held by the base weights (quantization included)."""
+    seen: set[int] = set()
+    total = nbytes = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue  # tied embeddings count once
+        seen.add(id(t))
+        nbytes += t.numel() * t.element_size()
+        total += _param_count(t) if isinstance(t, nn.Parameter) else 0
+        quant_state = getattr(t, "quant_state", None)
+        if quant_state is not None and quant_state.absmax is not None:
+            nbytes += quant_state.absmax.numel() * quant_state.absmax.element_size()
+    linear = [m for m in model.modules() if is_linear_like(m)]
+    quantized = [m for m in linear if is_quantized(m)]
+    info = getattr(model, "edgepeft_base", None)
+    return BaseReport(
+        total_params=total,
+        quantized_layers=len(quantized),
+        linear_layers=len(linear),
+        weight_bytes=nbytes,
+        quant=info.quant if info else ("mixed" if quantized else "none"),
+    )
