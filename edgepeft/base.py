@@ -13,6 +13,7 @@ so adapters never branch on the quantization backend.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -53,6 +54,9 @@ def _conv1d_type() -> type | None:
 
 
 def _bnb():
+    # On AVX512-BF16 CPUs bnb warns at import that an optional bf16 kernel package is
+    # missing; edgepeft turns that bf16 path off for its layers (`_quantized_linear`).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import bitsandbytes as bnb
 
     return bnb
@@ -82,7 +86,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     bnb = _bnb()
     weight = module.weight
     if isinstance(module, bnb.nn.Linear4bit):
-        w = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        w = bnb.functional.dequantize_4bit(*_canonical_4bit(weight))
     elif isinstance(module, bnb.nn.Linear8bitLt):
         # LLM.int8 stores row-wise absmax scales beside the int8 codes.
         scb = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
@@ -92,6 +96,24 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     else:
         w = weight.detach()
     return w.to(torch.float32).clone()
+
+
+def _canonical_4bit(weight) -> tuple[torch.Tensor, object]:
+    """(codes, quant_state) of a Params4bit in bnb's standard layout, the layer untouched.
+
+    On CPUs with AVX512-BF16, bnb repacks a Linear4bit that runs an eval forward
+    (layers made by transformers; edgepeft's own opt out) into a kernel layout with
+    (K/blocksize, N) bf16 absmax. bnb's inverse leaves that absmax transposed, so
+    it is restored here on a copy.
+    """
+    state = weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return weight.data, state
+    state = copy.copy(state)
+    state.original_nested = False  # keep the bf16 absmax the layer now computes with
+    codes, state = _bnb().functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
+    state.absmax = state.absmax.t().reshape(-1).float()  # (K/bs, N) -> blockwise order
+    return codes, state
 
 
 def is_conv1d_origin(module: nn.Module) -> bool:
@@ -126,6 +148,9 @@ def _quantized_linear(
             quant_type=quant,
             device="meta",
         )
+        # Otherwise, on CPUs with AVX512-BF16, bnb repacks the weight at the first eval
+        # forward and from then on computes in bf16 whatever compute_dtype says.
+        layer.support_avx512bf16_for_cpu = False
         layer.weight = bnb.nn.Params4bit(
             weight.detach().to(torch.float32 if compute_dtype == torch.float32 else compute_dtype),
             requires_grad=False,
@@ -170,6 +195,8 @@ def quantize_linears(
         new = _quantized_linear(
             dequantized_weight(module), bias, quant, double_quant, compute_dtype, device
         )
+        # A new module starts in training mode; bnb's int8 matmul computes differently there.
+        new.train(module.training)
         if not isinstance(module, nn.Linear):
             new.edgepeft_conv1d = True  # remembers GPT-2's (in, out) layout for merges
         set_submodule(model, name, new)
@@ -400,6 +427,21 @@ def _param_count(p: torch.Tensor) -> int:
     return p.numel()
 
 
+def _quantization_statistics(p: torch.Tensor) -> list[torch.Tensor]:
+    """Tensors bitsandbytes keeps beside a quantized weight (they are no parameters or buffers).
+
+    4-bit: absmax and code table, with double quant also the nested absmax, code
+    table and offset; int8: the fp32 per-row scales (SCB).
+    """
+    found = [getattr(p, "SCB", None)]
+    state = getattr(p, "quant_state", None)
+    if state is not None:
+        found += [state.absmax, state.code, state.offset]
+        if state.state2 is not None:
+            found += [state.state2.absmax, state.state2.code]
+    return [t for t in found if isinstance(t, torch.Tensor)]
+
+
 def describe_base(model: nn.Module) -> BaseReport:
     """Parameter count and bytes actually held by the base weights (quantization included)."""
     seen: set[int] = set()
@@ -410,9 +452,10 @@ def describe_base(model: nn.Module) -> BaseReport:
         seen.add(id(t))
         nbytes += t.numel() * t.element_size()
         total += _param_count(t) if isinstance(t, nn.Parameter) else 0
-        quant_state = getattr(t, "quant_state", None)
-        if quant_state is not None and quant_state.absmax is not None:
-            nbytes += quant_state.absmax.numel() * quant_state.absmax.element_size()
+        for extra in _quantization_statistics(t):
+            if id(extra) not in seen:
+                seen.add(id(extra))
+                nbytes += extra.numel() * extra.element_size()
     linear = [m for m in model.modules() if is_linear_like(m)]
     quantized = [m for m in linear if is_quantized(m)]
     info = getattr(model, "edgepeft_base", None)
