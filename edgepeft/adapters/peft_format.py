@@ -23,7 +23,7 @@ from torch import nn
 
 from edgepeft import __version__
 from edgepeft.adapters import METHODS, method_for
-from edgepeft.adapters.inject import adapters, add_adapter, delete_adapter, set_adapter
+from edgepeft.adapters.inject import add_adapter, delete_adapter, list_adapters, set_adapter
 from edgepeft.adapters.layer import adapter_modules
 from edgepeft.base import base_info, is_conv1d_origin
 
@@ -59,9 +59,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     from safetensors.torch import save_file
 
     name = name or getattr(model, "edgepeft_active", None)
-    if name is None or name not in adapters(model):
-        raise KeyError(f"no adapter {name!r} to save (adapters: {', '.join(adapters(model)) or 'none'})")
-    config = adapters(model)[name]
+    if name is None or name not in list_adapters(model):
+        raise KeyError(f"no adapter {name!r} to save (adapters: {', '.join(list_adapters(model)) or 'none'})")
+    config = list_adapters(model)[name]
     spec = method_for(config)
     info = base_info(model)
 
@@ -73,11 +73,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
         "revision": None,
         **spec.to_peft(config),
     }
-    if config.peft_type == "LORA":
+    if config.peft_type in ("LORA", "IA3"):  # peft needs the flag for GPT-2 Conv1D targets
         document["fan_in_fan_out"] = any(
             is_conv1d_origin(module.innermost())
             for _, module in adapter_modules(model)
-            if module.peft_type == "LORA" and name in module
+            if module.peft_type == config.peft_type and name in module
         )
     tensors = {
         key: tensor.detach().to("cpu").contiguous().clone()
@@ -96,13 +96,31 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     try:
         (staging / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata=metadata)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
+        _move_into_place(staging, directory)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def _move_into_place(new: Path, target: Path) -> None:
+    """Rename folder `new` to `target`; an existing `target` survives a failed rename.
+
+    The old folder is set aside under a hidden sibling name first (deleting it first
+    would lose it if the second rename failed), and put back on failure.
+    """
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    old.rmdir()  # only the unique name is wanted (Windows cannot rename onto a folder)
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[object, dict[str, torch.Tensor], dict]:
