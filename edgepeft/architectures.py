@@ -30,15 +30,23 @@ _LLAMA_LIKE = Architecture(
     attention_output="self_attn.o_proj",
     ffn_output="mlp.down_proj",
 )
+# peft's IA3 default for Qwen and Gemma rescales queries rather than keys.
+_QWEN_GEMMA = Architecture(
+    lora_targets=("q_proj", "v_proj"),
+    ia3_targets=("q_proj", "v_proj", "down_proj"),
+    ia3_feedforward=("down_proj",),
+    attention_output="self_attn.o_proj",
+    ffn_output="mlp.down_proj",
+)
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "qwen2": _QWEN_GEMMA,
+    "qwen3": _QWEN_GEMMA,
+    "gemma": _QWEN_GEMMA,
+    "gemma2": _QWEN_GEMMA,
+    "gemma3_text": _QWEN_GEMMA,
     "phi3": Architecture(
         lora_targets=("qkv_proj",),
         ia3_targets=("qkv_proj", "down_proj"),

@@ -18,7 +18,7 @@ from edgepeft.adapters.layer import AdapterLayer, AdapterModule, adapter_modules
 from edgepeft.base import base_info, set_submodule
 
 
-def adapters(model: nn.Module) -> dict[str, object]:
+def list_adapters(model: nn.Module) -> dict[str, object]:
     """name -> resolved config of every adapter on `model` (insertion order)."""
     return getattr(model, "edgepeft_adapters", {})
 
@@ -28,8 +28,8 @@ def active_adapter(model: nn.Module) -> str | None:
 
 
 def _require(model: nn.Module, name: str) -> None:
-    if name not in adapters(model):
-        have = ", ".join(adapters(model)) or "none"
+    if name not in list_adapters(model):
+        have = ", ".join(list_adapters(model)) or "none"
         raise KeyError(f"no adapter named {name!r} on this model (adapters: {have})")
 
 
@@ -46,11 +46,14 @@ def add_adapter(model: nn.Module, config, name: str = "default", **context) -> n
         `model`, changed in place.
     """
     spec = method_for(config)
-    if name in adapters(model):
-        raise ValueError(f"model already has an adapter named {name!r}; delete it or pick another")
+    if name in list_adapters(model):
+        raise ValueError(
+            f"model already has an adapter named {name!r} (adapters: {', '.join(list_adapters(model))}); "
+            "delete it first or pick another name"
+        )
     if not name or "." in name:
         raise ValueError(f"adapter name {name!r} must be non-empty and contain no '.'")
-    if not adapters(model):
+    if not list_adapters(model):
         for p in model.parameters():
             p.requires_grad_(False)  # the base is frozen before the first adapter lands
         base_info(model)  # fix the fingerprint while the weights are the base's own
@@ -60,7 +63,7 @@ def add_adapter(model: nn.Module, config, name: str = "default", **context) -> n
     except Exception:
         _remove_everywhere(model, name)
         raise
-    model.edgepeft_adapters = {**adapters(model), name: config}
+    model.edgepeft_adapters = {**list_adapters(model), name: config}
     set_adapter(model, name)
     return model
 
@@ -95,7 +98,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name`; wrappers left with no adapter give back their base module."""
     _require(model, name)
     _remove_everywhere(model, name)
-    remaining = {k: v for k, v in adapters(model).items() if k != name}
+    remaining = {k: v for k, v in list_adapters(model).items() if k != name}
     model.edgepeft_adapters = remaining
     if active_adapter(model) == name:
         model.edgepeft_active = None

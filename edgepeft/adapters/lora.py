@@ -107,10 +107,28 @@ class LoraLayer(AdapterLayer):
 
 def resolve(model: nn.Module, config: LoraConfig) -> LoraConfig:
     """The config with the architecture's default targets filled in."""
+    _check_layer_selection(config)
     if config.target_modules is not None:
         return config
     arch = require_architecture(model.config.model_type, "LoRA target modules")
     return dataclasses.replace(config, target_modules=arch.lora_targets)
+
+
+def _check_layer_selection(config: LoraConfig) -> None:
+    """Refuse the combinations HF peft refuses, so every saved folder loads in peft."""
+    if isinstance(config.target_modules, str) and (
+        config.layers_to_transform is not None or config.layers_pattern is not None
+    ):
+        raise ValueError(
+            f"LoRA: layers_to_transform/layers_pattern cannot be combined with target_modules="
+            f"{config.target_modules!r} (a regex or 'all-linear'); HF peft refuses that config. "
+            "Name the modules in a tuple, or put the layer indices in the regex"
+        )
+    if config.layers_pattern is not None and config.layers_to_transform is None:
+        raise ValueError(
+            f"LoRA: layers_pattern={config.layers_pattern!r} needs layers_to_transform too "
+            "(HF peft refuses it alone); give the layer indices or drop layers_pattern"
+        )
 
 
 def inject(model: nn.Module, config: LoraConfig, name: str) -> list[str]:
