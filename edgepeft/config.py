@@ -81,6 +81,13 @@ class PromptTuningConfig:
     """"random": normal noise; "vocab": embeddings of random vocabulary tokens;
     "text": embeddings of `init_text`, repeated to fill N tokens (needs a tokenizer)."""
     init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    """Recorded for HF peft, which requires it with text init; None: the base's path."""
+    # Model facts HF peft writes to adapter_config.json; None until `add_adapter` fills them.
+    token_dim: int | None = None
+    """Width of one virtual token: the model's hidden size."""
+    num_layers: int | None = None
+    num_attention_heads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,13 @@ class PrefixTuningConfig:
     """Train the prefixes through a two-layer MLP (reparameterisation); only its
     output is saved, so inference needs no MLP."""
     projection_hidden: int | None = None
-    """Hidden width of that MLP; None means the model's hidden size."""
+    """Hidden width of that MLP; None means `token_dim` (HF peft's default)."""
+    # Model facts HF peft writes to adapter_config.json; None until `add_adapter` fills them.
+    token_dim: int | None = None
+    """Width of one layer's keys (or values): key/value heads x head size."""
+    num_layers: int | None = None
+    num_attention_heads: int | None = None
+    """Key/value heads (fewer than query heads under grouped-query attention)."""
 
 
 @dataclass(frozen=True)

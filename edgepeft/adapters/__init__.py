@@ -12,10 +12,13 @@ from edgepeft.adapters.layer import MethodSpec
 
 
 def _registry() -> dict[str, MethodSpec]:
-    from edgepeft.adapters import lora
+    from edgepeft.adapters import bottleneck, ia3, lora, prompt, selective
 
     methods = {
         "LORA": lora.METHOD,
+        "PROMPT_TUNING": prompt.PROMPT_METHOD, "PREFIX_TUNING": prompt.PREFIX_METHOD,
+        "IA3": ia3.METHOD,
+        "BOTTLENECK": bottleneck.METHOD, "SELECTIVE": selective.METHOD,
     }
     for peft_type, spec in methods.items():
         if spec.config_cls.peft_type != peft_type:
