@@ -21,12 +21,15 @@ _EXPORTS = {
     "disable_adapters": "edgepeft.adapters.inject",
     "delete_adapter": "edgepeft.adapters.inject",
     "active_adapter": "edgepeft.adapters.inject",
-    "adapters": "edgepeft.adapters.inject",
+    "list_adapters": "edgepeft.adapters.inject",
     "adapter_parameters": "edgepeft.adapters.inject",
     "count_parameters": "edgepeft.adapters.inject",
     "save_adapter": "edgepeft.adapters.peft_format",
     "load_adapter": "edgepeft.adapters.peft_format",
     "AdapterMismatchError": "edgepeft.adapters.peft_format",
+    "merge": "edgepeft.merge",
+    "unmerge": "edgepeft.merge",
+    "MergeReport": "edgepeft.merge",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
