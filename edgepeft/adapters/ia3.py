@@ -20,7 +20,7 @@ from torch import nn
 
 from edgepeft.adapters.layer import AdapterLayer, MethodSpec
 from edgepeft.adapters.saved_modules import add_modules_to_save
-from edgepeft.adapters.targets import select_modules, wrap
+from edgepeft.adapters.targets import select_configured, wrap
 from edgepeft.architectures import architecture_of
 from edgepeft.base import dequantized_weight, linear_features
 from edgepeft.config import IA3Config
@@ -152,14 +152,7 @@ def resolve(model: nn.Module, config: IA3Config) -> IA3Config:
 
 def inject(model: nn.Module, config: IA3Config, name: str) -> list[str]:
     """Wrap every targeted layer and add adapter `name`; returns the wrapped module names."""
-    selected = select_modules(
-        model,
-        config.target_modules,
-        layers_to_transform=config.layers_to_transform,
-        layers_pattern=config.layers_pattern,
-        exclude=config.exclude_modules,
-        what=f"IA3 adapter {name!r}",
-    )
+    selected = select_configured(model, config, what=f"IA3 adapter {name!r}")
     for module_name in selected:
         feedforward = is_feedforward(module_name, config.feedforward_modules)
         wrap(model, module_name, IA3Layer).add(name, feedforward, config.init)

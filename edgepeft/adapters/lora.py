@@ -21,7 +21,7 @@ from torch import nn
 from edgepeft.adapters import dora
 from edgepeft.adapters.layer import AdapterLayer, MethodSpec
 from edgepeft.adapters.saved_modules import add_modules_to_save
-from edgepeft.adapters.targets import pattern_value, select_modules, wrap
+from edgepeft.adapters.targets import pattern_value, select_configured, wrap
 from edgepeft.architectures import require_architecture
 from edgepeft.base import linear_features
 from edgepeft.config import LoraConfig
@@ -133,14 +133,7 @@ def _check_layer_selection(config: LoraConfig) -> None:
 
 def inject(model: nn.Module, config: LoraConfig, name: str) -> list[str]:
     """Wrap every targeted layer and add adapter `name`; returns the wrapped module names."""
-    selected = select_modules(
-        model,
-        config.target_modules,
-        layers_to_transform=config.layers_to_transform,
-        layers_pattern=config.layers_pattern,
-        exclude=config.exclude_modules,
-        what=f"LoRA adapter {name!r}",
-    )
+    selected = select_configured(model, config, what=f"LoRA adapter {name!r}")
     for module_name in selected:
         r = pattern_value(module_name, dict(config.rank_pattern), config.r)
         alpha = pattern_value(module_name, dict(config.alpha_pattern), config.alpha)

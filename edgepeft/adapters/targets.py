@@ -113,6 +113,19 @@ def select_modules(
     return chosen
 
 
+def select_configured(model: nn.Module, config, what: str) -> list[str]:
+    """`select_modules` driven by a config's target_modules, layers_to_transform,
+    layers_pattern and exclude_modules fields (LoRA, IA3)."""
+    return select_modules(
+        model,
+        config.target_modules,
+        layers_to_transform=config.layers_to_transform,
+        layers_pattern=config.layers_pattern,
+        exclude=config.exclude_modules,
+        what=what,
+    )
+
+
 def pattern_value(name: str, patterns: dict, default):
     """peft's rank/alpha pattern lookup: the first key matching the end of `name`."""
     for key, value in patterns.items():
