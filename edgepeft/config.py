@@ -207,3 +207,96 @@ def config_from_dict(data: Mapping[str, Any]) -> Any:
         k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names
     }
     return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How `edgepeft.train` trains one adapter over a frozen base.
+
+    Step counts are optimizer steps: one step runs `grad_accum` micro-batches of
+    `batch_size` rows each.
+    """
+
+    max_seq_len: int = 512
+    """Longest row in tokens; longer examples are cut at the end (see `packing`)."""
+    packing: bool = False
+    """Fill each row with several whole examples, back to back (each ends with EOS), up to
+    `max_seq_len`. Attention is not blocked between them: a later example can see the
+    earlier ones in its row. Examples are never split across rows."""
+    completion_only: bool = True
+    """Loss on completions / assistant turns only; prompt tokens get label -100."""
+    val_fraction: float = 0.1
+    """Share of the rows held out for validation (when `val_data` is None); 0 disables it."""
+    val_data: str | None = None
+    """A separate validation file; replaces `val_fraction`."""
+    seed: int = 0
+    """Seeds the split, the shuffling (per epoch) and the global RNGs (dropout)."""
+    batch_size: int = 4
+    """Rows per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the loss is averaged over all their label tokens."""
+    max_steps: int | None = None
+    """Optimizer steps to run; None: `epochs` passes over the training rows."""
+    epochs: float = 1.0
+    """Passes over the training rows when `max_steps` is None (fractions allowed)."""
+    lr: float = 2e-4
+    """Peak learning rate, reached after `warmup_steps`."""
+    weight_decay: float = 0.0
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"
+    """torch AdamW, or bitsandbytes' 8-bit AdamW (paged on CUDA only)."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: to 0 at the last step (cosine, linear) or none (constant)."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to `lr`."""
+    max_grad_norm: float | None = 1.0
+    """Clip the adapter's gradient to this global L2 norm; None: no clipping."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more time."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast dtype: "auto" is fp32 on CPU and bf16 (fp16 without bf16 support) on CUDA;
+    fp16 uses a gradient scaler and needs CUDA."""
+    eval_every: int | None = 50
+    """Validate every N optimizer steps (and after the last); None: only after the last."""
+    save_every: int | None = 50
+    """Write a resumable checkpoint every N optimizer steps (and after the last); None: only
+    after the last and on interruption."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without a lower validation loss; None: never."""
+    bad_rows: Literal["skip", "error"] = "skip"
+    """Unusable rows are skipped and reported ("skip") or raise at the first ("error")."""
+    quiet: bool = False
+    """Print nothing (no progress bar, no summary)."""
+    log_every: int = 1
+    """Write a metrics.jsonl line every N optimizer steps."""
+
+    def __post_init__(self) -> None:
+        positive = {
+            "max_seq_len": self.max_seq_len,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "log_every": self.log_every,
+        }
+        for optional in ("max_steps", "eval_every", "save_every", "early_stopping_patience"):
+            if getattr(self, optional) is not None:
+                positive[optional] = getattr(self, optional)
+        for key, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{key} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"TrainConfig.val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.epochs <= 0:
+            raise ValueError(f"TrainConfig.epochs must be > 0, got {self.epochs!r}")
+        if self.warmup_steps < 0 or self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(
+                "TrainConfig needs warmup_steps >= 0, lr > 0 and weight_decay >= 0; got "
+                f"{self.warmup_steps!r}, {self.lr!r}, {self.weight_decay!r}"
+            )
+        choices = {
+            "optimizer": ("adamw", "adamw8bit", "paged_adamw8bit"),
+            "scheduler": ("cosine", "linear", "constant"),
+            "precision": ("auto", "fp32", "bf16", "fp16"),
+            "bad_rows": ("skip", "error"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"TrainConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")

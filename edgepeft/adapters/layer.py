@@ -162,7 +162,7 @@ def base_named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
             skip_prefixes.extend(f"{path}.{a}." for a in module.adapter_attrs)
     for path, module in model.named_modules():
         clean = path.replace(".base_layer", "")
-        if any(path.startswith(p) for p in skip_prefixes) or isinstance(module, AdapterModule):
+        if any(f"{path}.".startswith(p) for p in skip_prefixes) or isinstance(module, AdapterModule):
             continue
         if is_quantized(module):
             out.append((f"{clean}.weight", dequantized_weight(module)))

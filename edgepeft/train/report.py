@@ -1,0 +1,198 @@
+"""What a training run shows and leaves behind.
+
+    every step ──► Progress (tqdm: loss, lr, tokens/s, memory, ETA; silent when quiet)
+               ──► MetricsLog ──► metrics.jsonl   {"kind": "train"|"eval", "step", ...} per line
+    at the end ──► loss_curves.png (train loss, eval loss)      plot_losses
+               ──► summary.json + printed summary                write_summary, format_summary
+    at start   ──► train_config.json                             write_json
+
+Files other than the streamed metrics.jsonl are written to a temporary name and
+renamed into place, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss_curves.png"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "train_config.json"
+
+
+def write_atomically(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write `data` to a temporary sibling of `path`, then rename it onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(path)
+    try:
+        # os.open with mode 0o666 lets the umask decide the permissions, as open() does.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def temporary_sibling(path: Path, suffix: str = "") -> Path:
+    """An unused hidden name next to `path` (nothing is created)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+
+
+def write_json(path: str | os.PathLike, value: Any) -> Path:
+    return write_atomically(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------- memory
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Bytes in use now: CUDA's peak allocation since the run began, or this process's RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):  # not Linux
+        return peak_memory(device)
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: CUDA's max allocation, or this process's peak RSS (0 where unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover - the loop always returns
+
+
+# ---------------------------------------------------------------- progress and metrics
+
+
+class Progress:
+    """A tqdm bar over optimizer steps; prints nothing when quiet."""
+
+    def __init__(self, total: int, initial: int, quiet: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.quiet = quiet
+        self.bar = tqdm(
+            total=total, initial=initial, disable=quiet, unit="step", desc="train", dynamic_ncols=True
+        )
+
+    def update(self, loss: float, lr: float, tokens_per_s: float, memory: int) -> None:
+        self.bar.set_postfix_str(
+            f"loss={loss:.4f} lr={lr:.2e} {tokens_per_s:,.0f} tok/s mem={format_bytes(memory)}",
+            refresh=False,
+        )
+        self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        if not self.quiet:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, flushed as written."""
+
+    def __init__(self, path: str | os.PathLike, records: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Start the file over with `records` (those a resumed checkpoint holds)."""
+        self.path = Path(path)
+        write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in records))
+        self._file = self.path.open("a")
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- end of run
+
+
+def plot_losses(
+    path: str | os.PathLike,
+    train: Sequence[tuple[int, float]],
+    evals: Sequence[tuple[int, float]],
+    title: str = "",
+) -> Path:
+    """PNG of the train loss per step and the eval loss per evaluation."""
+    # The object API with the Agg canvas: no pyplot, so the caller's backend is untouched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    if train:
+        axes.plot(*zip(*train, strict=True), label="train", linewidth=1)
+    if evals:
+        axes.plot(*zip(*evals, strict=True), label="eval", marker="o", linewidth=1.5)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss (nats / token)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path = Path(path)
+    tmp = temporary_sibling(path, ".png")
+    try:
+        figure.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """The printed end-of-run summary."""
+    best = summary.get("best_val_loss")
+    state = "interrupted" if summary.get("interrupted") else "stopped early" if summary.get(
+        "stopped_early"
+    ) else "done"
+    lines = [
+        f"training {state}: {summary['steps']}/{summary['total_steps']} steps in {summary['seconds']:.1f} s",
+        f"  adapter {summary['adapter']!r}: {summary['trainable_params']:,} trainable parameters",
+        f"  final train loss {summary['final_train_loss']:.4f}"
+        if summary.get("final_train_loss") is not None
+        else "  no step run",
+        f"  best val loss {best:.4f} (perplexity {summary['best_val_perplexity']:.2f}) at step "
+        f"{summary['best_step']}"
+        if best is not None
+        else "  no validation",
+        f"  {summary['tokens_per_s']:,.0f} tokens/s, peak memory {format_bytes(summary['peak_memory_bytes'])}",
+        f"  outputs in {summary['output_dir']}",
+    ]
+    return "\n".join(lines)
