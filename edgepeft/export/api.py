@@ -1,0 +1,445 @@
+"""`export()`: a base (HF folder or loaded model) and its adapters as onnxruntime graphs.
+
+    base ──load_base(quant: given, else the adapters' recorded one, else "none")──► model
+        │ fingerprint(model), before any merge
+        ├─ no adapters  ─► one graph                                 out/
+        ├─ "merged"     ─► per adapter: load_adapter ─► merge(quant="none") ─► graph
+        │                  ─► unmerge, delete_adapter                 out/<name>/, index in out/
+        └─ "separate"   ─► edgepeft.export.separate.export_separate (hook, below)
+    graph: model_type in FUSED_MODEL_TYPES ─► export_fused (contrib ops), else (or when the
+           fused builder raises NotImplementedError) ─► export_generic (torch.onnx trace)
+    each graph folder: model.onnx + .data, tokenizer files, manifest.json, verify.json
+    all of it is written in .<out>.XXXX/ beside out/ and renamed into place at the end
+
+Separate-mode hook: a module `edgepeft/export/separate.py` defining
+`export_separate(model, adapters: dict[str, Path], out_dir: Path, *, weights, block_size,
+accuracy_level, max_context, tokenizer, base_fingerprint, progress) -> None` that writes
+the whole folder (graph, adapter files, manifest.json) into `out_dir` (the staging
+folder); until it exists, mode="separate" raises ValueError.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from edgepeft.export.graph_info import WEIGHT_FORMATS, input_names, output_names
+from edgepeft.export.manifest import (
+    AdapterEntry,
+    ExportIndex,
+    Manifest,
+    read_manifest,
+    write_json,
+    write_manifest,
+)
+
+MODES = ("merged", "separate")
+GRAPHS = ("auto", "fused", "generic")
+RECIPE_KEYS = {
+    "weights": str,
+    "block_size": int,
+    "accuracy_level": int,
+    "mode": str,
+    "max_context": int,
+    "providers": list,
+}
+_DEFAULTS = {"weights": "int4", "mode": "merged", "block_size": 32, "accuracy_level": 4}
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    graphs: dict[str, Path]
+    """Adapter name ("" for a base alone) -> folder holding its model.onnx."""
+    manifest: Manifest | ExportIndex
+    verify: object | None
+    """The VerifyReport of the check run at export time, or None."""
+
+    def __str__(self) -> str:
+        lines = [f"exported {len(self.graphs)} graph(s) to {self.out_dir}"]
+        for name, folder in self.graphs.items():
+            m = read_manifest(folder)
+            lines.append(
+                f"  {name or '(base)'}: {m.graph} graph, {m.weights} weights, {m.num_nodes} nodes "
+                f"-> {folder / m.model_file}"
+            )
+        if self.verify is not None:
+            lines.append(str(self.verify))
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- options
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    """Export options from a TOML recipe; unknown keys and wrong types are errors.
+
+    Keys: weights, block_size, accuracy_level, mode, max_context, and providers (the
+    onnxruntime execution providers the runtime should try, recorded in the manifest).
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} not found (recipes ship in the repo's export/ folder)")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"recipe {path} is not valid TOML: {e}") from e
+    unknown = sorted(set(data) - set(RECIPE_KEYS))
+    if unknown:
+        raise ValueError(f"recipe {path}: unknown key(s) {unknown}; known: {sorted(RECIPE_KEYS)}")
+    for key, value in data.items():
+        if not isinstance(value, RECIPE_KEYS[key]) or isinstance(value, bool):
+            raise ValueError(
+                f"recipe {path}: {key} must be a {RECIPE_KEYS[key].__name__}, got {value!r}"
+            )
+    return data
+
+
+def _options(recipe, **given) -> dict:
+    """Explicit arguments over the recipe over the defaults; each value checked."""
+    options = {**_DEFAULTS, **(load_recipe(recipe) if recipe else {})}
+    options.update({k: v for k, v in given.items() if v is not None})
+    if options["weights"] not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {options['weights']!r}")
+    if options["mode"] not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {options['mode']!r}")
+    if options.get("max_context") is not None and options["max_context"] < 1:
+        raise ValueError(f"max_context must be positive, got {options['max_context']}")
+    return options
+
+
+def _adapter_folders(adapters) -> dict[str, Path]:
+    if adapters is None:
+        return {}
+    if isinstance(adapters, Mapping):
+        folders = {str(k): Path(v).expanduser() for k, v in adapters.items()}
+    elif isinstance(adapters, Sequence) and not isinstance(adapters, str):
+        folders = {Path(v).expanduser().resolve().name: Path(v).expanduser() for v in adapters}
+    else:
+        raise TypeError(f"adapters must map names to folders (or list folders), got {adapters!r}")
+    for name, folder in folders.items():
+        if not folder.is_dir():
+            raise FileNotFoundError(f"adapter {name!r}: folder {folder} does not exist")
+        if not name or "." in name or "/" in name:
+            raise ValueError(f"adapter name {name!r} must be non-empty, without '.' or '/'")
+    return folders
+
+
+def _base_quant(quant: str | None, folders: dict[str, Path]) -> str:
+    """The given quant, else the one the adapters were trained over, else "none"."""
+    if quant is not None:
+        return quant
+    from edgepeft.adapters.peft_format import read_adapter
+
+    recorded = {}
+    for name, folder in folders.items():
+        _, _, metadata = read_adapter(folder)
+        if metadata.get("edgepeft_base_quant"):
+            recorded[name] = metadata["edgepeft_base_quant"]
+    if len(set(recorded.values())) > 1:
+        raise ValueError(
+            f"the adapters were trained over differently quantized bases ({recorded}); export "
+            "them separately, or pass quant= to load the base one way for all"
+        )
+    return next(iter(recorded.values()), "none")
+
+
+# ---------------------------------------------------------------- one graph
+
+
+def _build_graph(model, folder: Path, options: dict, graph: str, say: Progress):
+    """Write model.onnx(.data) into `folder` with the fused or the generic builder."""
+    from edgepeft.export.generic import export_generic
+
+    kwargs = dict(block_size=options["block_size"], accuracy_level=options["accuracy_level"])
+    model_type = getattr(model.config, "model_type", None)
+    if graph != "generic":
+        from edgepeft.export import fused
+
+        if graph == "fused" or model_type in fused.FUSED_MODEL_TYPES:
+            try:
+                say(f"building fused graph ({model_type}, {options['weights']})")
+                return fused.export_fused(model, folder, options["weights"], **kwargs), "fused"
+            except NotImplementedError as e:
+                if graph == "fused":
+                    raise ValueError(f"no fused graph for this model: {e}") from e
+                say(f"fused builder declined ({e}); using the generic exporter")
+    say(f"building generic graph ({model_type}, {options['weights']})")
+    return export_generic(model, folder, options["weights"], progress=say, **kwargs), "generic"
+
+
+def _token_ids(model, tokenizer) -> dict:
+    config = model.config.get_text_config()
+    generation = getattr(model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    if pad is None:
+        pad = getattr(config, "pad_token_id", None)
+    return dict(eos_token_id=eos, bos_token_id=getattr(config, "bos_token_id", None), pad_token_id=pad)
+
+
+def _max_context(model, requested: int | None) -> int | None:
+    config = model.config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if requested is None:
+        return limit
+    if limit is not None and requested > limit:
+        raise ValueError(
+            f"max_context {requested} exceeds the model's {limit} positions; pass at most {limit}"
+        )
+    return requested
+
+
+def _export_one(
+    model,
+    folder: Path,
+    *,
+    final: Path,
+    options: dict,
+    graph: str,
+    tokenizer,
+    base: str,
+    base_fingerprint: str,
+    base_quant: str,
+    adapters: list[AdapterEntry],
+    verify: bool,
+    say: Progress,
+) -> tuple[Manifest, object | None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    info, kind = _build_graph(model, folder, options, graph, say)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    manifest = Manifest(
+        base=base,
+        base_fingerprint=base_fingerprint,
+        base_quant=base_quant,
+        model_type=model.config.model_type,
+        graph=kind,
+        weights=info.weights,
+        block_size=options["block_size"],
+        accuracy_level=options["accuracy_level"],
+        inputs=input_names(info.num_layers),
+        outputs=output_names(info.num_layers),
+        num_layers=info.num_layers,
+        num_kv_heads=info.num_kv_heads,
+        head_dim=info.head_dim,
+        vocab_size=info.vocab_size,
+        kv_dtype=info.kv_dtype,
+        max_context=_max_context(model, options.get("max_context")),
+        providers=options.get("providers"),
+        num_nodes=info.num_nodes,
+        op_counts=info.op_counts,
+        mode="merged",
+        adapters=adapters,
+        model_file=Path(info.path).name,
+        **_token_ids(model, tokenizer),
+    )
+    write_manifest(folder, manifest)
+    report = None
+    if verify:
+        from edgepeft.export.verify import VERIFY_FILE
+        from edgepeft.export.verify import verify as run_verify
+
+        say("verifying against PyTorch")
+        report = replace(run_verify(folder, model=model), export_dir=str(final))
+        write_json(folder / VERIFY_FILE, report.to_dict())  # named for where it will live
+        manifest = replace(manifest, verify=report.graphs[0].to_dict())
+        write_manifest(folder, manifest)
+    return manifest, report
+
+
+# ---------------------------------------------------------------- public API
+
+
+def export(
+    base,
+    out_dir: str | os.PathLike,
+    adapters: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike] | None = None,
+    weights: str | None = None,
+    mode: str | None = None,
+    *,
+    quant: str | None = None,
+    block_size: int | None = None,
+    accuracy_level: int | None = None,
+    max_context: int | None = None,
+    recipe: str | os.PathLike | None = None,
+    verify: bool = True,
+    graph: str = "auto",
+    tokenizer=None,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> ExportResult:
+    """Export a base model, alone or with adapters, as onnxruntime decoder graphs.
+
+    Args:
+        base: An HF model folder (or hub id), or a model already loaded (not changed).
+        out_dir: Output folder; written in a temporary sibling and renamed at the end.
+        adapters: name -> adapter folder (or a list of folders, named after them).
+        weights: "int4" (default), "int8", "fp16" or "fp32".
+        mode: "merged" (default: one graph per adapter, adapter folded in) or "separate".
+        quant: How to load a base folder: default the adapters' recorded base
+            quantization, else "none". The graph is built from the dequantized weights.
+        block_size: int4/int8 block size (default 32).
+        accuracy_level: MatMulNBits compute type (default 4: int8 activations).
+        max_context: Longest sequence the runtime should allow (default: the model's).
+        recipe: TOML file whose keys (weights, block_size, accuracy_level, mode,
+            max_context) replace the defaults; explicit arguments win over it.
+        verify: Compare every graph with PyTorch and store the numbers (verify.json,
+            manifest "verify").
+        graph: "auto" (fused where the architecture has a fused builder), "fused"
+            or "generic".
+        tokenizer: Tokenizer to ship with a loaded `base` (a folder brings its own).
+        overwrite: Replace an existing `out_dir`.
+        quiet: No progress lines on stderr.
+
+    Returns:
+        ExportResult with the graph folders, the top manifest and the verify report.
+    """
+    from edgepeft.adapters.inject import delete_adapter, list_adapters
+    from edgepeft.adapters.peft_format import load_adapter
+    from edgepeft.base import base_info, fingerprint, load_base
+    from edgepeft.merge import merge, unmerge
+
+    say = (lambda line: None) if quiet else (lambda line: print(f"export: {line}", file=sys.stderr, flush=True))
+    options = _options(
+        recipe,
+        weights=weights,
+        mode=mode,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
+        max_context=max_context,
+    )
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
+    out = Path(out_dir).expanduser()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    folders = _adapter_folders(adapters)
+    separate = options["mode"] == "separate" and folders
+    if separate and importlib.util.find_spec("edgepeft.export.separate") is None:
+        raise ValueError(
+            "separate mode (base graph + switchable adapters) is not yet available in this "
+            "edgepeft; export with mode='merged'"
+        )
+
+    if isinstance(base, (str, os.PathLike)):
+        base_quant = _base_quant(quant, folders)
+        say(f"loading base {base} (quant {base_quant})")
+        path = Path(base).expanduser()
+        model, loaded_tokenizer = load_base(path if path.is_dir() else str(base), quant=base_quant)
+        tokenizer = tokenizer or loaded_tokenizer
+        base_name = str(path.resolve()) if path.is_dir() else str(base)
+    else:
+        info = base_info(base)
+        if quant is not None and quant != info.quant:
+            raise ValueError(f"the loaded base is quantized {info.quant!r}; got quant={quant!r}")
+        # Adapters are loaded onto a copy: the caller's model keeps its modules.
+        model = copy.deepcopy(base) if folders else base
+        base_quant, base_name = info.quant, info.name_or_path
+    base_fp = fingerprint(model)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        common = dict(
+            options=options,
+            graph=graph,
+            tokenizer=tokenizer,
+            base=base_name,
+            base_fingerprint=base_fp,
+            base_quant=base_quant,
+            verify=verify,
+            say=say,
+        )
+        reports, graphs = [], {}
+        if separate:
+            from edgepeft.export.separate import export_separate
+
+            export_separate(
+                model,
+                folders,
+                staging,
+                weights=options["weights"],
+                block_size=options["block_size"],
+                accuracy_level=options["accuracy_level"],
+                max_context=_max_context(model, options.get("max_context")),
+                tokenizer=tokenizer,
+                base_fingerprint=base_fp,
+                progress=say,
+            )
+            graphs[""] = out
+        elif not folders:
+            _, report = _export_one(model, staging, final=out, adapters=[], **common)
+            reports.append(report)
+            graphs[""] = out
+        else:
+            for i, (name, folder) in enumerate(folders.items(), 1):
+                say(f"[{i}/{len(folders)}] merging adapter {name!r} from {folder}")
+                load_adapter(model, folder, name=name)
+                peft_type = list_adapters(model)[name].peft_type
+                merged, merge_report = merge(model, name, quant="none", inplace=True)
+                entry = AdapterEntry(
+                    name=name,
+                    peft_type=peft_type,
+                    source=str(folder.resolve()),
+                    fingerprint=merge_report.fingerprint,
+                )
+                try:
+                    _, report = _export_one(
+                        merged, staging / name, final=out / name, adapters=[entry], **common
+                    )
+                finally:
+                    unmerge(merged)
+                    delete_adapter(model, name)
+                reports.append(report)
+                graphs[name] = out / name
+            index = ExportIndex(
+                base=base_name,
+                base_fingerprint=base_fp,
+                weights=options["weights"],
+                graphs={name: name for name in folders},
+            )
+            write_manifest(staging, index)
+        report = _combined(reports, out)
+        if report is not None and folders and not separate:  # the set's index folder
+            from edgepeft.export.verify import VERIFY_FILE
+
+            write_json(staging / VERIFY_FILE, report.to_dict())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    say(f"wrote {out}")
+    return ExportResult(out_dir=out, graphs=graphs, manifest=read_manifest(out), verify=report)
+
+
+def _combined(reports: list, out: Path):
+    """One VerifyReport over every graph's check (named for the final folder)."""
+    reports = [r for r in reports if r is not None]
+    if not reports:
+        return None
+    first = reports[0]
+    return replace(
+        first, export_dir=str(out), graphs=tuple(g for r in reports for g in r.graphs)
+    )
+
+
+__all__ = ["ExportResult", "export", "load_recipe"]

@@ -1,0 +1,663 @@
+"""Fused decoder graphs: onnxruntime contrib ops, ~10 nodes per layer, KV cache in and out.
+
+    input_ids (B,T) ─ Gather(embed_tokens) [─ Mul(√hidden): gemma] ─► h
+    attention_mask (B,P+T) ─► seqlens_k = P+T-1 (every row), total_sequence_length = P+T,
+                              attention_bias (B,1,T,P+T): 0 where mask=1, dtype min where 0
+    for each layer i (names start with "model.layers.{i}."):
+      (Skip)SimplifiedLayerNormalization(h, residual) ─► x, residual     input_layernorm
+      linear(x, qkv_proj)       one MatMul(NBits) on packed [q;k;v] rows, or three
+      [Split, Reshape ─ SimplifiedLayerNormalization ─ Reshape]         q_norm/k_norm: qwen3, gemma3
+      GroupQueryAttention(q|qkv, k, v, past.{i}, seqlens_k, total, cos, sin, bias)
+            rotary inside (do_rotary), causal, sliding window, softcap, scale
+            ─► attn, present.{i}.key/.value (B, n_kv, P+T, head_dim)
+      linear(attn, o_proj)   [SimplifiedLayerNormalization: post_attention_layernorm, gemma]
+      SkipSimplifiedLayerNormalization ─► x, residual     post_attention / pre_feedforward norm
+      linear(x, gate_up_proj) ─ Split ─ act(gate) * up, or gate/up as two linear
+      linear(·, down_proj)     [SimplifiedLayerNormalization: post_feedforward_layernorm, gemma]
+    SkipSimplifiedLayerNormalization(model.norm) ─ lm_head [─ tanh softcap: gemma2] ─► logits fp32
+
+Every projection goes through `_Emitter.linear`, the one place that turns a weight into
+initializers (`weights.py`) and a MatMul / MatMulNBits node. Projections named in
+`lora_targets` (full module name or dotted suffix, as peft's target_modules) are never packed
+with their siblings, so each keeps its own input and output tensor:
+
+    x ──► _Emitter.linear(x, "model.layers.3.self_attn.q_proj", W) ──► y
+           └─ extension point: a separate-mode adapter adds  y += (x @ A^T) @ B^T * s  here,
+              with A, B fed as optional graph inputs (the next exporter pass; not built here)
+
+Positions. Rows are left padded. GroupQueryAttention gets every row's full length (P+T), so
+the cache layout is exactly concat(past, new) as Optimum and onnxruntime-genai feed it, and
+padding is masked by attention_bias. Rotary then uses the column index as position, where
+PyTorch's generate uses cumsum(mask) - 1: a row's queries and keys are shifted by the same
+count of pads, and RoPE scores depend only on position differences, so logits agree while a
+left-padded row's cached keys are rotated by that constant offset. Sliding windows count
+columns in both. Limits: rotary caches hold min(max_position_embeddings, 32768) positions
+(onnxruntime refuses longer inputs clearly); GroupQueryAttention takes more than one new
+token over a non-empty past only at batch size 1 (chunked prefill).
+
+Weights: "fp32", "fp16" (weights, activations and KV in fp16, logits cast to fp32), "int8" /
+"int4" (MatMulNBits, symmetric RTN; embeddings and norms stay fp32). See weights.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgepeft.base import dequantized_weight, is_linear_like
+from edgepeft.export.graph_info import WEIGHT_FORMATS
+from edgepeft.export.onnx_graph import GraphBuilder
+from edgepeft.export.weights import BITS, check_block_size, quantize_nbits
+
+log = logging.getLogger("edgepeft")
+
+OPSETS = {"": 21, "com.microsoft": 1}
+ROTARY_CACHE_LIMIT = 32768
+# RoPE variants whose cos/sin depend only on the position (no sequence-length rescaling).
+STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
+_MS = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class _Arch:
+    """What differs between the supported decoder families."""
+
+    packed_checkpoint: bool = False
+    """qkv_proj and gate_up_proj are single modules in the checkpoint (phi3)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on queries and keys before rotary (qwen3, gemma3)."""
+    gemma: bool = False
+    """RMSNorm scales by (1 + w), embeddings by √hidden, norms around attention and MLP."""
+
+
+_ARCHS: dict[str, _Arch] = {
+    "llama": _Arch(),
+    "mistral": _Arch(),
+    "qwen2": _Arch(),
+    "qwen3": _Arch(qk_norm=True),
+    "phi3": _Arch(packed_checkpoint=True),
+    "gemma2": _Arch(gemma=True),
+    "gemma3_text": _Arch(gemma=True, qk_norm=True),
+}
+FUSED_MODEL_TYPES: frozenset[str] = frozenset(_ARCHS)
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    path: Path
+    """model.onnx written (weights in model.onnx.data beside it, external data)."""
+    num_nodes: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    kv_dtype: str
+    """"float32" or "float16"."""
+    weights: str
+    """"fp32" | "fp16" | "int8" | "int4"."""
+    op_counts: dict[str, int]
+
+
+# ---------------------------------------------------------------- the one projection emitter
+
+
+def _is_target(name: str, targets: frozenset[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+class _Emitter:
+    """Emits projections and norms in one weight format."""
+
+    def __init__(
+        self,
+        builder: GraphBuilder,
+        weights: str,
+        block_size: int,
+        accuracy_level: int,
+        lora_targets: frozenset[str],
+        gemma_norms: bool,
+    ):
+        self.b = builder
+        self.gemma_norms = gemma_norms
+        self.weights = weights
+        self.dtype = np.float16 if weights == "fp16" else np.float32
+        self.block_size = block_size
+        self.accuracy_level = accuracy_level
+        self.lora_targets = lora_targets
+
+    def packable(self, *names: str) -> bool:
+        """Sibling projections may share one MatMul only if no adapter needs one of them alone."""
+        return not any(_is_target(n, self.lora_targets) for n in names)
+
+    def linear(
+        self, x: str, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> str:
+        """y = x @ weight^T + bias for the module `name`; weight is fp32 (out, in).
+
+        Initializers: `<name>.weight` (in, out) for fp32/fp16, else `<name>.weight.q{bits}`,
+        `<name>.weight.scales`; `<name>.bias`. This is where a LoRA branch attaches.
+        """
+        w = _numpy(weight)
+        bias_init = (
+            self.b.initializer(f"{name}.bias", _numpy(bias).astype(self.dtype))
+            if bias is not None
+            else ""
+        )
+        if self.weights in BITS:
+            packed = quantize_nbits(w, BITS[self.weights], self.block_size, symmetric=True)
+            inputs = [
+                x,
+                self.b.initializer(f"{name}.weight.q{packed.bits}", packed.codes),
+                self.b.initializer(f"{name}.weight.scales", packed.scales.astype(self.dtype)),
+            ]
+            if bias_init:
+                inputs += ["", "", bias_init]  # zero_points, g_idx unused
+            return self.b.node(
+                "MatMulNBits",
+                inputs,
+                name=f"{name}/MatMulNBits",
+                domain=_MS,
+                K=w.shape[1],
+                N=w.shape[0],
+                bits=packed.bits,
+                block_size=self.block_size,
+                accuracy_level=self.accuracy_level,
+            )
+        y = self.b.node(
+            "MatMul",
+            [x, self.b.initializer(f"{name}.weight", w.T.astype(self.dtype))],
+            name=f"{name}/MatMul",
+        )
+        if bias_init:
+            y = self.b.node("Add", [y, bias_init], name=f"{name}/Add")
+        return y
+
+    def gamma(self, name: str, norm: nn.Module) -> str:
+        w = _numpy(norm.weight)
+        if self.gemma_norms:  # Gemma's RMSNorm multiplies by (1 + w), in fp32 as HF does
+            return self.b.initializer(
+                f"{name}.weight_plus_one", (np.float32(1) + w).astype(self.dtype)
+            )
+        return self.b.initializer(f"{name}.weight", w.astype(self.dtype))
+
+    def norm(self, x: str, name: str, norm: nn.Module) -> str:
+        return self.b.node(
+            "SimplifiedLayerNormalization",
+            [x, self.gamma(name, norm)],
+            name=f"{name}/SimplifiedLayerNormalization",
+            axis=-1,
+            epsilon=_eps(norm),
+            stash_type=1,
+        )
+
+    def add_norm(
+        self, delta: str, residual: str | None, name: str, norm: nn.Module
+    ) -> tuple[str, str]:
+        """(norm(residual + delta), residual + delta); the first layer has no residual yet."""
+        if residual is None:
+            return self.norm(delta, name, norm), delta
+        normed, _, _, summed = self.b.node(
+            "SkipSimplifiedLayerNormalization",
+            [delta, residual, self.gamma(name, norm)],
+            name=f"{name}/SkipSimplifiedLayerNormalization",
+            domain=_MS,
+            epsilon=_eps(norm),
+            output_names=[f"{name}/output_0", "", "", f"{name}/output_3"],
+        )
+        return normed, summed
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A float32 numpy copy, wherever and in whatever dtype the tensor lives."""
+    return tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
+
+
+def _eps(norm: nn.Module) -> float:
+    eps = getattr(norm, "variance_epsilon", None)
+    return float(eps if eps is not None else norm.eps)
+
+
+def _weight(model: nn.Module, name: str) -> torch.Tensor:
+    module = model.get_submodule(name)
+    if not is_linear_like(module):
+        raise TypeError(
+            f"{name} is a {type(module).__name__}, expected a linear layer (nn.Linear or bitsandbytes); "
+            "merge or remove adapters before exporting the base graph"
+        )
+    return dequantized_weight(module)
+
+
+def _bias(model: nn.Module, name: str) -> torch.Tensor | None:
+    return model.get_submodule(name).bias
+
+
+# ---------------------------------------------------------------- model facts
+
+
+@dataclass(frozen=True)
+class _Dims:
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    vocab: int
+
+
+def _dims(model: nn.Module) -> _Dims:
+    config = model.config
+    heads = config.num_attention_heads
+    return _Dims(
+        layers=config.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        hidden=config.hidden_size,
+        vocab=config.vocab_size,
+    )
+
+
+def _activation(config) -> tuple[str, str, dict]:
+    """(op, domain, attributes) of the MLP activation."""
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    if act in ("silu", "swish"):
+        return "QuickGelu", _MS, {"alpha": 1.0}  # x * sigmoid(1.0 * x) is SiLU
+    if act in ("gelu_pytorch_tanh", "gelu_new"):
+        return "FastGelu", _MS, {}  # the tanh approximation
+    if act == "gelu":
+        return "Gelu", "", {}
+    raise NotImplementedError(
+        f"MLP activation {act!r} has no fused export; supported: silu, gelu, gelu_pytorch_tanh. "
+        "Use the generic exporter for this model."
+    )
+
+
+def _window(config, layer: int) -> int:
+    """GroupQueryAttention's local_window_size (-1: full attention), as HF masks the layer."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_types[layer] != "sliding_attention":
+        return -1
+    return int(window) if window else -1
+
+
+def _rotary_caches(
+    b: GraphBuilder, model: nn.Module, dtype, dims: _Dims
+) -> dict[str | None, tuple[str, str]]:
+    """cos/sin cache initializers (positions, rotary_dim / 2) per layer type (None: one for all).
+
+    Read from the model's own rotary module (inv_freq, attention_scaling), computed as its
+    forward computes them: cos(position * inv_freq) * attention_scaling in fp32.
+    """
+    rotary = model.model.rotary_emb
+    rope_types = (
+        rotary.rope_type if isinstance(rotary.rope_type, dict) else {None: rotary.rope_type}
+    )
+    length = min(int(model.config.max_position_embeddings), ROTARY_CACHE_LIMIT)
+    positions = torch.arange(length, dtype=torch.float32)[:, None]
+    tables = {}
+    for layer_type, rope_type in rope_types.items():
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise NotImplementedError(
+                f"rope_type {rope_type!r} rescales with the sequence length; the fused export "
+                f"supports {sorted(STATIC_ROPE_TYPES)}. Use the generic exporter for this model."
+            )
+        prefix = f"{layer_type}_" if layer_type is not None else ""
+        inv_freq = getattr(rotary, f"{prefix}inv_freq").float().cpu()
+        scaling = float(getattr(rotary, f"{prefix}attention_scaling"))
+        half = inv_freq.numel()
+        if half * 2 > dims.head_dim or (half * 2 < dims.head_dim and half % 8):
+            raise NotImplementedError(
+                f"rotary dim {half * 2} of head_dim {dims.head_dim}: GroupQueryAttention rotates "
+                "a partial head only when rotary_dim / 2 is a multiple of 8. Use the generic exporter."
+            )
+        freqs = positions * inv_freq[None, :]  # (L, rotary_dim / 2)
+        name = "model.rotary_emb" + (f".{layer_type}" if layer_type else "")
+        tables[layer_type] = (
+            b.initializer(f"{name}.cos_cache", (freqs.cos() * scaling).numpy().astype(dtype)),
+            b.initializer(f"{name}.sin_cache", (freqs.sin() * scaling).numpy().astype(dtype)),
+        )
+    return tables
+
+
+def _check(model: nn.Module, weights: str, accuracy_level: int) -> str:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in FUSED_MODEL_TYPES:
+        raise NotImplementedError(
+            f"no fused graph for model_type {model_type!r}; fused: {sorted(FUSED_MODEL_TYPES)}. "
+            "Use the generic exporter."
+        )
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise ValueError(f"accuracy_level must be 0..4 (MatMulNBits), got {accuracy_level}")
+    if getattr(model.config, "use_bidirectional_attention", False):
+        raise NotImplementedError(f"{model_type} with bidirectional attention has no fused export")
+    return model_type
+
+
+# ---------------------------------------------------------------- graph
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """Graph tensors every layer's GroupQueryAttention reads."""
+
+    seqlens_k: str
+    """(B,) int32: P+T-1 for every row (padding is masked by `bias` instead)."""
+    total: str
+    """() int32: P+T."""
+    bias: str
+    """(B, 1, T, P+T): 0 where attention_mask is 1, the dtype's min where it is 0."""
+    rotary: dict[str | None, tuple[str, str]]
+    """cos/sin cache initializers per layer type; key None when all layers share one."""
+
+    def rotary_for(self, config, layer: int) -> tuple[str, str]:
+        if None in self.rotary:
+            return self.rotary[None]
+        return self.rotary[config.layer_types[layer]]
+
+
+def _attention_inputs(b: GraphBuilder, dtype) -> tuple[str, str, str]:
+    """(seqlens_k (B,) int32, total_sequence_length () int32, attention_bias (B,1,T,P+T))."""
+    name = "model.attn_mask"
+    mask_shape = b.node("Shape", ["attention_mask"], name=f"{name}/Shape")  # [B, P+T]
+    total64 = b.node(
+        "Gather",
+        [mask_shape, b.initializer(f"{name}.axis1", np.array(1, np.int64))],
+        name=f"{name}/total/Gather",
+    )
+    total = b.node("Cast", [total64], name=f"{name}/total/Cast", to=6)  # int32 scalar
+    batch = b.node("Shape", ["attention_mask"], name=f"{name}/batch/Shape", end=1)  # [B]
+    last = b.node(
+        "Sub",
+        [total, b.initializer(f"{name}.one_i32", np.array(1, np.int32))],
+        name=f"{name}/seqlens/Sub",
+    )
+    seqlens = b.node("Expand", [last, batch], name=f"{name}/seqlens/Expand")
+    # bias = (mask - 1) * (-min): 0 where attended, the dtype's min where padded
+    maskf = b.node(
+        "Cast", ["attention_mask"], name=f"{name}/bias/Cast", to=10 if dtype == np.float16 else 1
+    )
+    minus_one = b.node(
+        "Sub", [maskf, b.initializer(f"{name}.one", np.array(1, dtype))], name=f"{name}/bias/Sub"
+    )
+    bias = b.node(
+        "Mul",
+        [minus_one, b.initializer(f"{name}.neg_min", np.array(-np.finfo(dtype).min, dtype))],
+        name=f"{name}/bias/Mul",
+    )
+    bias = b.node(
+        "Unsqueeze",
+        [bias, b.initializer(f"{name}.axes12", np.array([1, 2], np.int64))],
+        name=f"{name}/bias/Unsqueeze",
+    )  # (B, 1, 1, P+T)
+    seq = b.node("Shape", ["input_ids"], name=f"{name}/seq/Shape", start=1)  # [T]
+    ones = b.initializer(f"{name}.ones2", np.array([1, 1], np.int64))
+    target = b.node(
+        "Concat",
+        [ones, seq, b.initializer(f"{name}.one_i64", np.array([1], np.int64))],
+        name=f"{name}/bias/Concat",
+        axis=0,
+    )  # [1, 1, T, 1]
+    bias = b.node("Expand", [bias, target], name=f"{name}/bias/Expand")  # (B, 1, T, P+T)
+    return seqlens, total, bias
+
+
+def _qk_norm(e: _Emitter, x: str, name: str, norm: nn.Module, heads: int, head_dim: int) -> str:
+    """Per-head RMSNorm: (B,T,heads*hd) ─► (B,T,heads,hd) ─ norm ─► (B,T,heads*hd)."""
+    b = e.b
+    split = b.node(
+        "Reshape",
+        [x, b.initializer(f"{name}.heads_shape", np.array([0, 0, heads, head_dim], np.int64))],
+        name=f"{name}/Reshape",
+    )
+    normed = e.norm(split, name, norm)
+    return b.node(
+        "Reshape",
+        [normed, b.initializer(f"{name}.flat_shape", np.array([0, 0, heads * head_dim], np.int64))],
+        name=f"{name}/Reshape_back",
+    )
+
+
+def _attention(
+    e: _Emitter, model: nn.Module, arch: _Arch, dims: _Dims, i: int, x: str, shared: _Shared
+) -> str:
+    b = e.b
+    p = f"model.layers.{i}.self_attn"
+    attn = model.get_submodule(p)
+    q_size, kv_size = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
+    names = [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"]
+    if arch.packed_checkpoint:
+        qkv = e.linear(
+            x, f"{p}.qkv_proj", _weight(model, f"{p}.qkv_proj"), _bias(model, f"{p}.qkv_proj")
+        )
+        q, k, v = qkv, "", ""
+    elif e.packable(*names):
+        biases = [_bias(model, n) for n in names]
+        qkv = e.linear(
+            x,
+            f"{p}.qkv_proj",
+            torch.cat([_weight(model, n) for n in names]),
+            torch.cat(biases) if biases[0] is not None else None,
+        )
+        q, k, v = qkv, "", ""
+    else:
+        q, k, v = (e.linear(x, n, _weight(model, n), _bias(model, n)) for n in names)
+    if arch.qk_norm:
+        if not k:  # packed: split for the per-head norms
+            q, k, v = b.node(
+                "Split",
+                [
+                    q,
+                    b.initializer(f"{p}.qkv_sizes", np.array([q_size, kv_size, kv_size], np.int64)),
+                ],
+                name=f"{p}.qkv_proj/Split",
+                axis=-1,
+                outputs=3,
+            )
+        q = _qk_norm(e, q, f"{p}.q_norm", attn.q_norm, dims.heads, dims.head_dim)
+        k = _qk_norm(e, k, f"{p}.k_norm", attn.k_norm, dims.kv_heads, dims.head_dim)
+    cos, sin = shared.rotary_for(model.config, i)
+    softcap = getattr(model.config, "attn_logit_softcapping", None)
+    out = b.node(
+        "GroupQueryAttention",
+        [
+            q,
+            k,
+            v,
+            f"past_key_values.{i}.key",
+            f"past_key_values.{i}.value",
+            shared.seqlens_k,
+            shared.total,
+            cos,
+            sin,
+            "",  # position_ids: GroupQueryAttention counts columns itself
+            shared.bias,
+        ],
+        name=f"{p}/GroupQueryAttention",
+        domain=_MS,
+        output_names=[f"{p}/output_0", f"present.{i}.key", f"present.{i}.value"],
+        num_heads=dims.heads,
+        kv_num_heads=dims.kv_heads,
+        do_rotary=1,
+        scale=float(attn.scaling),
+        local_window_size=_window(model.config, i),
+        **({"softcap": float(softcap)} if softcap else {}),
+    )[0]
+    return e.linear(out, f"{p}.o_proj", _weight(model, f"{p}.o_proj"), _bias(model, f"{p}.o_proj"))
+
+
+def _mlp(e: _Emitter, model: nn.Module, arch: _Arch, i: int, x: str, activation) -> str:
+    b = e.b
+    p = f"model.layers.{i}.mlp"
+    op, domain, attrs = activation
+    if arch.packed_checkpoint or e.packable(f"{p}.gate_proj", f"{p}.up_proj"):
+        if arch.packed_checkpoint:
+            weight = _weight(model, f"{p}.gate_up_proj")
+        else:
+            weight = torch.cat([_weight(model, f"{p}.gate_proj"), _weight(model, f"{p}.up_proj")])
+        gate_up = e.linear(x, f"{p}.gate_up_proj", weight)
+        gate, up = b.node(
+            "Split", [gate_up], name=f"{p}.gate_up_proj/Split", axis=-1, num_outputs=2, outputs=2
+        )
+    else:
+        gate = e.linear(x, f"{p}.gate_proj", _weight(model, f"{p}.gate_proj"))
+        up = e.linear(x, f"{p}.up_proj", _weight(model, f"{p}.up_proj"))
+    act = b.node(op, [gate], name=f"{p}.act_fn/{op}", domain=domain, **attrs)
+    hidden = b.node("Mul", [act, up], name=f"{p}/Mul")
+    return e.linear(hidden, f"{p}.down_proj", _weight(model, f"{p}.down_proj"))
+
+
+def _lm_head(e: _Emitter, model: nn.Module, hidden: str, embed: str) -> str:
+    head = model.get_output_embeddings()
+    tied = head.weight is model.get_input_embeddings().weight
+    if tied and e.weights in ("fp32", "fp16"):
+        # Reuse the (V, H) embedding table instead of storing its transpose a second time.
+        return e.b.node(
+            "FusedMatMul", [hidden, embed], name="lm_head/FusedMatMul", domain=_MS, transB=1
+        )
+    return e.linear(hidden, "lm_head", _weight(model, "lm_head"))
+
+
+def _embed(e: _Emitter, model: nn.Module, arch: _Arch, dims: _Dims) -> tuple[str, str]:
+    """(hidden states (B, T, H), the embedding table initializer)."""
+    b = e.b
+    weight = model.get_input_embeddings().weight
+    embed = b.initializer("model.embed_tokens.weight", _numpy(weight).astype(e.dtype))
+    hidden = b.node("Gather", [embed, "input_ids"], name="model.embed_tokens/Gather")  # (B, T, H)
+    if arch.gemma:  # HF multiplies by √hidden rounded to the weights' dtype
+        scale = torch.tensor(dims.hidden**0.5, dtype=weight.dtype).item()
+        scale = b.initializer("model.embed_tokens.embed_scale", np.array(scale, e.dtype))
+        hidden = b.node("Mul", [hidden, scale], name="model.embed_tokens/Mul")
+    return hidden, embed
+
+
+def _decoder_layer(
+    e: _Emitter,
+    model: nn.Module,
+    arch: _Arch,
+    dims: _Dims,
+    i: int,
+    hidden: str,
+    residual: str | None,
+    shared: _Shared,
+    activation: tuple,
+) -> tuple[str, str]:
+    """One decoder layer; returns (its output delta, the residual stream) still to be added."""
+    layer = model.model.layers[i]
+    p = f"model.layers.{i}"
+    x, residual = e.add_norm(hidden, residual, f"{p}.input_layernorm", layer.input_layernorm)
+    attn = _attention(e, model, arch, dims, i, x, shared)
+    if arch.gemma:  # sandwich norms: normalize the branch output before adding it
+        attn = e.norm(attn, f"{p}.post_attention_layernorm", layer.post_attention_layernorm)
+        x, residual = e.add_norm(
+            attn, residual, f"{p}.pre_feedforward_layernorm", layer.pre_feedforward_layernorm
+        )
+    else:
+        x, residual = e.add_norm(
+            attn, residual, f"{p}.post_attention_layernorm", layer.post_attention_layernorm
+        )
+    hidden = _mlp(e, model, arch, i, x, activation)
+    if arch.gemma:
+        hidden = e.norm(hidden, f"{p}.post_feedforward_layernorm", layer.post_feedforward_layernorm)
+    return hidden, residual
+
+
+def _logits(e: _Emitter, model: nn.Module, x: str, embed: str) -> str:
+    """lm_head, in fp32, soft-capped where the model says so; the tensor is named "logits"."""
+    b = e.b
+    logits = _lm_head(e, model, x, embed)  # (B, T, V)
+    if e.dtype != np.float32:
+        logits = b.node("Cast", [logits], name="lm_head/Cast", to=1)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:
+        cap = b.initializer("lm_head.final_logit_softcapping", np.array(softcap, np.float32))
+        logits = b.node("Div", [logits, cap], name="lm_head/softcap/Div")
+        logits = b.node("Tanh", [logits], name="lm_head/softcap/Tanh")
+        logits = b.node("Mul", [logits, cap], name="lm_head/softcap/Mul")
+    return b.rename(logits, "logits")
+
+
+@torch.no_grad()
+def export_fused(
+    model: nn.Module,
+    out_dir: Path,
+    weights: str = "int4",
+    *,
+    block_size: int = 32,
+    accuracy_level: int = 4,
+    lora_targets=None,
+) -> GraphInfo:
+    """Write a fused onnxruntime decoder graph of `model` to out_dir/model.onnx (+ .data).
+
+    Args:
+        model: HF causal LM of a type in FUSED_MODEL_TYPES, possibly with bitsandbytes layers
+            (read through their dequantized weights).
+        out_dir: Folder for model.onnx and model.onnx.data (replaced atomically).
+        weights: "fp32", "fp16", "int8" or "int4" (see weights.py).
+        block_size: Input features per quantization block (int8 / int4).
+        accuracy_level: MatMulNBits' compute type for activations: 0 or 1 keep fp32, 4 lets
+            onnxruntime quantize activations to int8 per block (fastest on CPU).
+        lora_targets: Module names (or dotted suffixes) that a separate-mode adapter will
+            attach to; those projections are emitted alone rather than packed.
+
+    Returns:
+        GraphInfo describing the written graph.
+    """
+    model_type = _check(model, weights, accuracy_level)
+    if weights in BITS:
+        check_block_size(block_size)
+    arch = _ARCHS[model_type]
+    dims = _dims(model)
+    activation = _activation(model.config)
+    e = _Emitter(
+        GraphBuilder(f"edgepeft-{model_type}-{weights}"),
+        weights,
+        block_size,
+        accuracy_level,
+        frozenset([lora_targets] if isinstance(lora_targets, str) else lora_targets or ()),
+        gemma_norms=arch.gemma,
+    )
+    b, dtype = e.b, e.dtype
+    kv_shape = ["batch_size", dims.kv_heads, "past_sequence_length", dims.head_dim]
+    b.input("input_ids", np.int64, ["batch_size", "sequence_length"])
+    b.input("attention_mask", np.int64, ["batch_size", "total_sequence_length"])
+    for i in range(dims.layers):
+        b.input(f"past_key_values.{i}.key", dtype, kv_shape)
+        b.input(f"past_key_values.{i}.value", dtype, kv_shape)
+
+    rotary = _rotary_caches(b, model, dtype, dims)
+    shared = _Shared(*_attention_inputs(b, dtype), rotary=rotary)
+    hidden, embed = _embed(e, model, arch, dims)
+    residual = None
+    for i in range(dims.layers):
+        log.info("fused export: layer %d/%d", i + 1, dims.layers)
+        hidden, residual = _decoder_layer(
+            e, model, arch, dims, i, hidden, residual, shared, activation
+        )
+    x, _ = e.add_norm(hidden, residual, "model.norm", model.model.norm)
+    _logits(e, model, x, embed)
+
+    present_shape = ["batch_size", dims.kv_heads, "total_sequence_length", dims.head_dim]
+    b.output("logits", np.float32, ["batch_size", "sequence_length", dims.vocab])
+    for i in range(dims.layers):
+        b.output(f"present.{i}.key", dtype, present_shape)
+        b.output(f"present.{i}.value", dtype, present_shape)
+    path = b.save(Path(out_dir), OPSETS)
+    return GraphInfo(
+        path=path,
+        num_nodes=len(b.nodes),
+        num_layers=dims.layers,
+        num_kv_heads=dims.kv_heads,
+        head_dim=dims.head_dim,
+        vocab_size=dims.vocab,
+        kv_dtype="float16" if dtype == np.float16 else "float32",
+        weights=weights,
+        op_counts=b.op_counts(),
+    )

@@ -1,0 +1,152 @@
+"""manifest.json: what an export folder holds, for the runtime and for `verify`.
+
+    one graph                              merged set (one graph per adapter)
+    out/                                   out/
+      manifest.json   Manifest               manifest.json   ExportIndex: name -> folder
+      model.onnx, model.onnx.data            sql/  manifest.json, model.onnx, ... (one graph)
+      tokenizer files, verify.json           chat/ ...
+                                             verify.json     every graph's check
+
+Plain JSON (no pickles), written atomically; `read_manifest` checks the format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgepeft import __version__
+
+MANIFEST_FILE = "manifest.json"
+FORMAT = "edgepeft-onnx"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    """One adapter folded into (merged) or shipped beside (separate) the graph."""
+
+    name: str
+    peft_type: str
+    source: str
+    """The adapter folder it was read from."""
+    fingerprint: str
+    """The merged weights' id: base fingerprint + adapter config + tensors (as `merge` reports)."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One exported decoder graph (see graph_info.py for its I/O contract)."""
+
+    base: str
+    """The base model's folder or hub id, as loaded."""
+    base_fingerprint: str
+    """`edgepeft.fingerprint` of the base before any adapter was merged."""
+    base_quant: str
+    model_type: str
+    graph: str
+    """"fused" (contrib-op builder) or "generic" (torch.onnx trace)."""
+    weights: str
+    block_size: int
+    accuracy_level: int
+    inputs: list[str]
+    outputs: list[str]
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    kv_dtype: str
+    eos_token_id: int | list[int] | None
+    bos_token_id: int | None
+    pad_token_id: int | None
+    max_context: int | None
+    num_nodes: int
+    op_counts: dict[str, int]
+    mode: str = "merged"
+    adapters: list[AdapterEntry] = field(default_factory=list)
+    providers: list[str] | None = None
+    """onnxruntime execution providers the recipe asks the runtime to try, in order."""
+    verify: dict | None = None
+    """GraphCheck.to_dict() of the check run at export time, or None."""
+    model_file: str = "model.onnx"
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    edgepeft_version: str = __version__
+    kind: str = "graph"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        data = dict(data)
+        data["adapters"] = [AdapterEntry(**a) for a in data.get("adapters", [])]
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class ExportIndex:
+    """A merged set: one graph folder per adapter, over the same base."""
+
+    base: str
+    base_fingerprint: str
+    weights: str
+    graphs: dict[str, str]
+    """adapter name -> folder (relative to the index's folder)."""
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    edgepeft_version: str = __version__
+    kind: str = "merged-set"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ExportIndex:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def write_json(path: Path, document: dict) -> Path:
+    """Write `document` to `path` through a temporary sibling file and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(document, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_manifest(folder: Path, manifest: Manifest | ExportIndex) -> Path:
+    return write_json(Path(folder) / MANIFEST_FILE, manifest.to_dict())
+
+
+def read_manifest(folder: str | os.PathLike) -> Manifest | ExportIndex:
+    """The manifest of an export folder: a Manifest (one graph) or an ExportIndex (a set)."""
+    path = Path(folder) / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: is {folder} a folder written by `edgepeft export`?"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-run the export") from e
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{path} has format {data.get('format')!r}, expected {FORMAT!r}")
+    if data.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format version {data['format_version']}; this edgepeft "
+            f"({__version__}) reads up to {FORMAT_VERSION}: upgrade edgepeft"
+        )
+    if data.get("kind") == "merged-set":
+        return ExportIndex.from_dict(data)
+    return Manifest.from_dict(data)
