@@ -30,6 +30,11 @@ _EXPORTS = {
     "merge": "edgepeft.merge",
     "unmerge": "edgepeft.merge",
     "MergeReport": "edgepeft.merge",
+    "export": "edgepeft.export.api",
+    "verify": "edgepeft.export.verify",
+    "train": "edgepeft.train",
+    "TrainConfig": "edgepeft.config",
+    "evaluate": "edgepeft.train.evaluate",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

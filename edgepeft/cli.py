@@ -147,6 +147,264 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- eval
+
+
+def _add_eval_parser(sub) -> None:
+    """`edgepeft eval MODEL --adapter [NAME=]DIR ... --data TEST.jsonl`: score base and adapters.
+
+        adapter metadata ──► base quant ──► load_base(MODEL) ──► load_adapter per --adapter
+            ──► evaluate (greedy) ──► table on stdout, --out report.json (atomic)
+    """
+    parser = sub.add_parser(
+        "eval",
+        help="score the base and each adapter on a test set (EM, token F1, ROUGE-L)",
+        description="Generate greedily for every prompt of a test set with the base and with each "
+        "adapter, and print exact match, token F1 and ROUGE-L per model. MODEL must be a local "
+        "HF model folder (config.json, weights, tokenizer); exported models are not evaluated here.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="HF model folder the adapters were trained on")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="adapter folder, named NAME in the table (default: the folder's name); repeatable",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="TEST.jsonl",
+        help='JSONL rows of {"prompt", "completion"} or {"messages"} (last: the assistant answer)',
+    )
+    parser.add_argument(
+        "--quant",
+        choices=QUANT_CHOICES,
+        default=None,
+        help="base quantization (default: the one the adapters record; else none)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default: 64")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="default: 8")
+    parser.add_argument("--out", metavar="report.json", help="also write the full report as JSON")
+    parser.add_argument("--no-base", action="store_true", help="skip the base-alone row")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=_run_eval)
+
+
+def _eval_adapters(values: list[str], include_base: bool) -> dict[str, Path]:
+    """name -> folder for every --adapter value ("NAME=DIR", or "DIR" named after its folder)."""
+    adapters: dict[str, Path] = {}
+    for value in values:
+        if "=" in value and not Path(value).expanduser().is_dir():
+            name, folder = value.split("=", 1)
+            folder = Path(folder).expanduser()
+        else:
+            folder = Path(value).expanduser()
+            name = folder.resolve().name
+        if not folder.is_dir():
+            raise UserError(f"adapter folder {folder} does not exist")
+        if not name or "." in name:
+            raise UserError(
+                f"adapter name {name!r} (for {folder}) must be non-empty and contain no '.'; "
+                "name it with --adapter NAME=DIR"
+            )
+        if name in adapters:
+            raise UserError(
+                f"two adapters are named {name!r} ({adapters[name]} and {folder}); "
+                "name them apart with --adapter NAME=DIR"
+            )
+        if include_base and name == "base":
+            raise UserError(
+                f"adapter {folder} would be named 'base', the base model's row; "
+                "name it with --adapter NAME=DIR, or pass --no-base"
+            )
+        adapters[name] = folder
+    return adapters
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from edgepeft.adapters.peft_format import load_adapter, read_adapter
+    from edgepeft.base import load_base
+    from edgepeft.train.evaluate import evaluate, read_examples
+
+    model_dir = Path(args.model).expanduser()
+    if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
+        found = "is not a folder" if not model_dir.is_dir() else "holds no config.json"
+        raise UserError(
+            f"MODEL {args.model} {found}; `edgepeft eval` takes a local HF model folder "
+            "(config.json, weights, tokenizer): the base the adapters were trained on"
+        )
+    if not Path(args.data).is_file():
+        raise UserError(f"--data {args.data} is not a file (expected a JSONL test set)")
+    read_examples(args.data)  # bad rows fail here, before minutes of model loading
+    adapters = _eval_adapters(args.adapter, include_base=not args.no_base)
+    if not adapters and args.no_base:
+        raise UserError("nothing to evaluate: --no-base and no --adapter")
+
+    quant = args.quant
+    if quant is None:
+        recorded = {
+            name: read_adapter(folder)[2].get("edgepeft_base_quant") for name, folder in adapters.items()
+        }
+        quants = {q for q in recorded.values() if q is not None}
+        if len(quants) > 1:
+            listed = ", ".join(f"{name}: {q or 'unrecorded'}" for name, q in recorded.items())
+            raise UserError(
+                f"the adapters were trained over differently quantized bases ({listed}); "
+                "evaluate them in separate runs, or pass --quant"
+            )
+        quant = next(iter(quants), "none")
+        if adapters and not quants:
+            print(
+                "note: the adapters record no base quantization (written by HF peft?); loading the "
+                "base unquantized. Pass --quant if they were trained over a quantized base.",
+                file=sys.stderr,
+            )
+
+    model, tokenizer = load_base(model_dir, quant=quant)
+    if tokenizer is None:
+        raise UserError(f"{model_dir} holds no tokenizer; `edgepeft eval` needs one to read prompts")
+    for name, folder in adapters.items():
+        load_adapter(model, folder, name=name)
+    report = evaluate(
+        model,
+        tokenizer,
+        args.data,
+        adapters=list(adapters),
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        include_base=not args.no_base,
+        progress=not args.quiet,
+    )
+    print(report)
+    if args.out:
+        extra = {
+            "model": str(model_dir),
+            "base_quant": quant,
+            "adapter_dirs": {name: str(folder) for name, folder in adapters.items()},
+        }
+        report.save(args.out, extra=extra)
+        print(f"wrote {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------- export
+
+
+def _add_export_parser(sub) -> None:
+    """`edgepeft export --base MODEL [--adapter NAME=DIR ...] --out DIR`: onnxruntime graphs.
+
+        --recipe TOML (weights, block_size, accuracy_level, mode, max_context) < explicit flags
+            ──► edgepeft.export.export ──► <out>/ (model.onnx + .data, tokenizer,
+            manifest.json, verify.json; one folder per adapter in merged mode)
+    """
+    parser = sub.add_parser(
+        "export",
+        help="export a base and its adapters as ONNX graphs for onnxruntime",
+        description="Export a base model, alone or with adapters merged in (one graph per "
+        "adapter), as onnxruntime decoder graphs with a KV cache, then check them against "
+        "PyTorch. Explicit flags override the --recipe file.",
+    )
+    parser.add_argument("--base", required=True, metavar="MODEL", help="base model folder or hub id")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="adapter folder, exported as NAME (default: the folder's name); repeatable",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--weights", choices=("int4", "int8", "fp16", "fp32"), help="default: int4")
+    parser.add_argument("--mode", choices=("merged", "separate"), help="default: merged")
+    parser.add_argument(
+        "--quant",
+        choices=QUANT_CHOICES,
+        default=None,
+        help="how to load the base (default: what the adapters record; else none)",
+    )
+    parser.add_argument("--block-size", type=int, metavar="N", help="int4/int8 block (default 32)")
+    parser.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=range(5),
+        metavar="N",
+        help="MatMulNBits compute type, 0-4 (default 4: int8 activations)",
+    )
+    parser.add_argument("--max-context", type=int, metavar="N", help="default: the model's limit")
+    parser.add_argument("--recipe", metavar="TOML", help="e.g. export/cpu-int4.toml")
+    parser.add_argument(
+        "--graph",
+        choices=("auto", "fused", "generic"),
+        default="auto",
+        help="graph builder (default auto: fused where the architecture has one)",
+    )
+    parser.add_argument("--no-verify", action="store_true", help="skip the check against PyTorch")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from edgepeft.export.api import export
+
+    adapters: dict[str, str] = {}
+    for value in args.adapter:
+        name, sep, folder = value.partition("=")
+        if not sep or Path(value).expanduser().is_dir():
+            name, folder = Path(value).expanduser().resolve().name, value
+        if name in adapters:
+            raise UserError(f"adapter name {name!r} given twice; name them with --adapter NAME=DIR")
+        adapters[name] = folder
+    if _looks_like_path(args.base) and not Path(args.base).expanduser().is_dir():
+        raise UserError(f"base model folder {args.base} does not exist")
+    result = export(
+        args.base,
+        args.out,
+        adapters or None,
+        weights=args.weights,
+        mode=args.mode,
+        quant=args.quant,
+        block_size=args.block_size,
+        accuracy_level=args.accuracy_level,
+        max_context=args.max_context,
+        recipe=args.recipe,
+        verify=not args.no_verify,
+        graph=args.graph,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
+    print(result)
+    return 0
+
+
+# ---------------------------------------------------------------- verify
+
+
+def _add_verify_parser(sub) -> None:
+    """`edgepeft verify EXPORT_DIR`: the export against PyTorch; exit 1 if an fp32 graph's
+    greedy tokens disagree."""
+    parser = sub.add_parser(
+        "verify",
+        help="check an exported folder against PyTorch (logits, greedy tokens)",
+        description="Reload the export's base (and merged adapters) in PyTorch, run fixed prompts "
+        "through both, print max |logit diff| and greedy agreement, and write verify.json. "
+        "Exit code 1 when an fp32 graph's greedy tokens disagree.",
+    )
+    parser.add_argument("export_dir", metavar="EXPORT_DIR", help="folder written by edgepeft export")
+    parser.add_argument("--max-new-tokens", type=int, default=8, metavar="N", help="default: 8")
+    parser.set_defaults(run=_run_verify)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from edgepeft.export.verify import verify
+
+    if not Path(args.export_dir).is_dir():
+        raise UserError(f"export folder {args.export_dir} does not exist")
+    report = verify(args.export_dir, max_new_tokens=args.max_new_tokens)
+    print(report)
+    return 0 if report.passed else 1
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -190,6 +448,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     merge.set_defaults(run=_merge)
+    _add_eval_parser(commands)
+    _add_export_parser(commands)
+    _add_verify_parser(commands)
     return parser
 
 

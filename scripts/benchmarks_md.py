@@ -1,0 +1,67 @@
+"""BENCHMARKS.md is shared by every bench_*.py: each owns one section between markers.
+
+    <!-- section:train -->  ...  <!-- /section:train -->
+
+`write_section` replaces (or appends) one section and refreshes nothing else, so
+benchmarks can run separately. `machine()` describes where numbers were measured.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+_HEADER = """# Benchmarks
+
+Every table below was measured by the script named in its section, in one run on
+one machine, with peers measured in the same run. Re-run with `python scripts/bench_<name>.py`.
+Numbers from a shared or loaded machine vary; ratios within one table are what to compare.
+"""
+
+
+def machine() -> str:
+    """One line: CPU model, cores, memory, OS, Python and key package versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, AttributeError):
+        pass
+    versions = []
+    for pkg in ("torch", "transformers", "bitsandbytes", "peft", "onnxruntime", "onnxruntime_genai"):
+        try:
+            module = __import__(pkg)
+            versions.append(f"{pkg} {getattr(module, '__version__', '?')}")
+        except ImportError:
+            continue
+    return (
+        f"{cpu}, {os.cpu_count()} cores{mem}; {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()}; {', '.join(versions)}"
+    )
+
+
+def write_section(name: str, markdown: str) -> Path:
+    """Replace section `name` of BENCHMARKS.md with `markdown` (+ a machine/date line), atomically."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    body = f"<!-- section:{name} -->\n{markdown.strip()}\n\n_Measured {stamp} on: {machine()}_\n<!-- /section:{name} -->"
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else _HEADER
+    pattern = re.compile(rf"<!-- section:{re.escape(name)} -->.*?<!-- /section:{re.escape(name)} -->", re.S)
+    text = pattern.sub(lambda _: body, text) if pattern.search(text) else f"{text.rstrip()}\n\n{body}\n"
+    fd, tmp = tempfile.mkstemp(dir=BENCHMARKS.parent, prefix=".BENCHMARKS.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, BENCHMARKS)
+    return BENCHMARKS
