@@ -235,7 +235,9 @@ def weights_fingerprint(config_dict: dict, named_tensors) -> str:
         h.update(f"{name}:{tuple(tensor.shape)}".encode())
         if flat.numel() > _SAMPLES_PER_TENSOR:
             idx = torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_TENSOR, device=flat.device).long()
-            flat = flat[idx]
+            # fp32 linspace rounds n - 1 up to n past 2^24 elements (a 151936 x 896
+            # embedding); clamping keeps every smaller tensor's samples, so its id, as before.
+            flat = flat[idx.clamp_(max=flat.numel() - 1)]
         h.update(flat.to(torch.float32).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
