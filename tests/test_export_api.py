@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -175,13 +174,9 @@ def test_bad_recipes_are_refused(tmp_path, text, match):
         load_recipe(recipe)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("edgepeft.export.separate") is not None,
-    reason="separate mode exists: its own tests cover it",
-)
-def test_separate_mode_says_not_yet(tiny_dir, tmp_path):
+def test_separate_mode_without_a_fused_builder_is_refused(tiny_dir, tmp_path):
     adapter = lora_folder(tiny_dir, tmp_path)
-    with pytest.raises(ValueError, match="separate mode .* not yet"):
+    with pytest.raises(ValueError, match="separate mode needs the fused graph builder"):
         export(tiny_dir("gpt2"), tmp_path / "out", {"sql": adapter}, mode="separate", quiet=True)
     assert not (tmp_path / "out").exists()
 

@@ -21,7 +21,6 @@ folder); until it exists, mode="separate" raises ValueError.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import shutil
 import sys
@@ -36,7 +35,6 @@ from edgepeft.export.manifest import (
     ExportIndex,
     Manifest,
     read_manifest,
-    write_json,
     write_manifest,
 )
 
@@ -113,8 +111,12 @@ def _options(recipe, **given) -> dict:
     """Explicit arguments over the recipe over the defaults; each value checked."""
     options = {**_DEFAULTS, **(load_recipe(recipe) if recipe else {})}
     options.update({k: v for k, v in given.items() if v is not None})
-    if options["weights"] not in WEIGHT_FORMATS:
-        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {options['weights']!r}")
+    from edgepeft.export.bnb4 import BNB4_FORMATS
+
+    if options["weights"] not in WEIGHT_FORMATS + BNB4_FORMATS:
+        raise ValueError(
+            f"weights must be one of {WEIGHT_FORMATS + BNB4_FORMATS}, got {options['weights']!r}"
+        )
     if options["mode"] not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {options['mode']!r}")
     if options.get("max_context") is not None and options["max_context"] < 1:
@@ -178,6 +180,11 @@ def _build_graph(model, folder: Path, options: dict, graph: str, say: Progress):
                 if graph == "fused":
                     raise ValueError(f"no fused graph for this model: {e}") from e
                 say(f"fused builder declined ({e}); using the generic exporter")
+    if options["weights"] in ("nf4", "fp4"):
+        raise ValueError(
+            f"weights={options['weights']!r} (exact bitsandbytes 4-bit, MatMulBnb4) needs the fused "
+            f"builder, which {model_type!r} has not; export with weights='int4' instead"
+        )
     say(f"building generic graph ({model_type}, {options['weights']})")
     return export_generic(model, folder, options["weights"], progress=say, **kwargs), "generic"
 
@@ -253,12 +260,12 @@ def _export_one(
     write_manifest(folder, manifest)
     report = None
     if verify:
-        from edgepeft.export.verify import VERIFY_FILE
         from edgepeft.export.verify import verify as run_verify
+        from edgepeft.export.verify import write_report
 
         say("verifying against PyTorch")
         report = replace(run_verify(folder, model=model), export_dir=str(final))
-        write_json(folder / VERIFY_FILE, report.to_dict())  # named for where it will live
+        write_report(folder, report)  # named for where it will live
         manifest = replace(manifest, verify=report.graphs[0].to_dict())
         write_manifest(folder, manifest)
     return manifest, report
@@ -291,7 +298,10 @@ def export(
         base: An HF model folder (or hub id), or a model already loaded (not changed).
         out_dir: Output folder; written in a temporary sibling and renamed at the end.
         adapters: name -> adapter folder (or a list of folders, named after them).
-        weights: "int4" (default), "int8", "fp16" or "fp32".
+        weights: "int4" (default), "int8", "fp16", "fp32", or "nf4" / "fp4": bitsandbytes'
+            own 4-bit codes through MatMulBnb4 (fused architectures; see bnb4.py). Exact to
+            an NF4/FP4 base alone or in separate mode; in merged mode the merged weights
+            are quantized again with bitsandbytes, so not exact to the trained base.
         mode: "merged" (default: one graph per adapter, adapter folded in) or "separate".
         quant: How to load a base folder: default the adapters' recorded base
             quantization, else "none". The graph is built from the dequantized weights.
@@ -332,11 +342,6 @@ def export(
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     folders = _adapter_folders(adapters)
     separate = options["mode"] == "separate" and folders
-    if separate and importlib.util.find_spec("edgepeft.export.separate") is None:
-        raise ValueError(
-            "separate mode (base graph + switchable adapters) is not yet available in this "
-            "edgepeft; export with mode='merged'"
-        )
 
     if isinstance(base, (str, os.PathLike)):
         base_quant = _base_quant(quant, folders)
@@ -418,9 +423,9 @@ def export(
             write_manifest(staging, index)
         report = _combined(reports, out)
         if report is not None and folders and not separate:  # the set's index folder
-            from edgepeft.export.verify import VERIFY_FILE
+            from edgepeft.export.verify import write_report
 
-            write_json(staging / VERIFY_FILE, report.to_dict())
+            write_report(staging, report)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

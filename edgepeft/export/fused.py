@@ -22,8 +22,9 @@ initializers (`weights.py`) and a MatMul / MatMulNBits node. Projections named i
 with their siblings, so each keeps its own input and output tensor:
 
     x ──► _Emitter.linear(x, "model.layers.3.self_attn.q_proj", W) ──► y
-           └─ extension point: a separate-mode adapter adds  y += (x @ A^T) @ B^T * s  here,
-              with A, B fed as optional graph inputs (the next exporter pass; not built here)
+           └─ extension point: a module in `adapter_branches` is emitted by its AdapterBranch
+              (separate mode: LoRA/DoRA/IA3/bottleneck inputs as optional graph inputs with
+              identity defaults, see adapter_slots.py), which calls back for the base matmul
 
 Positions. Rows are left padded. GroupQueryAttention gets every row's full length (P+T), so
 the cache layout is exactly concat(past, new) as Optimum and onnxruntime-genai feed it, and
@@ -36,12 +37,14 @@ columns in both. Limits: rotary caches hold min(max_position_embeddings, 32768) 
 token over a non-empty past only at batch size 1 (chunked prefill).
 
 Weights: "fp32", "fp16" (weights, activations and KV in fp16, logits cast to fp32), "int8" /
-"int4" (MatMulNBits, symmetric RTN; embeddings and norms stay fp32). See weights.py.
+"int4" (MatMulNBits, symmetric RTN; embeddings and norms stay fp32), "nf4" / "fp4" (MatMulBnb4
+over bitsandbytes' own codes, fp32 activations; lm_head stays fp32). See weights.py, bnb4.py.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +53,7 @@ import torch
 from torch import nn
 
 from edgepeft.base import dequantized_weight, is_linear_like
+from edgepeft.export import bnb4
 from edgepeft.export.graph_info import WEIGHT_FORMATS
 from edgepeft.export.onnx_graph import GraphBuilder
 from edgepeft.export.weights import BITS, check_block_size, quantize_nbits
@@ -86,6 +90,9 @@ _ARCHS: dict[str, _Arch] = {
 }
 FUSED_MODEL_TYPES: frozenset[str] = frozenset(_ARCHS)
 
+AdapterBranch = Callable[["_Emitter", str, str, torch.Tensor, "torch.Tensor | None"], str]
+"""(emitter, x, module name, weight (out, in), bias) -> y: one projection with its adapter inputs."""
+
 
 @dataclass(frozen=True)
 class GraphInfo:
@@ -99,7 +106,7 @@ class GraphInfo:
     kv_dtype: str
     """"float32" or "float16"."""
     weights: str
-    """"fp32" | "fp16" | "int8" | "int4"."""
+    """"fp32" | "fp16" | "int8" | "int4" | "nf4" | "fp4"."""
     op_counts: dict[str, int]
 
 
@@ -129,25 +136,44 @@ class _Emitter:
         self.block_size = block_size
         self.accuracy_level = accuracy_level
         self.lora_targets = lora_targets
+        self.bnb4: bnb4.Bnb4Weights | None = None
+        """Set for weights "nf4" / "fp4": where each projection's 4-bit codes come from."""
+        self.adapter_branches: dict[str, AdapterBranch] = {}
+        """module name -> emitter of its projection with separate-mode adapter inputs."""
+        self.emitted_branches: set[str] = set()
 
     def packable(self, *names: str) -> bool:
         """Sibling projections may share one MatMul only if no adapter needs one of them alone."""
         return not any(_is_target(n, self.lora_targets) for n in names)
 
     def linear(
-        self, x: str, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None
+        self,
+        x: str,
+        name: str,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        branch: bool = True,
     ) -> str:
         """y = x @ weight^T + bias for the module `name`; weight is fp32 (out, in).
 
         Initializers: `<name>.weight` (in, out) for fp32/fp16, else `<name>.weight.q{bits}`,
-        `<name>.weight.scales`; `<name>.bias`. This is where a LoRA branch attaches.
+        `<name>.weight.scales`; `<name>.bias`. This is where a LoRA branch attaches: a
+        module in `adapter_branches` is emitted by its branch, which calls back here with
+        branch=False for the base projection.
         """
+        if branch and name in self.adapter_branches:
+            self.emitted_branches.add(name)
+            return self.adapter_branches[name](self, x, name, weight, bias)
         w = _numpy(weight)
         bias_init = (
             self.b.initializer(f"{name}.bias", _numpy(bias).astype(self.dtype))
             if bias is not None
             else ""
         )
+        packed_4bit = self.bnb4.packed(name, weight) if self.bnb4 is not None else None
+        if packed_4bit is not None:  # exact NF4/FP4: the base's own bitsandbytes codes
+            return bnb4.emit_matmul(self.b, x, name, packed_4bit, bias_init)
         if self.weights in BITS:
             packed = quantize_nbits(w, BITS[self.weights], self.block_size, symmetric=True)
             inputs = [
@@ -332,8 +358,10 @@ def _check(model: nn.Module, weights: str, accuracy_level: int) -> str:
             f"no fused graph for model_type {model_type!r}; fused: {sorted(FUSED_MODEL_TYPES)}. "
             "Use the generic exporter."
         )
-    if weights not in WEIGHT_FORMATS:
-        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    if weights not in WEIGHT_FORMATS + bnb4.BNB4_FORMATS:
+        raise ValueError(
+            f"weights must be one of {WEIGHT_FORMATS + bnb4.BNB4_FORMATS}, got {weights!r}"
+        )
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"accuracy_level must be 0..4 (MatMulNBits), got {accuracy_level}")
     if getattr(model.config, "use_bidirectional_attention", False):
@@ -517,7 +545,7 @@ def _mlp(e: _Emitter, model: nn.Module, arch: _Arch, i: int, x: str, activation)
 def _lm_head(e: _Emitter, model: nn.Module, hidden: str, embed: str) -> str:
     head = model.get_output_embeddings()
     tied = head.weight is model.get_input_embeddings().weight
-    if tied and e.weights in ("fp32", "fp16"):
+    if tied and e.weights in ("fp32", "fp16", *bnb4.BNB4_FORMATS):  # nf4 keeps lm_head fp32
         # Reuse the (V, H) embedding table instead of storing its transpose a second time.
         return e.b.node(
             "FusedMatMul", [hidden, embed], name="lm_head/FusedMatMul", domain=_MS, transB=1
@@ -593,6 +621,8 @@ def export_fused(
     block_size: int = 32,
     accuracy_level: int = 4,
     lora_targets=None,
+    adapter_branches: Mapping[str, AdapterBranch] | None = None,
+    optional_inputs: Mapping[str, np.ndarray] | None = None,
 ) -> GraphInfo:
     """Write a fused onnxruntime decoder graph of `model` to out_dir/model.onnx (+ .data).
 
@@ -606,6 +636,9 @@ def export_fused(
             onnxruntime quantize activations to int8 per block (fastest on CPU).
         lora_targets: Module names (or dotted suffixes) that a separate-mode adapter will
             attach to; those projections are emitted alone rather than packed.
+        adapter_branches: Module name (exact) -> AdapterBranch emitting that projection
+            with its adapter inputs (separate mode, see separate.py); never packed.
+        optional_inputs: Extra graph inputs, each defaulting to the array given.
 
     Returns:
         GraphInfo describing the written graph.
@@ -621,9 +654,13 @@ def export_fused(
         weights,
         block_size,
         accuracy_level,
-        frozenset([lora_targets] if isinstance(lora_targets, str) else lora_targets or ()),
+        frozenset([lora_targets] if isinstance(lora_targets, str) else lora_targets or ())
+        | frozenset(adapter_branches or ()),
         gemma_norms=arch.gemma,
     )
+    if weights in bnb4.BNB4_FORMATS:
+        e.bnb4 = bnb4.Bnb4Weights(model, weights)
+    e.adapter_branches = dict(adapter_branches or {})
     b, dtype = e.b, e.dtype
     kv_shape = ["batch_size", dims.kv_heads, "past_sequence_length", dims.head_dim]
     b.input("input_ids", np.int64, ["batch_size", "sequence_length"])
@@ -631,6 +668,8 @@ def export_fused(
     for i in range(dims.layers):
         b.input(f"past_key_values.{i}.key", dtype, kv_shape)
         b.input(f"past_key_values.{i}.value", dtype, kv_shape)
+    for name, default in (optional_inputs or {}).items():
+        b.optional_input(name, default, list(default.shape))
 
     rotary = _rotary_caches(b, model, dtype, dims)
     shared = _Shared(*_attention_inputs(b, dtype), rotary=rotary)
@@ -643,6 +682,13 @@ def export_fused(
         )
     x, _ = e.add_norm(hidden, residual, "model.norm", model.model.norm)
     _logits(e, model, x, embed)
+    unexposed = sorted(set(e.adapter_branches) - e.emitted_branches)
+    if unexposed:
+        raise ValueError(
+            f"an adapter targets layer {unexposed[0]} that the {model_type} graph does not "
+            f"expose as a projection ({len(unexposed)} such layers: {unexposed[:4]}); "
+            "export that adapter with mode='merged'"
+        )
 
     present_shape = ["batch_size", dims.kv_heads, "total_sequence_length", dims.head_dim]
     b.output("logits", np.float32, ["batch_size", "sequence_length", dims.vocab])

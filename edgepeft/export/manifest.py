@@ -34,7 +34,19 @@ class AdapterEntry:
     source: str
     """The adapter folder it was read from."""
     fingerprint: str
-    """The merged weights' id: base fingerprint + adapter config + tensors (as `merge` reports)."""
+    """merged: the merged weights' id (base fingerprint + adapter config + tensors, as `merge`
+    reports); separate: the base fingerprint the adapter file is bound to."""
+    kind: str | None = None
+    """separate: "lora", "dora", "ia3" or "bottleneck"."""
+    rank: int | None = None
+    """separate: LoRA/DoRA rank (the largest, under a rank_pattern), bottleneck width; else None."""
+    targets: list[str] | None = None
+    """separate: the modules whose graph inputs the adapter file sets."""
+    file: str | None = None
+    """separate: the .onnx_adapter file, relative to the export folder (sidecar: same stem, .json)."""
+    sha256: str | None = None
+    num_virtual_tokens: int | None = None
+    """separate, kind "kv_prefix": how many cache positions the prefix seeds."""
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,12 @@ class GraphBuilder:
         )
         return name
 
+    def optional_input(self, name: str, default: np.ndarray, shape: list[int | str | None]) -> str:
+        """A graph input that may be left unfed: the initializer of the same name is its default."""
+        self.initializer(name, default)
+        self.inputs.append(helper.make_tensor_value_info(name, onnx_dtype(default.dtype), shape))
+        return name
+
     def initializer(self, name: str, array: np.ndarray) -> str:
         """Store `array` under `name` (the bytes are copied now)."""
         self.initializers.append(

@@ -26,9 +26,9 @@ onnxruntime leaves an arbitrary code in the unused half of each row's last byte,
 `round` is half away from zero (C's roundf), as onnxruntime's kernels do. Weights are
 W ≈ (q - z) * s; `dequantize_nbits` reconstructs that fp32 matrix for tests and checks.
 
-Exact NF4 (bitsandbytes' own codes and absmax, no requantization) goes through
-com.microsoft.MatMulBnb4 instead: that is a separate format, added beside these ones
-(another function returning its initializers, and a "nf4" branch in fused._Emitter.linear).
+Exact NF4 / FP4 (bitsandbytes' own codes and absmax, no requantization) goes through
+com.microsoft.MatMulBnb4 instead: formats "nf4" / "fp4", in bnb4.py (`Bnb4Weights`,
+`emit_matmul`), used by fused._Emitter.linear.
 """
 
 from __future__ import annotations

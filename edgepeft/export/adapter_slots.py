@@ -1,0 +1,153 @@
+"""Separate-mode adapter inputs of one projection: their names, defaults and graph nodes.
+
+    x ─[× ia3_scale (in,)]──► x' ──► base MatMul(NBits)(x')  (bias left out under DoRA) ──┐
+                               └──► MatMul lora_A (in, r) ──► MatMul lora_B (r, out) ─────+─► h
+    h ─[× dora_scale (out,) + bias]─[× ia3_scale (out,)]──► y
+    y ─[+ adapter_up(act(adapter_down(y)))]──► output          (bottleneck)
+
+Inputs are named "<module>.<input>" (module as PyTorch names it), one set per layer and
+kind, never fused into a blob. Each is OPTIONAL: an initializer of the same name is its
+default, which makes its branch the identity (rank-0 LoRA: zeros of shape (in, 0) and
+(0, out); scales of ones; a zero-width bottleneck), so the base graph runs alone when
+no adapter is fed. One adapter is active at a time, so whatever an adapter leaves
+unfed stays the identity and the order of the branches does not change its output.
+
+A slot exposes the union of the kinds the exported adapters put on that module:
+
+    kind         inputs                                           default
+    lora         lora_A (in, r), lora_B (r, out)   r dynamic      zeros (in, 0), (0, out)
+    dora         + dora_scale (out,)                              ones
+    ia3          ia3_scale (out,) output target | (in,) feedforward   ones
+    bottleneck   adapter_down.weight (out, w), adapter_down.bias (w,),    zeros, w = 0
+                 adapter_up.weight (w, out), adapter_up.bias (out,)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+BOTTLENECK_ACTIVATIONS = {
+    # name -> (op, domain, attributes); "gelu" is the exact (erf) GELU, as torch's F.gelu
+    "relu": ("Relu", "", {}),
+    "gelu": ("Gelu", "", {}),
+    "silu": ("QuickGelu", "com.microsoft", {"alpha": 1.0}),  # x * sigmoid(x)
+    "tanh": ("Tanh", "", {}),
+}
+IA3_SIDES = ("output", "input")
+
+
+def lora_inputs(module: str) -> tuple[str, str]:
+    return f"{module}.lora_A", f"{module}.lora_B"
+
+
+def dora_input(module: str) -> str:
+    return f"{module}.dora_scale"
+
+
+def ia3_input(module: str) -> str:
+    return f"{module}.ia3_scale"
+
+
+def bottleneck_inputs(module: str) -> tuple[str, str, str, str]:
+    return (
+        f"{module}.adapter_down.weight",
+        f"{module}.adapter_down.bias",
+        f"{module}.adapter_up.weight",
+        f"{module}.adapter_up.bias",
+    )
+
+
+@dataclass(frozen=True)
+class AdapterSlot:
+    """The adapter inputs one projection exposes; called by the fused emitter to emit it."""
+
+    module: str
+    in_features: int
+    out_features: int
+    lora: bool = False
+    dora: bool = False
+    ia3: str | None = None
+    """"output" (scales W x + b) or "input" (scales x: a feedforward target), or None."""
+    bottleneck: str | None = None
+    """The bottleneck activation (a key of BOTTLENECK_ACTIVATIONS), or None."""
+
+    def union(self, other: AdapterSlot) -> AdapterSlot:
+        """A slot exposing what either exposes; conflicting kinds raise, naming the module."""
+        if (self.in_features, self.out_features) != (other.in_features, other.out_features):
+            raise ValueError(f"{self.module}: two adapters disagree on its shape")
+        for field, what in (("ia3", "IA3 side (input / output)"), ("bottleneck", "activation")):
+            mine, theirs = getattr(self, field), getattr(other, field)
+            if mine and theirs and mine != theirs:
+                raise ValueError(
+                    f"the exported adapters put different {field} {what}s on {self.module} "
+                    f"({mine!r} and {theirs!r}); one graph has one {field} input there: "
+                    "export them into separate folders"
+                )
+        return replace(
+            self,
+            lora=self.lora or other.lora,
+            dora=self.dora or other.dora,
+            ia3=self.ia3 or other.ia3,
+            bottleneck=self.bottleneck or other.bottleneck,
+        )
+
+    def inputs(self, dtype) -> dict[str, tuple[list[int | str], np.ndarray]]:
+        """Graph input name -> (shape with dynamic dims named, identity default)."""
+        m, n_in, n_out = self.module, self.in_features, self.out_features
+        out: dict[str, tuple[list[int | str], np.ndarray]] = {}
+        if self.ia3 == "input":
+            out[ia3_input(m)] = ([n_in], np.ones(n_in, dtype))
+        if self.lora or self.dora:
+            a, b = lora_inputs(m)
+            rank = f"{m}.lora_rank"
+            out[a] = ([n_in, rank], np.zeros((n_in, 0), dtype))
+            out[b] = ([rank, n_out], np.zeros((0, n_out), dtype))
+        if self.dora:
+            out[dora_input(m)] = ([n_out], np.ones(n_out, dtype))
+        if self.ia3 == "output":
+            out[ia3_input(m)] = ([n_out], np.ones(n_out, dtype))
+        if self.bottleneck:
+            down_w, down_b, up_w, up_b = bottleneck_inputs(m)
+            width = f"{m}.bottleneck_width"
+            out[down_w] = ([n_out, width], np.zeros((n_out, 0), dtype))
+            out[down_b] = ([width], np.zeros(0, dtype))
+            out[up_w] = ([width, n_out], np.zeros((0, n_out), dtype))
+            out[up_b] = ([n_out], np.zeros(n_out, dtype))
+        return out
+
+    def __call__(self, e, x: str, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+        """Emit the projection `name` with this slot's inputs (fused.AdapterBranch)."""
+        b = e.b
+        inputs = {
+            k: b.optional_input(k, default, shape)
+            for k, (shape, default) in self.inputs(e.dtype).items()
+        }
+        if self.ia3 == "input":
+            x = b.node("Mul", [x, inputs[ia3_input(name)]], name=f"{name}/ia3/Mul_input")
+        # DoRA scales W x + s B A x but not the bias, so the bias is added after the scale.
+        y = e.linear(x, name, weight, None if self.dora else bias, branch=False)  # (B, T, out)
+        if self.lora or self.dora:
+            a, lora_b = lora_inputs(name)
+            low = b.node("MatMul", [x, inputs[a]], name=f"{name}/lora/MatMul_A")  # (B, T, r)
+            delta = b.node("MatMul", [low, inputs[lora_b]], name=f"{name}/lora/MatMul_B")
+            y = b.node("Add", [y, delta], name=f"{name}/lora/Add")
+        if self.dora:
+            y = b.node("Mul", [y, inputs[dora_input(name)]], name=f"{name}/dora/Mul")
+            if bias is not None:
+                init = b.initializer(f"{name}.bias", bias.detach().float().cpu().numpy().astype(e.dtype))
+                y = b.node("Add", [y, init], name=f"{name}/dora/Add_bias")
+        if self.ia3 == "output":  # scales the bias too, as PyTorch's IA3 does
+            y = b.node("Mul", [y, inputs[ia3_input(name)]], name=f"{name}/ia3/Mul_output")
+        if self.bottleneck:
+            down_w, down_b, up_w, up_b = bottleneck_inputs(name)
+            op, domain, attrs = BOTTLENECK_ACTIVATIONS[self.bottleneck]
+            h = b.node("MatMul", [y, inputs[down_w]], name=f"{name}/bottleneck/MatMul_down")
+            h = b.node("Add", [h, inputs[down_b]], name=f"{name}/bottleneck/Add_down")  # (B, T, w)
+            h = b.node(op, [h], name=f"{name}/bottleneck/{op}", domain=domain, **attrs)
+            h = b.node("MatMul", [h, inputs[up_w]], name=f"{name}/bottleneck/MatMul_up")
+            h = b.node("Add", [h, inputs[up_b]], name=f"{name}/bottleneck/Add_up")  # (B, T, out)
+            y = b.node("Add", [y, h], name=f"{name}/bottleneck/Add")
+        return y

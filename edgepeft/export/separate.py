@@ -1,0 +1,330 @@
+"""Separate mode: one base graph, every adapter a switchable `.onnx_adapter` file.
+
+    base model + adapter folders
+        │ per adapter: load_adapter (base fingerprint checked) ─► read its tensors as graph
+        │ input values (AdapterTensors) ─► delete_adapter: the model is the bare base again
+        ▼
+    slots: module -> AdapterSlot, the union of the kinds the adapters put there
+        ▼
+    export_fused(base, adapter_branches=slots, optional_inputs={guard})      out/model.onnx
+        ▼
+    per adapter: write_adapter_file (every tensor must be a graph input)     out/adapters/
+        ▼
+    manifest.json (mode "separate", one AdapterEntry per file), tokenizer files
+
+What a file holds, per kind (graph input names in adapter_slots.py):
+
+    lora        lora_A = A^T (in, r), lora_B = s B^T (r, out)      s = alpha / r (rsLoRA: / √r)
+    dora        + dora_scale = m / ||W + s B A||_row (out,), fp32
+    ia3         ia3_scale = l (out,) or (in,) for a feedforward target
+    bottleneck  adapter_down.weight D^T, .bias, adapter_up.weight U^T, .bias
+
+DoRA's scale is computed here, once, from the base weights the adapter was trained on (the
+bnb layer dequantized to fp32), exactly as PyTorch computes it in every forward. The graph
+may hold those weights re-rounded (int4/int8): the scale is then not recomputed from the
+rounded weights, so an adapter file means the same thing on every weight format of one
+base; the difference is measured in tests/test_export_separate.py.
+
+Prompt and prefix tuning are switchable too, as KV prefixes: kv_prefix.py writes their
+per-layer keys/values to adapters/<name>.kvprefix.safetensors, which the runtime seeds into
+the cache (no graph input). Not switchable here: selective adapters and modules_to_save
+(they replace norms, biases or whole heads rather than feed a projection): export those in
+merged mode. GPT-2 and other architectures without a fused builder raise, naming it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgepeft.export.adapter_files import (
+    ADAPTER_DIR,
+    fingerprint_input,
+    optional_graph_inputs,
+    write_adapter_file,
+)
+from edgepeft.export.adapter_slots import (
+    AdapterSlot,
+    bottleneck_inputs,
+    dora_input,
+    ia3_input,
+    lora_inputs,
+)
+
+SEPARATE_PEFT_TYPES = ("LORA", "IA3", "BOTTLENECK")
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class AdapterTensors:
+    """One adapter as values for the base graph's adapter inputs."""
+
+    name: str
+    kind: str
+    """"lora", "dora", "ia3" or "bottleneck"."""
+    source: str
+    slots: dict[str, AdapterSlot]
+    """module -> the inputs this adapter needs there."""
+    tensors: dict[str, np.ndarray]
+    """graph input name -> fp32 value."""
+    ranks: dict[str, int] = field(default_factory=dict)
+    """module -> LoRA/DoRA rank or bottleneck width."""
+    scaling: dict[str, float] = field(default_factory=dict)
+    """module -> LoRA scaling (already folded into lora_B)."""
+    config: dict = field(default_factory=dict)
+
+
+def _np(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to(device="cpu", dtype=torch.float32).numpy().copy()
+
+
+def _refuse(name: str, what: str) -> ValueError:
+    return ValueError(
+        f"adapter {name!r} {what}, which separate mode cannot switch (it feeds only "
+        f"projection inputs: {', '.join(SEPARATE_PEFT_TYPES)} adapters); export it with "
+        "mode='merged'"
+    )
+
+
+def adapter_tensors(model: nn.Module, name: str, source: str = "") -> AdapterTensors:
+    """Read adapter `name` (loaded on `model`) as graph input values, per module and kind."""
+    from edgepeft.adapters import dora
+    from edgepeft.adapters.inject import list_adapters
+    from edgepeft.adapters.layer import adapter_modules
+    from edgepeft.base import dequantized_weight, linear_features
+    from edgepeft.config import config_to_dict
+
+    config = list_adapters(model)[name]
+    if config.peft_type not in SEPARATE_PEFT_TYPES:
+        raise _refuse(name, f"is a {config.peft_type} adapter")
+    if getattr(config, "modules_to_save", None):
+        raise _refuse(name, f"trains whole modules ({', '.join(config.modules_to_save)}: modules_to_save)")
+    kind = {"IA3": "ia3", "BOTTLENECK": "bottleneck"}.get(config.peft_type)
+    kind = kind or ("dora" if config.use_dora else "lora")
+    slots, tensors, ranks, scaling = {}, {}, {}, {}
+    for path, module in adapter_modules(model):
+        if name not in module:
+            continue
+        if module.peft_type != config.peft_type:
+            raise _refuse(name, f"holds a {module.peft_type} module at {path}")
+        base = module.innermost()
+        in_f, out_f = linear_features(base)
+        slot = AdapterSlot(path, in_f, out_f)
+        if kind in ("lora", "dora"):
+            A, B, s = module.lora_A[name], module.lora_B[name], module.scaling[name]
+            a_name, b_name = lora_inputs(path)
+            tensors[a_name] = _np(A.weight).T  # (in, r)
+            tensors[b_name] = _np(B.weight * s).T  # (r, out), the scaling folded in
+            ranks[path], scaling[path] = A.weight.shape[0], float(s)
+            slot = AdapterSlot(path, in_f, out_f, lora=True, dora=kind == "dora")
+            if kind == "dora":
+                with torch.no_grad():  # as dora.dora_extra computes it, in fp32
+                    weight = dequantized_weight(base)
+                    update = dora.lora_weight(A, B).detach().float().to(weight.device)
+                    norm = dora.row_norm(weight, update, s)
+                    magnitude = module.lora_magnitude_vector[name].detach().float()
+                    tensors[dora_input(path)] = _np(magnitude.to(norm.device) / norm)  # (out,)
+        elif kind == "ia3":
+            side = "input" if module.feedforward[name] else "output"
+            tensors[ia3_input(path)] = _np(module.ia3_l[name]).reshape(-1)  # (in,) or (out,)
+            slot = AdapterSlot(path, in_f, out_f, ia3=side)
+        else:
+            down, up = module.adapter_down[name], module.adapter_up[name]
+            names = bottleneck_inputs(path)
+            values = (_np(down.weight).T, _np(down.bias), _np(up.weight).T, _np(up.bias))
+            tensors.update(zip(names, values, strict=True))
+            ranks[path] = down.weight.shape[0]
+            slot = AdapterSlot(path, in_f, out_f, bottleneck=module.activation[name])
+        slots[path] = slot
+    if not slots:
+        raise ValueError(f"adapter {name!r} adapts no module of this model")
+    return AdapterTensors(
+        name=name,
+        kind=kind,
+        source=source,
+        slots=slots,
+        tensors=tensors,
+        ranks=ranks,
+        scaling=scaling,
+        config=config_to_dict(config),
+    )
+
+
+def union_slots(
+    model: nn.Module, adapters: list[AdapterTensors], lora_everywhere: bool = False
+) -> dict[str, AdapterSlot]:
+    """module -> slot exposing every kind any adapter puts there (plus LoRA everywhere)."""
+    from edgepeft.base import is_linear_like, linear_features
+
+    slots: dict[str, AdapterSlot] = {}
+    if lora_everywhere:
+        head = model.get_output_embeddings()
+        for path, module in model.named_modules():
+            if is_linear_like(module) and module is not head:
+                slots[path] = AdapterSlot(path, *linear_features(module), lora=True)
+    activations = {a.name: s.bottleneck for a in adapters for s in a.slots.values() if s.bottleneck}
+    if len(set(activations.values())) > 1:
+        raise ValueError(
+            f"the bottleneck adapters use different activations ({activations}); one graph "
+            "applies one: export them into separate folders"
+        )
+    for adapter in adapters:
+        for path, slot in adapter.slots.items():
+            slots[path] = slots[path].union(slot) if path in slots else slot
+    return slots
+
+
+def _description(adapter: AdapterTensors) -> dict:
+    return {
+        "kind": adapter.kind,
+        "peft_type": adapter.config["peft_type"],
+        "source": adapter.source,
+        "targets": sorted(adapter.slots),
+        "ranks": adapter.ranks,
+        "scaling": adapter.scaling,
+        "activation": next(
+            (s.bottleneck for s in adapter.slots.values() if s.bottleneck), None
+        ),
+        "config": adapter.config,
+    }
+
+
+@torch.no_grad()
+def export_separate(
+    model: nn.Module,
+    adapters: Mapping[str, Path],
+    out_dir: Path,
+    *,
+    weights: str,
+    block_size: int,
+    accuracy_level: int,
+    max_context: int | None,
+    tokenizer,
+    base_fingerprint: str,
+    progress: Progress | None = None,
+    lora_everywhere: bool = False,
+) -> None:
+    """Write the base graph, one .onnx_adapter (+ sidecar) per adapter, and manifest.json.
+
+    Args:
+        model: The base (loaded, no adapters); adapters are loaded onto it one at a time
+            and removed again, so it ends as it came.
+        adapters: name -> adapter folder (edgepeft or HF peft).
+        out_dir: The folder to fill (the caller's staging folder).
+        weights, block_size, accuracy_level: As `export_fused`.
+        max_context: Recorded in the manifest.
+        tokenizer: Saved beside the graph when given.
+        base_fingerprint: `edgepeft.fingerprint` of the base; bound into every file.
+        progress: Called with one line per step.
+        lora_everywhere: Also give every linear layer (not lm_head) rank-0 LoRA inputs, so
+            LoRA adapters trained later over the same base load without a new base graph.
+    """
+    from edgepeft.adapters.inject import delete_adapter, list_adapters
+    from edgepeft.adapters.peft_format import load_adapter
+    from edgepeft.base import base_info
+    from edgepeft.export.api import _token_ids
+    from edgepeft.export.fused import FUSED_MODEL_TYPES, export_fused
+    from edgepeft.export.graph_info import input_names, output_names
+    from edgepeft.export.kv_prefix import KV_PREFIX_PEFT_TYPES, export_kv_prefix
+    from edgepeft.export.manifest import AdapterEntry, Manifest, write_manifest
+
+    say = progress or (lambda line: None)
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in FUSED_MODEL_TYPES:
+        raise ValueError(
+            f"separate mode needs the fused graph builder, which has no {model_type!r} "
+            f"(fused: {sorted(FUSED_MODEL_TYPES)}); export with mode='merged'"
+        )
+    out_dir = Path(out_dir)
+    read: list[AdapterTensors] = []
+    kv_prefixes: list[AdapterEntry] = []
+    for i, (name, folder) in enumerate(adapters.items(), 1):
+        say(f"[{i}/{len(adapters)}] reading adapter {name!r} from {folder}")
+        load_adapter(model, folder, name=name)
+        source = str(Path(folder).resolve())
+        try:
+            if list_adapters(model)[name].peft_type in KV_PREFIX_PEFT_TYPES:
+                # Soft prompts and prefixes seed the KV cache: a file, no graph input.
+                entry = export_kv_prefix(model, name, out_dir, source=source)
+                fields = AdapterEntry.__dataclass_fields__
+                kv_prefixes.append(AdapterEntry(**{k: v for k, v in entry.items() if k in fields}))
+            else:
+                read.append(adapter_tensors(model, name, source=source))
+        finally:
+            delete_adapter(model, name)
+    slots = union_slots(model, read, lora_everywhere)
+    say(f"building the {model_type} base graph ({weights}) with adapter inputs on {len(slots)} layers")
+    guard = fingerprint_input(base_fingerprint)
+    info = export_fused(
+        model,
+        out_dir,
+        weights,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
+        adapter_branches=slots,
+        optional_inputs={guard: np.zeros(1, np.float32)},
+    )
+    graph_inputs = optional_graph_inputs(info.path)
+    entries = []
+    for adapter in read:
+        say(f"writing {ADAPTER_DIR}/{adapter.name}.onnx_adapter ({adapter.kind})")
+        written = write_adapter_file(
+            out_dir / ADAPTER_DIR,
+            adapter.name,
+            adapter.tensors,
+            graph_inputs=graph_inputs,
+            base_fingerprint=base_fingerprint,
+            description=_description(adapter),
+        )
+        entries.append(
+            AdapterEntry(
+                name=adapter.name,
+                peft_type=adapter.config["peft_type"],
+                source=adapter.source,
+                fingerprint=base_fingerprint,
+                kind=adapter.kind,
+                rank=max(adapter.ranks.values(), default=None),
+                targets=sorted(adapter.slots),
+                file=os.path.relpath(written.path, out_dir),
+                sha256=written.sha256,
+            )
+        )
+    entries.extend(kv_prefixes)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    base = base_info(model)
+    manifest = Manifest(
+        base=base.name_or_path,
+        base_fingerprint=base_fingerprint,
+        base_quant=base.quant,
+        model_type=model_type,
+        graph="fused",
+        weights=info.weights,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
+        inputs=input_names(info.num_layers),
+        outputs=output_names(info.num_layers),
+        num_layers=info.num_layers,
+        num_kv_heads=info.num_kv_heads,
+        head_dim=info.head_dim,
+        vocab_size=info.vocab_size,
+        kv_dtype=info.kv_dtype,
+        max_context=max_context,
+        num_nodes=info.num_nodes,
+        op_counts=info.op_counts,
+        mode="separate",
+        adapters=entries,
+        model_file=Path(info.path).name,
+        **_token_ids(model, tokenizer),
+    )
+    write_manifest(out_dir, manifest)
+    say(f"separate export: base graph + {len(entries)} adapter file(s)")
+
+
+__all__ = ["AdapterTensors", "adapter_tensors", "export_separate", "union_slots"]
