@@ -314,7 +314,11 @@ def _add_export_parser(sub) -> None:
         help="adapter folder, exported as NAME (default: the folder's name); repeatable",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--weights", choices=("int4", "int8", "fp16", "fp32"), help="default: int4")
+    parser.add_argument(
+        "--weights",
+        choices=("int4", "int8", "nf4", "fp4", "fp16", "fp32"),
+        help="default: int4; nf4/fp4: the base's own bitsandbytes codes (MatMulBnb4)",
+    )
     parser.add_argument("--mode", choices=("merged", "separate"), help="default: merged")
     parser.add_argument(
         "--quant",
@@ -381,17 +385,25 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_verify_parser(sub) -> None:
-    """`edgepeft verify EXPORT_DIR`: the export against PyTorch; exit 1 if an fp32 graph's
-    greedy tokens disagree."""
+    """`edgepeft verify EXPORT_DIR`: the export against PyTorch; exit 1 if a judged check
+    (fp32, exact nf4/fp4) fails."""
     parser = sub.add_parser(
         "verify",
         help="check an exported folder against PyTorch (logits, greedy tokens)",
         description="Reload the export's base (and merged adapters) in PyTorch, run fixed prompts "
-        "through both, print max |logit diff| and greedy agreement, and write verify.json. "
-        "Exit code 1 when an fp32 graph's greedy tokens disagree.",
+        "through both, print max |logit diff|, KL, top-1 and greedy agreement, and write "
+        "verify.json and verify.md. Exit code 1 when a judged check (fp32, exact nf4/fp4) fails.",
     )
     parser.add_argument("export_dir", metavar="EXPORT_DIR", help="folder written by edgepeft export")
     parser.add_argument("--max-new-tokens", type=int, default=8, metavar="N", help="default: 8")
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="prompt to compare on (repeatable; default: drawn from the vocabulary, seed 0)",
+    )
+    parser.add_argument("--text", metavar="FILE", help="text file whose perplexity both sides report")
     parser.set_defaults(run=_run_verify)
 
 
@@ -400,9 +412,65 @@ def _run_verify(args: argparse.Namespace) -> int:
 
     if not Path(args.export_dir).is_dir():
         raise UserError(f"export folder {args.export_dir} does not exist")
-    report = verify(args.export_dir, max_new_tokens=args.max_new_tokens)
+    if args.text is not None and not Path(args.text).is_file():
+        raise UserError(f"--text {args.text} is not a file")
+    report = verify(
+        args.export_dir,
+        max_new_tokens=args.max_new_tokens,
+        prompts=args.prompt,
+        text=Path(args.text).read_text() if args.text else None,
+    )
     print(report)
     return 0 if report.passed else 1
+
+
+# ---------------------------------------------------------------- train
+
+
+def _add_train_parser(sub) -> None:
+    """`edgepeft train CONFIG [--resume] [--quiet] [KEY=VALUE ...]`: one run from one file.
+
+        CONFIG (.toml/.yaml/.json) + overrides ──► load_base ──► add_adapter ──► memory plan
+            ──► train (progress; data-parallel under torchrun) ──► evaluate ──► output_dir/
+    """
+    parser = sub.add_parser(
+        "train",
+        help="train an adapter as a config file says (data-parallel under torchrun)",
+        description="Train one adapter over a frozen (quantized) base as CONFIG says: model, "
+        "quant, adapter, method, data, train, output_dir, max_memory, eval (see "
+        "edgepeft/train/run_config.py and examples/). KEY=VALUE arguments override the file "
+        "with dotted keys (train.lr=1e-4 method.r=16); values are TOML (strings may be bare). "
+        "Under `torchrun --nproc_per_node N` each process trains on its share of every batch.",
+    )
+    parser.add_argument("config", metavar="CONFIG", help="run config: .toml, .yaml or .json")
+    parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress, no summary")
+    # REMAINDER, so flags may also follow the overrides; _run_train takes them out.
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE", help="override")
+    parser.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from edgepeft.train.memory import MemoryPlanError
+    from edgepeft.train.run_config import load_run_config, run
+
+    flags = {"--resume": "resume", "--quiet": "quiet"}
+    overrides = []
+    for item in args.overrides:
+        if item in flags:
+            setattr(args, flags[item], True)
+        elif item.startswith("-"):
+            raise UserError(f"unknown option {item!r} for `edgepeft train` (options: --resume, --quiet)")
+        else:
+            overrides.append(item)
+    if args.quiet:
+        overrides.append("train.quiet=true")
+    config = load_run_config(args.config, overrides)
+    try:
+        outcome = run(config, resume=args.resume)
+    except MemoryPlanError as e:
+        raise UserError(str(e).splitlines()[0]) from e
+    return 130 if outcome.result.interrupted else 0  # 128 + SIGINT, as shells report it
 
 
 # ---------------------------------------------------------------- entry point
@@ -451,6 +519,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_eval_parser(commands)
     _add_export_parser(commands)
     _add_verify_parser(commands)
+    _add_train_parser(commands)
     return parser
 
 
