@@ -9,6 +9,10 @@
         ──► log ──► eval (val loss, perplexity; best adapter) ──► checkpoint ──► stop?
     ──► last adapter, summary.json, loss_curves.png
 
+Under torchrun (or any initialised process group) the same loop runs data-parallel:
+each rank trains on its slice of every batch and gradients are summed across ranks
+before the step (edgepeft/train/distributed.py); only rank 0 writes files.
+
 SIGINT / SIGTERM: the current optimizer step finishes, a checkpoint is written, and
 `train` *returns* a TrainResult with `interrupted=True` (it does not raise); a second
 SIGINT raises KeyboardInterrupt at once. An exception leaves the last checkpoint,
@@ -42,6 +46,7 @@ from edgepeft.adapters.inject import (
 )
 from edgepeft.base import base_info
 from edgepeft.config import TrainConfig
+from edgepeft.train import distributed
 from edgepeft.train import report as reports
 from edgepeft.train.checkpoint import (
     CHECKPOINT_DIR,
@@ -193,8 +198,11 @@ def enable_checkpointing(model: nn.Module) -> Callable[[], None]:
 def token_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Sum of next-token cross-entropies over the batch's label tokens (a 0-d fp32 tensor)."""
     output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    logits = output.logits[:, :-1, :]  # (B, T-1, V): position t predicts token t+1
-    targets = batch.labels[:, 1:]  # (B, T-1)
+    logits = output.logits  # (B, T, V)
+    # Position t predicts token t+1. Shifting the labels (the last position gets IGNORE)
+    # rather than slicing the logits keeps the reshape a view: no (B, T-1, V) copy
+    # forward, and no zero-filled (B, T, V) gradient to scatter it into backward.
+    targets = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE)  # (B, T)
     return F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
         targets.reshape(-1),
@@ -212,15 +220,22 @@ def input_device(model: nn.Module) -> torch.device:
 
 
 def accumulate_gradients(
-    model: nn.Module, micro_batches: Sequence[Batch], precision: str = "fp32", scaler=None
+    model: nn.Module,
+    micro_batches: Sequence[Batch],
+    precision: str = "fp32",
+    scaler=None,
+    label_tokens: int | None = None,
 ) -> float:
     """Backward over all micro-batches as if they were one batch; returns its mean token loss.
 
     Each micro-batch's summed loss is divided by the label tokens of *all* of them,
     so 2 micro-batches of 2 rows give the gradient of one batch of 4 rows.
+    `label_tokens` overrides that count: a data-parallel rank divides by the label
+    tokens of the whole global batch, so the ranks' gradients (and losses) add up.
     """
     device = input_device(model)
-    label_tokens = sum(b.label_tokens for b in micro_batches)
+    if label_tokens is None:
+        label_tokens = sum(b.label_tokens for b in micro_batches)
     loss_sum = torch.zeros((), device=device)
     for batch in micro_batches:
         batch = batch.to(device)
@@ -420,6 +435,7 @@ def train(
     from edgepeft.adapters.peft_format import save_adapter
 
     started = time.perf_counter()
+    ddp = distributed.current()
     name = _adapter_to_train(model, adapter)
     if config.gradient_checkpointing and list_adapters(model)[name].peft_type == "PREFIX_TUNING":
         raise ValueError(
@@ -474,13 +490,15 @@ def train(
         state.update({k: checkpoint.progress[k] for k in state})
     else:
         _seed_everything(config.seed)
+    ddp.broadcast_parameters(params)  # every rank starts from rank 0's adapter
     step = checkpoint.step if checkpoint is not None else 0
 
-    reports.write_json(
-        output_dir / reports.CONFIG_FILE, {**_config_dict(config), "precision": precision}
-    )
-    metrics = reports.MetricsLog(output_dir / reports.METRICS_FILE, state["records"])
-    progress = reports.Progress(total, step, config.quiet)
+    if ddp.is_main:
+        reports.write_json(
+            output_dir / reports.CONFIG_FILE, {**_config_dict(config), "precision": precision}
+        )
+    metrics = reports.MetricsLog(output_dir / reports.METRICS_FILE, state["records"]) if ddp.is_main else None
+    progress = reports.Progress(total, step, config.quiet or not ddp.is_main)
     for data_report in (prepared.report, prepared.val_report):
         if data_report is not None:
             progress.write(f"data: {data_report}")
@@ -491,9 +509,12 @@ def train(
 
     def record(entry: dict[str, Any]) -> None:
         state["records"].append(entry)
-        metrics.write(entry)
+        if metrics is not None:
+            metrics.write(entry)
 
     def save_checkpoint() -> None:
+        if not ddp.is_main:
+            return
         write_checkpoint(
             output_dir,
             step=step,
@@ -520,16 +541,18 @@ def train(
             while step < total and not state["stopped_early"]:
                 tick = time.perf_counter()
                 model.train()
-                micro = [
-                    collate([train_set[i] for i in sampler.next_batch()], pad_id)
-                    for _ in range(config.grad_accum)
-                ]
-                loss_value = accumulate_gradients(model, micro, precision, scaler)
+                # The sampler's global batches, identical on every rank; each rank trains
+                # on its shard and divides by the label tokens of the whole step.
+                rows = [[train_set[i] for i in sampler.next_batch()] for _ in range(config.grad_accum)]
+                label_tokens = sum(e.label_tokens for part in rows for e in part)
+                micro = [collate(part, pad_id) for part in map(ddp.shard, rows) if part]
+                loss_value = accumulate_gradients(model, micro, precision, scaler, label_tokens)
+                loss_value = ddp.reduce_gradients(params, loss_value)
                 lr, grad_norm = _optimizer_step(params, optimizer, scheduler, scaler, config.max_grad_norm)
                 step += 1
 
                 state["train_losses"].append(loss_value)
-                tokens = sum(b.tokens for b in micro)
+                tokens = sum(len(e.input_ids) for part in rows for e in part)  # all ranks
                 train_tokens += tokens
                 train_seconds += time.perf_counter() - tick
                 tokens_per_s = train_tokens / max(train_seconds, 1e-9)
@@ -543,13 +566,15 @@ def train(
                 progress.update(loss_value, lr, tokens_per_s, memory)
 
                 if val_set and ((config.eval_every and step % config.eval_every == 0) or step == total):
-                    val_loss, val_tokens = evaluate_loss(
-                        model, val_set, batch_size=config.batch_size, pad_id=pad_id, precision=precision
-                    )
+                    val_loss, val_tokens = ddp.combine_mean(*evaluate_loss(
+                        model, ddp.shard(val_set), batch_size=config.batch_size, pad_id=pad_id,
+                        precision=precision,
+                    ))  # fmt: skip
                     improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
                     if improved:
                         state.update(best_val_loss=val_loss, best_step=step, bad_evals=0)
-                        save_adapter(model, output_dir / BEST_DIR, name)
+                        if ddp.is_main:
+                            save_adapter(model, output_dir / BEST_DIR, name)
                     else:
                         state["bad_evals"] += 1
                     patience = config.early_stopping_patience
@@ -563,7 +588,7 @@ def train(
                         "best_val_loss": state["best_val_loss"],
                     })
 
-                asked = stop.received is not None or step == _stop_after_steps
+                asked = ddp.any(stop.received is not None) or step == _stop_after_steps
                 interrupted = asked and step < total and not state["stopped_early"]
                 due = config.save_every is not None and step % config.save_every == 0
                 if due or interrupted or step == total or state["stopped_early"]:
@@ -576,12 +601,15 @@ def train(
                     break
     finally:
         progress.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         model.train(was_training)
         if disable_checkpointing is not None:
             disable_checkpointing()
 
-    last_dir = save_adapter(model, output_dir / LAST_DIR, name)
+    last_dir = output_dir / LAST_DIR
+    if ddp.is_main:
+        save_adapter(model, last_dir, name)
     losses = state["train_losses"]
     summary = {
         "adapter": name,
@@ -606,16 +634,20 @@ def train(
         "train_examples": len(train_set),
         "val_examples": len(val_set),
         "output_dir": str(output_dir),
+        "world_size": ddp.world_size,
     }
-    plot_path = reports.plot_losses(
-        output_dir / reports.PLOT_FILE,
-        list(enumerate(losses, start=1)),
-        [tuple(v) for v in state["val_losses"]],
-        title=f"adapter {name!r}",
-    )
-    summary_path = reports.write_json(output_dir / reports.SUMMARY_FILE, summary)
-    if not config.quiet:
-        print(reports.format_summary(summary))
+    plot_path, summary_path = output_dir / reports.PLOT_FILE, output_dir / reports.SUMMARY_FILE
+    if ddp.is_main:
+        reports.plot_losses(
+            plot_path,
+            list(enumerate(losses, start=1)),
+            [tuple(v) for v in state["val_losses"]],
+            title=f"adapter {name!r}",
+        )
+        reports.write_json(summary_path, summary)
+        if not config.quiet:
+            print(reports.format_summary(summary))
+    ddp.barrier()  # every rank returns after rank 0's files (checkpoint included) are written
     best_dir = output_dir / BEST_DIR
     return TrainResult(
         steps=step,
