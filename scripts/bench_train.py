@@ -1,0 +1,639 @@
+"""Training speed and peak memory: HF peft + transformers.Trainer against edgepeft.train.
+
+    random Llama (seeded) ──save──► HF folder, data.jsonl (text rows), tokens.json (their ids)
+        │
+        ▼  one fresh `python bench_train.py --worker NAME --mode MODE` per contender and mode
+    speed : warmup + timed optimizer steps; a global optimizer-step hook stamps every step
+            (one clock for all contenders); RSS high-water mark minus RSS before training
+    memory: a short run inside `measure_peak` (live tensor bytes: the planner's own meter)
+        │
+        ▼  + `estimate_memory` for each setup
+    two markdown tables ──write_section("train")──► BENCHMARKS.md
+
+Contenders: HF peft + Trainer and edgepeft, each over a float32 and an NF4 base, with
+the same LoRA config, batch, steps, optimizer (torch AdamW), schedule and clipping;
+and full fine-tuning as a plain torch loop (edgepeft has no full fine-tuning mode).
+Every row of the data is longer than the sequence length and cut to it, so every
+batch is the same (B, T) with no padding and tokens/s does not depend on sample order.
+
+    python scripts/bench_train.py      # a few minutes on 2 quiet cores; rewrites section "train"
+    python scripts/bench_train.py --smoke --in-process --benchmarks-file /tmp/B.md   # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS))
+
+import benchmarks_md  # noqa: E402
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_R, LORA_ALPHA = 16, 32
+LR, MAX_GRAD_NORM = 2e-4, 1.0
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class Size:
+    """Model shape and run length."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    seq_len: int
+    batch: int
+    warmup_steps: int
+    """Steps run before the clock starts (allocator warm-up, optimizer state creation)."""
+    timed_steps: int
+    memory_steps: int
+    """Steps of the metered run: from the second on, the optimizer state is live."""
+    threads: int = 2
+
+    def model_overrides(self) -> dict:
+        return dict(
+            hidden_size=self.hidden,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            intermediate_size=self.intermediate,
+            vocab_size=self.vocab,
+        )
+
+
+FULL = Size(
+    hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, vocab=8192,
+    seq_len=256, batch=4, warmup_steps=2, timed_steps=10, memory_steps=3,
+)  # fmt: skip
+SMOKE = Size(
+    hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512,
+    seq_len=32, batch=2, warmup_steps=1, timed_steps=2, memory_steps=2, threads=1,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    label: str
+    library: str
+    """"hf", "edgepeft" or "torch" (full fine-tuning)."""
+    quant: str
+    """Base as loaded: "none" (float32) or "nf4"."""
+
+
+CONTENDERS = (
+    Contender("hf-lora", "HF peft + Trainer, LoRA (fp32 base)", "hf", "none"),
+    Contender("edgepeft-lora", "edgepeft, LoRA (fp32 base)", "edgepeft", "none"),
+    Contender("hf-qlora", "HF peft + Trainer, QLoRA (NF4 base)", "hf", "nf4"),
+    Contender("edgepeft-qlora", "edgepeft, QLoRA (NF4 base)", "edgepeft", "nf4"),
+    Contender("full-ft", "full fine-tuning, plain torch loop (fp32)", "torch", "none"),
+)
+BY_NAME = {c.name: c for c in CONTENDERS}
+MODES = ("speed", "memory")
+
+
+# ---------------------------------------------------------------- setup (parent process)
+
+
+WORDS = (
+    "the quick brown fox jumps over the lazy dog edge devices run small models adapters "
+    "switch per request select name from users where id translate to french hello bonjour"
+).split()
+
+
+def make_rows(count: int, seq_len: int, seed: int = 0) -> list[dict]:
+    """Prompt/completion rows of words the tokenizer knows, each longer than `seq_len` tokens."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        prompt = " ".join(rng.choices(WORDS, k=max(2, seq_len // 16)))  # leaves room for labels
+        completion = " " + " ".join(rng.choices(WORDS, k=seq_len))  # >= 1 token per word
+        rows.append({"prompt": prompt, "completion": completion})
+    return rows
+
+
+def prepare(size: Size, workdir: Path) -> dict:
+    """Write the model folder, the rows and their token ids; returns the run plan."""
+    from edgepeft.config import TrainConfig
+    from edgepeft.tiny import tiny_model, tiny_tokenizer
+    from edgepeft.train.data import prepare_data
+
+    model_dir = workdir / "model"
+    model = tiny_model("llama", seed=0, **size.model_overrides())
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer = tiny_tokenizer()
+    tokenizer.save_pretrained(model_dir)
+    params = sum(p.numel() for p in model.parameters())
+    del model
+
+    steps = size.warmup_steps + size.timed_steps
+    rows = make_rows(size.batch * steps, size.seq_len)
+    data_path = workdir / "data.jsonl"
+    data_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # The ids edgepeft trains on, given to the other contenders so all see the same tokens.
+    config = TrainConfig(max_seq_len=size.seq_len, val_fraction=0.0)
+    examples = prepare_data(str(data_path), tokenizer, config).train
+    lengths = {len(e.input_ids) for e in examples}
+    if lengths != {size.seq_len} or len(examples) != len(rows):
+        raise RuntimeError(
+            f"every row should tokenize to {size.seq_len} tokens (cut), got lengths {sorted(lengths)} "
+            f"for {len(examples)} of {len(rows)} rows; make the synthetic completions longer"
+        )
+    tokens = [{"input_ids": list(e.input_ids), "labels": list(e.labels)} for e in examples]
+    (workdir / "tokens.json").write_text(json.dumps(tokens))
+    plan = {
+        "size": dataclasses.asdict(size),
+        "model_dir": str(model_dir),
+        "data": str(data_path),
+        "tokens": str(workdir / "tokens.json"),
+        "params": params,
+        "label_tokens_per_row": sum(e.label_tokens for e in examples) / len(examples),
+    }
+    (workdir / "plan.json").write_text(json.dumps(plan))
+    return plan
+
+
+def run_worker(contender: str, mode: str, workdir: Path, threads: int) -> dict:
+    """One measurement in a fresh interpreter, threads pinned the same way for all."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    out = workdir / f"{contender}-{mode}.json"
+    command = [
+        sys.executable, str(Path(__file__).resolve()),
+        "--worker", contender, "--mode", mode, "--workdir", str(workdir),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0 or not out.exists():
+        tail = (done.stdout + done.stderr)[-4000:]
+        raise RuntimeError(f"worker {contender}/{mode} failed (exit {done.returncode}):\n{tail}")
+    return json.loads(out.read_text())
+
+
+def run_in_process(contender: str, mode: str, workdir: Path, threads: int) -> dict:
+    """`worker` in this interpreter: quick, but earlier runs' allocations and imports
+    stay here, so the numbers are not comparable (for --in-process, i.e. tests)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    try:
+        return worker(contender, mode, workdir)
+    finally:
+        torch.set_num_threads(saved)
+        gc.collect()
+
+
+def planner_estimates(plan: dict) -> dict[str, int]:
+    """The planner's peak for each contender's setup (HF and edgepeft share one per base)."""
+    from transformers import AutoConfig
+
+    from edgepeft.config import LoraConfig
+    from edgepeft.train.memory import estimate_memory
+
+    size = Size(**plan["size"])
+    config = AutoConfig.from_pretrained(plan["model_dir"])
+    lora = LoraConfig(r=LORA_R, alpha=LORA_ALPHA, target_modules=LORA_TARGETS)
+    out = {}
+    for c in CONTENDERS:
+        estimate = estimate_memory(
+            config,
+            quant=c.quant,
+            adapter_config=None if c.library == "torch" else lora,
+            batch_size=size.batch,
+            seq_len=size.seq_len,
+            precision="fp32",
+            device="cpu",
+            padding=False,  # every row is exactly seq_len tokens
+        )
+        out[c.name] = estimate.total
+    return out
+
+
+# ---------------------------------------------------------------- workers (child processes)
+
+
+def _proc_status(field: str) -> int | None:
+    """VmRSS / VmHWM of this process in bytes (Linux), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def rss_growth():
+    """Yields a dict whose "bytes" is, afterwards, peak RSS inside the block minus RSS before."""
+    gc.collect()
+    try:  # resets the high-water mark VmHWM to the current RSS (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+        resettable = True
+    except OSError:
+        resettable = False
+    before = _proc_status("VmRSS")
+    result: dict = {"bytes": None}
+    yield result
+    peak = _proc_status("VmHWM")
+    if resettable and before is not None and peak is not None:
+        result["bytes"] = peak - before
+
+
+@contextlib.contextmanager
+def optimizer_step_clock():
+    """Yields a list that gets `perf_counter()` after every optimizer step in the block.
+
+    A global hook, so HF's wrapped optimizer, edgepeft's and the plain loop's are timed
+    at the same point of their step.
+    """
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    stamps: list[float] = []
+    handle = register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    try:
+        yield stamps
+    finally:
+        handle.remove()
+
+
+def _token_batches(plan: dict, steps: int):
+    import torch
+
+    size = Size(**plan["size"])
+    rows = json.loads(Path(plan["tokens"]).read_text())
+    for step in range(steps):
+        chunk = [rows[(step * size.batch + i) % len(rows)] for i in range(size.batch)]
+        ids = torch.tensor([r["input_ids"] for r in chunk])  # (B, T)
+        yield ids, torch.ones_like(ids), torch.tensor([r["labels"] for r in chunk])
+
+
+def _hf_runner(plan: dict, quant: str, steps: int, workdir: Path) -> Callable[[], None]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        BitsAndBytesConfig,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+    )
+
+    size = Size(**plan["size"])
+    kwargs: dict = {"dtype": torch.float32}
+    if quant == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,  # as edgepeft.load_base
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        kwargs["device_map"] = "cpu"
+    model = AutoModelForCausalLM.from_pretrained(plan["model_dir"], **kwargs)
+    for module in model.modules():
+        # bnb would otherwise repack NF4 weights and compute in bf16 on AVX512-BF16 CPUs;
+        # edgepeft.load_base turns this off too, so both compute in fp32.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    torch.manual_seed(0)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+            target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM",
+        ),
+    )  # fmt: skip
+    rows = json.loads(Path(plan["tokens"]).read_text())
+    dataset = [
+        {
+            "input_ids": torch.tensor(r["input_ids"]),
+            "attention_mask": torch.ones(len(r["input_ids"]), dtype=torch.long),
+            "labels": torch.tensor(r["labels"]),
+        }
+        for r in rows
+    ]
+    args = TrainingArguments(
+        output_dir=str(workdir / "hf-out"),
+        per_device_train_batch_size=size.batch,
+        max_steps=steps,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=MAX_GRAD_NORM,
+        optim="adamw_torch",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        remove_unused_columns=False,
+        seed=0,
+    )
+
+    def run() -> None:
+        trainer = Trainer(
+            model=model, args=args, train_dataset=dataset, data_collator=default_data_collator
+        )
+        trainer.train()
+
+    return run
+
+
+def _edgepeft_runner(plan: dict, quant: str, steps: int, workdir: Path) -> Callable[[], None]:
+    import torch
+
+    import edgepeft as ep
+
+    size = Size(**plan["size"])
+    model, tokenizer = ep.load_base(plan["model_dir"], quant=quant, device="cpu")
+    torch.manual_seed(0)
+    ep.add_adapter(model, ep.LoraConfig(r=LORA_R, alpha=LORA_ALPHA, target_modules=LORA_TARGETS))
+    config = ep.TrainConfig(
+        max_seq_len=size.seq_len,
+        batch_size=size.batch,
+        max_steps=steps,
+        lr=LR,
+        scheduler="constant",
+        weight_decay=0.0,
+        max_grad_norm=MAX_GRAD_NORM,
+        optimizer="adamw",
+        precision="fp32",
+        val_fraction=0.0,
+        eval_every=None,
+        save_every=None,
+        quiet=True,
+    )
+    return lambda: ep.train(model, tokenizer, plan["data"], config, workdir / "edgepeft-out")
+
+
+def _full_ft_runner(plan: dict, steps: int) -> Callable[[], None]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(plan["model_dir"], dtype=torch.float32)
+
+    def run() -> None:
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+        for ids, mask, labels in _token_batches(plan, steps):
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
+def worker(name: str, mode: str, workdir: Path) -> dict:
+    """Load the contender, then time its training steps ("speed") or meter them ("memory")."""
+    import torch
+
+    from edgepeft.train.memory import measure_peak
+
+    plan = json.loads((workdir / "plan.json").read_text())
+    size = Size(**plan["size"])
+    torch.set_num_threads(size.threads)
+    contender = BY_NAME[name]
+    steps = size.warmup_steps + size.timed_steps if mode == "speed" else size.memory_steps
+    run_dir = workdir / f"{name}-{mode}"
+    if contender.library == "hf":
+        run = _hf_runner(plan, contender.quant, steps, run_dir)
+    elif contender.library == "edgepeft":
+        run = _edgepeft_runner(plan, contender.quant, steps, run_dir)
+    else:
+        run = _full_ft_runner(plan, steps)
+
+    if mode == "memory":
+        return {"peak_bytes": measure_peak(run), "steps": steps}
+    with rss_growth() as rss, optimizer_step_clock() as stamps:
+        run()
+    if len(stamps) != steps:
+        raise RuntimeError(f"{name}: expected {steps} optimizer steps, the clock saw {len(stamps)}")
+    start = stamps[size.warmup_steps - 1]  # end of the last warm-up step
+    seconds = stamps[-1] - start
+    tokens = size.timed_steps * size.batch * size.seq_len  # no padding: every row is seq_len
+    return {
+        "tokens_per_s": tokens / seconds,
+        "seconds_per_step": seconds / size.timed_steps,
+        "rss_growth_bytes": rss["bytes"],
+        "steps": steps,
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _rate(tokens_per_s: float) -> str:
+    return f"{tokens_per_s:.0f}" if tokens_per_s >= 100 else f"{tokens_per_s:.3g}"
+
+
+def _mib(nbytes: float) -> str:
+    """MiB with 3+ significant digits (small models in smoke runs included)."""
+    mib = nbytes / MiB
+    return f"{mib:.1f}" if mib >= 10 else f"{mib:.3f}"
+
+
+def _verdict(value: float, target: float, higher_is_better: bool) -> str:
+    met = value >= target if higher_is_better else value <= target
+    gap = abs(value - target)
+    return f"{'met' if met else 'missed'} ({value:.2f}x vs target {'≥' if higher_is_better else '≤'} {target:.1f}x, {'margin' if met else 'short by'} {gap:.2f}x)"
+
+
+def render(
+    plan: dict,
+    results: dict[str, dict],
+    estimates: dict[str, int],
+    command: str,
+    trial: bool = False,
+) -> str:
+    """The section's markdown, every number taken from `results` / `estimates`.
+
+    Args:
+        trial: A smoke or in-process run: says so above the tables.
+    """
+    size = Size(**plan["size"])
+    hf_peer = {"edgepeft-lora": "hf-lora", "edgepeft-qlora": "hf-qlora"}
+
+    lines = [
+        "## Training: HF peft + Trainer vs edgepeft (CPU, fp32 compute)",
+        "",
+        *(
+            [
+                "**Trial run (--smoke / --in-process): checks the script; the numbers mean nothing.**",
+                "",
+            ]
+            if trial
+            else []
+        ),
+        f"Llama with random weights: hidden {size.hidden}, {size.layers} layers, "
+        f"{size.heads}/{size.kv_heads} heads, intermediate {size.intermediate}, vocab {size.vocab} "
+        f"({plan['params'] / 1e6:.1f} M parameters). LoRA r={LORA_R}, alpha={LORA_ALPHA} on "
+        f"{', '.join(LORA_TARGETS)}; batch {size.batch} x {size.seq_len} tokens (no padding; "
+        f"{plan['label_tokens_per_row'] / size.seq_len:.0%} of them completion tokens with a loss); torch "
+        f"AdamW lr {LR}, constant schedule, grad-norm clip {MAX_GRAD_NORM}; "
+        f"{size.timed_steps} timed steps after {size.warmup_steps} warm-up; {size.threads} torch "
+        "threads; every contender and measurement in a fresh process. Tokens/s: tokens of the timed "
+        "steps over the time between the optimizer steps that bound them. Peak: `measure_peak` "
+        f"(live tensor bytes, weights and optimizer state included) around a {size.memory_steps}-step "
+        "run, model loading excluded; planner: `estimate_memory` for the same setup; RSS growth: "
+        "peak resident set during the timed run minus before it (allocator caching included).",
+        "",
+        "| contender | tokens/s | vs HF | peak MiB | vs HF | planner MiB | RSS growth MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in CONTENDERS[:4]:
+        r = results[c.name]
+        peer = results[hf_peer.get(c.name, c.name)]
+        rss = r["speed"]["rss_growth_bytes"]
+        lines.append(
+            f"| {c.label} | {_rate(r['speed']['tokens_per_s'])} "
+            f"| {_ratio(r['speed']['tokens_per_s'], peer['speed']['tokens_per_s']):.2f}x "
+            f"| {_mib(r['memory']['peak_bytes'])} "
+            f"| {_ratio(r['memory']['peak_bytes'], peer['memory']['peak_bytes']):.2f}x "
+            f"| {_mib(estimates[c.name])} | {'n/a' if rss is None else _mib(rss)} |"
+        )
+    lines.append("")
+    for ours, theirs, base in (
+        ("edgepeft-lora", "hf-lora", "fp32"),
+        ("edgepeft-qlora", "hf-qlora", "NF4"),
+    ):
+        speed = _ratio(
+            results[ours]["speed"]["tokens_per_s"], results[theirs]["speed"]["tokens_per_s"]
+        )
+        memory = _ratio(
+            results[ours]["memory"]["peak_bytes"], results[theirs]["memory"]["peak_bytes"]
+        )
+        lines.append(
+            f"- {base} base: speed target {_verdict(speed, 1.2, True)}; "
+            f"memory target {_verdict(memory, 1.0, False)}."
+        )
+    lines += [
+        "",
+        "Peak memory of the three ways to train this model (edgepeft for the adapters, the same "
+        "batch for all), and the planner's estimate beside each:",
+        "",
+        "| setup | tokens/s | measured peak MiB | planner MiB | planner / measured |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, label in (
+        ("edgepeft-qlora", "QLoRA (NF4 base, edgepeft)"),
+        ("edgepeft-lora", "LoRA (fp32 base, edgepeft)"),
+        ("full-ft", "full fine-tuning (fp32, plain torch loop)"),
+    ):
+        r = results[name]
+        lines.append(
+            f"| {label} | {_rate(r['speed']['tokens_per_s'])} | {_mib(r['memory']['peak_bytes'])} "
+            f"| {_mib(estimates[name])} | {estimates[name] / r['memory']['peak_bytes']:.2f} |"
+        )
+    lines += ["", f"Command: `{command}`"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny model, few steps: checks the script, not speed"
+    )
+    parser.add_argument(
+        "--benchmarks-file", type=Path, default=None,
+        help="write the section into this file instead of the repository's BENCHMARKS.md",
+    )  # fmt: skip
+    parser.add_argument("--no-write", action="store_true", help="print the section only")
+    parser.add_argument(
+        "--in-process", action="store_true",
+        help="run every measurement in this process (fast; numbers not comparable: for tests)",
+    )  # fmt: skip
+    parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=sorted(BY_NAME), help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """Run the benchmark; returns the section's markdown (also written unless --no-write)."""
+    args = _parser().parse_args(argv)
+    if args.worker:
+        result = worker(args.worker, args.mode, args.workdir)
+        out = args.workdir / f"{args.worker}-{args.mode}.json"
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, out)
+        return ""
+
+    size = SMOKE if args.smoke else FULL
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_train.") as tmp:
+        workdir = Path(tmp)
+        plan = prepare(size, workdir)
+        results: dict[str, dict] = {c.name: {} for c in CONTENDERS}
+        jobs = [(c, mode) for c in CONTENDERS for mode in MODES]
+        measure = run_in_process if args.in_process else run_worker
+        for i, (c, mode) in enumerate(jobs, start=1):
+            tick = time.perf_counter()
+            results[c.name][mode] = r = measure(c.name, mode, workdir, size.threads)
+            shown = (
+                f"{r['tokens_per_s']:.0f} tokens/s" if mode == "speed"
+                else f"peak {r['peak_bytes'] / MiB:.1f} MiB"
+            )  # fmt: skip
+            print(
+                f"[{i}/{len(jobs)}] {c.name} {mode}: {shown} ({time.perf_counter() - tick:.0f} s)",
+                flush=True,
+            )
+        estimates = planner_estimates(plan)
+    command = (
+        "python scripts/bench_train.py"
+        + " --smoke" * args.smoke
+        + " --in-process" * args.in_process
+    )
+    markdown = render(plan, results, estimates, command, trial=args.smoke or args.in_process)
+    print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
+    if args.no_write:
+        print(markdown)
+        return markdown
+    if args.benchmarks_file is not None:
+        # write_section writes the module's BENCHMARKS path; point it elsewhere for this call.
+        saved = benchmarks_md.BENCHMARKS
+        benchmarks_md.BENCHMARKS = args.benchmarks_file.resolve()
+        try:
+            path = benchmarks_md.write_section("train", markdown)
+        finally:
+            benchmarks_md.BENCHMARKS = saved
+    else:
+        path = benchmarks_md.write_section("train", markdown)
+    print(f"wrote section 'train' of {path}", flush=True)
+    return markdown
+
+
+if __name__ == "__main__":
+    main()
