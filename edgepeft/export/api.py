@@ -29,11 +29,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from edgepeft.export.graph_info import WEIGHT_FORMATS, input_names, output_names
+from edgepeft.export.graph_info import WEIGHT_FORMATS
 from edgepeft.export.manifest import (
     AdapterEntry,
     ExportIndex,
     Manifest,
+    graph_fields,
     read_manifest,
     write_manifest,
 )
@@ -238,23 +239,13 @@ def _export_one(
         base_quant=base_quant,
         model_type=model.config.model_type,
         graph=kind,
-        weights=info.weights,
         block_size=options["block_size"],
         accuracy_level=options["accuracy_level"],
-        inputs=input_names(info.num_layers),
-        outputs=output_names(info.num_layers),
-        num_layers=info.num_layers,
-        num_kv_heads=info.num_kv_heads,
-        head_dim=info.head_dim,
-        vocab_size=info.vocab_size,
-        kv_dtype=info.kv_dtype,
         max_context=_max_context(model, options.get("max_context")),
         providers=options.get("providers"),
-        num_nodes=info.num_nodes,
-        op_counts=info.op_counts,
         mode="merged",
         adapters=adapters,
-        model_file=Path(info.path).name,
+        **graph_fields(info),
         **_token_ids(model, tokenizer),
     )
     write_manifest(folder, manifest)

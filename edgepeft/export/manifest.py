@@ -123,6 +123,25 @@ class ExportIndex:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def graph_fields(info) -> dict:
+    """The Manifest fields that describe the written graph (a fused or generic GraphInfo)."""
+    from edgepeft.export.graph_info import input_names, output_names
+
+    return dict(
+        weights=info.weights,
+        inputs=input_names(info.num_layers),
+        outputs=output_names(info.num_layers),
+        num_layers=info.num_layers,
+        num_kv_heads=info.num_kv_heads,
+        head_dim=info.head_dim,
+        vocab_size=info.vocab_size,
+        kv_dtype=info.kv_dtype,
+        num_nodes=info.num_nodes,
+        op_counts=info.op_counts,
+        model_file=Path(info.path).name,
+    )
+
+
 def write_json(path: Path, document: dict) -> Path:
     """Write `document` to `path` through a temporary sibling file and a rename."""
     path = Path(path)

@@ -230,9 +230,8 @@ def export_separate(
     from edgepeft.base import base_info
     from edgepeft.export.api import _token_ids
     from edgepeft.export.fused import FUSED_MODEL_TYPES, export_fused
-    from edgepeft.export.graph_info import input_names, output_names
     from edgepeft.export.kv_prefix import KV_PREFIX_PEFT_TYPES, export_kv_prefix
-    from edgepeft.export.manifest import AdapterEntry, Manifest, write_manifest
+    from edgepeft.export.manifest import AdapterEntry, Manifest, graph_fields, write_manifest
 
     say = progress or (lambda line: None)
     model_type = getattr(model.config, "model_type", None)
@@ -305,22 +304,12 @@ def export_separate(
         base_quant=base.quant,
         model_type=model_type,
         graph="fused",
-        weights=info.weights,
         block_size=block_size,
         accuracy_level=accuracy_level,
-        inputs=input_names(info.num_layers),
-        outputs=output_names(info.num_layers),
-        num_layers=info.num_layers,
-        num_kv_heads=info.num_kv_heads,
-        head_dim=info.head_dim,
-        vocab_size=info.vocab_size,
-        kv_dtype=info.kv_dtype,
         max_context=max_context,
-        num_nodes=info.num_nodes,
-        op_counts=info.op_counts,
         mode="separate",
         adapters=entries,
-        model_file=Path(info.path).name,
+        **graph_fields(info),
         **_token_ids(model, tokenizer),
     )
     write_manifest(out_dir, manifest)
