@@ -29,13 +29,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from edgepeft.atomic import atomic_path
 from edgepeft.export.manifest import write_json
 
 ADAPTER_DIR = "adapters"
@@ -177,14 +177,8 @@ def write_adapter_file(
     fmt.set_adapter_version(ADAPTER_LAYOUT_VERSION)
     fmt.set_model_version(model_version(base_fingerprint))
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in values.items()})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
-    os.close(fd)
-    try:
-        fmt.export_adapter(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        fmt.export_adapter(str(tmp))
     digest = _sha256(path)
     inputs = tuple(k for k in values if k != guard)
     sidecar = {

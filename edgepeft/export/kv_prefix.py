@@ -39,12 +39,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from edgepeft.atomic import atomic_path
 
 KIND = "kv_prefix"
 KV_PREFIX_PEFT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING")
@@ -279,18 +280,10 @@ def write_kv_prefix_file(
         "head_dim": str(head_dim),
         "layout": LAYOUT,
     }
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    os.close(fd)
-    try:
-        arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
-        save_file(arrays, tmp, metadata=metadata)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out_path
+    arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+    with atomic_path(out_path) as tmp:
+        save_file(arrays, str(tmp), metadata=metadata)
+    return Path(out_path)
 
 
 def read_kv_prefix_file(path: str | os.PathLike, expected_fingerprint: str) -> KVPrefix:

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgepeft import __version__
+from edgepeft import __version__, atomic
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "edgepeft-onnx"
@@ -144,16 +143,7 @@ def graph_fields(info) -> dict:
 
 def write_json(path: Path, document: dict) -> Path:
     """Write `document` to `path` through a temporary sibling file and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(document, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic.write_json(path, document)
 
 
 def write_manifest(folder: Path, manifest: Manifest | ExportIndex) -> Path:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepeft.atomic import write_bytes
 from edgepeft.export.graph_info import input_names
 from edgepeft.export.manifest import ExportIndex, Manifest, read_manifest, write_json
 
@@ -226,9 +227,7 @@ def write_report(folder: str | os.PathLike, report: VerifyReport) -> None:
     """verify.json and verify.md into `folder`, each written atomically."""
     folder = Path(folder)
     write_json(folder / VERIFY_FILE, report.to_dict())
-    tmp = folder / f".{VERIFY_TABLE}.tmp"
-    tmp.write_text(report.to_markdown())
-    os.replace(tmp, folder / VERIFY_TABLE)
+    write_bytes(folder / VERIFY_TABLE, report.to_markdown())
 
 
 # ---------------------------------------------------------------- inputs

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from edgepeft.train.report import temporary_sibling
+from edgepeft.atomic import temporary_sibling
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"

@@ -264,7 +264,7 @@ def tokenize_rows(rows: Sequence[Row], tokenizer, config, *, report: DataReport 
         report: Updated in place: kept, tokens, label_tokens, truncated, bad rows.
     """
     report = report if report is not None else DataReport(source=rows[0].source if rows else "<rows>")
-    bos = _bos_to_add(tokenizer)
+    bos = bos_to_add(tokenizer)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     examples = []
     for row in rows:
@@ -296,7 +296,7 @@ def tokenize_rows(rows: Sequence[Row], tokenizer, config, *, report: DataReport 
     return examples
 
 
-def _bos_to_add(tokenizer) -> list[int]:
+def bos_to_add(tokenizer) -> list[int]:
     """[BOS] when the tokenizer puts one in front of plain text itself, else []."""
     bos = tokenizer.bos_token_id
     if bos is None:

@@ -20,9 +20,7 @@ forward hooks, so they generate like any other adapter.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +29,9 @@ import torch
 from torch import nn
 
 from edgepeft.adapters.inject import active_adapter, disable_adapters, list_adapters, set_adapter
+from edgepeft.atomic import write_json
 from edgepeft.metrics import METRICS, score_example
-from edgepeft.train.data import load_rows
+from edgepeft.train.data import bos_to_add, load_rows
 
 BASE = "base"
 """Name of the row that runs the base model alone."""
@@ -180,18 +179,7 @@ class EvalReport:
         The JSON goes to a temporary sibling file first, then is renamed onto `path`,
         so a reader never sees half a report.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({**self.to_dict(), **(extra or {})}, f, indent=2, ensure_ascii=False)
-                f.write("\n")
-            os.replace(staging, path)
-        finally:
-            if os.path.exists(staging):
-                os.remove(staging)
-        return path
+        return write_json(path, {**self.to_dict(), **(extra or {})}, ensure_ascii=False)
 
     def __str__(self) -> str:
         width = max([len(t.name) for t in self.targets] + [len("target")])
@@ -216,14 +204,13 @@ def _token_ids(tokenizer, examples: Sequence[EvalExample]) -> list[list[int]]:
     BOS leads only when the tokenizer puts one before plain text itself (Llama does,
     GPT-2 and Qwen do not), and never twice: a chat template may write its own.
     """
-    bos = tokenizer.bos_token_id
-    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    bos = bos_to_add(tokenizer)
     ids = []
     for ex in examples:
         text = _prompt_text(tokenizer, ex)
         row = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if adds_bos and row[:1] != [bos]:
-            row = [bos, *row]
+        if row[: len(bos)] != bos:
+            row = [*bos, *row]
         if not row:
             raise ValueError(
                 f"{ex.source}: the prompt tokenizes to no tokens; the model needs something to continue"

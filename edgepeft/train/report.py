@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from edgepeft import atomic
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curves.png"
@@ -30,28 +31,11 @@ CONFIG_FILE = "train_config.json"
 
 def write_atomically(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write `data` to a temporary sibling of `path`, then rename it onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)
-    try:
-        # os.open with mode 0o666 lets the umask decide the permissions, as open() does.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def temporary_sibling(path: Path, suffix: str = "") -> Path:
-    """An unused hidden name next to `path` (nothing is created)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    return atomic.write_bytes(path, data)
 
 
 def write_json(path: str | os.PathLike, value: Any) -> Path:
-    return write_atomically(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+    return atomic.write_json(path, value, sort_keys=True)
 
 
 # ---------------------------------------------------------------- memory
@@ -165,15 +149,9 @@ def plot_losses(
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    path = Path(path)
-    tmp = temporary_sibling(path, ".png")
-    try:
+    with atomic.atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:

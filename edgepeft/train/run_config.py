@@ -558,8 +558,8 @@ def _base_folder(config: RunConfig, ctx) -> str:
     """The model to load: config.model, or the folder a "tiny:<arch>" model is built in."""
     if not config.model.startswith(TINY_PREFIX):
         return config.model
+    from edgepeft.atomic import temporary_sibling
     from edgepeft.tiny import save_tiny_model
-    from edgepeft.train.report import temporary_sibling
 
     arch = config.model.removeprefix(TINY_PREFIX)
     folder = config.output_dir / f"tiny-{arch}"
