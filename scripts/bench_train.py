@@ -462,6 +462,7 @@ def _mib(nbytes: float) -> str:
 
 
 def _verdict(value: float, target: float, higher_is_better: bool) -> str:
+    value = round(value, 2)  # judge the ratio the table shows, so the sentence agrees with it
     met = value >= target if higher_is_better else value <= target
     gap = abs(value - target)
     return f"{'met' if met else 'missed'} ({value:.2f}x vs target {'≥' if higher_is_better else '≤'} {target:.1f}x, {'margin' if met else 'short by'} {gap:.2f}x)"
