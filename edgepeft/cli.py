@@ -13,6 +13,7 @@ Heavy imports (torch, transformers) happen inside the subcommands, so `--help` i
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -476,6 +477,11 @@ def _run_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- entry point
 
 
+# Commands that live beside the code they drive: each module has `add_parser(commands)`,
+# which adds its subparser(s) with `set_defaults(run=...)`; importing it must stay light.
+_COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgepeft", description="Adapt LLMs for constrained hardware."
@@ -520,6 +526,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_export_parser(commands)
     _add_verify_parser(commands)
     _add_train_parser(commands)
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).add_parser(commands)
     return parser
 
 
