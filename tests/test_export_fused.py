@@ -293,7 +293,11 @@ def _with_onnx_weights(model, info):
                 for part, chunk in zip(parts, torch.split(w, rows), strict=True):
                     getattr(parent, part).weight.copy_(chunk)
             elif name == "lm_head":
-                ref.lm_head.weight = torch.nn.Parameter(w)  # unties a tied head
+                if ref.lm_head.weight is ref.get_input_embeddings().weight:
+                    # Tied: the graph looks rows up in the same int4 table as the head.
+                    ref.get_input_embeddings().weight.copy_(w)
+                else:
+                    ref.lm_head.weight = torch.nn.Parameter(w)
             else:
                 getattr(parent, leaf).weight.copy_(w)
     return ref

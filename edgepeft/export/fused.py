@@ -1,6 +1,7 @@
 """Fused decoder graphs: onnxruntime contrib ops, ~10 nodes per layer, KV cache in and out.
 
     input_ids (B,T) ─ Gather(embed_tokens) [─ Mul(√hidden): gemma] ─► h
+                      (tied int4/int8: GatherBlockQuantized over lm_head's MatMulNBits weights)
     attention_mask (B,P+T) ─► seqlens_k = P+T-1 (every row), total_sequence_length = P+T,
                               attention_bias (B,1,T,P+T): 0 where mask=1, dtype min where 0
     for each layer i (names start with "model.layers.{i}."):
@@ -24,7 +25,10 @@ with their siblings, so each keeps its own input and output tensor:
     x ──► _Emitter.linear(x, "model.layers.3.self_attn.q_proj", W) ──► y
            └─ extension point: a module in `adapter_branches` is emitted by its AdapterBranch
               (separate mode: LoRA/DoRA/IA3/bottleneck inputs as optional graph inputs with
-              identity defaults, see adapter_slots.py), which calls back for the base matmul
+              identity defaults, see adapter_slots.py), which calls back for the base matmul.
+              A branch may be keyed by a packed name ("...self_attn.qkv_proj",
+              "...mlp.gate_up_proj"): the siblings then stay packed and share one branch
+              (packed_adapters.py), the fast path separate mode takes
 
 Positions. Rows are left padded. GroupQueryAttention gets every row's full length (P+T), so
 the cache layout is exactly concat(past, new) as Optimum and onnxruntime-genai feed it, and
@@ -37,12 +41,14 @@ columns in both. Limits: rotary caches hold min(max_position_embeddings, 32768) 
 token over a non-empty past only at batch size 1 (chunked prefill).
 
 Weights: "fp32", "fp16" (weights, activations and KV in fp16, logits cast to fp32), "int8" /
-"int4" (MatMulNBits, symmetric RTN; embeddings and norms stay fp32), "nf4" / "fp4" (MatMulBnb4
+"int4" (MatMulNBits, symmetric RTN; norms and untied embeddings stay fp32, a tied table is
+stored once, quantized, for lookup and lm_head), "nf4" / "fp4" (MatMulBnb4
 over bitsandbytes' own codes, fp32 activations; lm_head stays fp32). See weights.py, bnb4.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -369,6 +375,21 @@ def _check(model: nn.Module, weights: str, accuracy_level: int) -> str:
     return model_type
 
 
+def unsupported(model: nn.Module, weights: str, accuracy_level: int = 4) -> str | None:
+    """Why export_fused would decline `model` (its NotImplementedError), else None.
+
+    Reads only the config and the rotary tables, so a weightless streamed model can be
+    checked before anything is built.
+    """
+    try:
+        _check(model, weights, accuracy_level)
+        _activation(model.config)
+        _rotary_caches(GraphBuilder("probe"), model, np.float32, _dims(model))
+    except NotImplementedError as e:
+        return str(e)
+    return None
+
+
 # ---------------------------------------------------------------- graph
 
 
@@ -542,28 +563,111 @@ def _mlp(e: _Emitter, model: nn.Module, arch: _Arch, i: int, x: str, activation)
     return e.linear(hidden, f"{p}.down_proj", _weight(model, f"{p}.down_proj"))
 
 
-def _lm_head(e: _Emitter, model: nn.Module, hidden: str, embed: str) -> str:
+@dataclass(frozen=True)
+class _Table:
+    """The embedding table as the graph stores it."""
+
+    name: str
+    """(V, H) table initializer, or lm_head's MatMulNBits codes (V, k_blocks, blob) it shares."""
+    scales: str = ""
+    """lm_head's MatMulNBits scales (V, k_blocks) when the table is shared quantized."""
+    bits: int = 0
+
+
+def _shares_quantized_head(e: _Emitter, model: nn.Module) -> bool:
+    """Tied embeddings exported int4/int8: one quantized table serves Gather and lm_head."""
+    head = model.get_output_embeddings()
+    return (
+        head.weight is model.get_input_embeddings().weight
+        and e.weights in BITS
+        and e.bnb4 is None
+        and not _is_target("lm_head", e.lora_targets)
+    )
+
+
+def _lm_head(e: _Emitter, model: nn.Module, hidden: str, table: _Table) -> str:
+    if table.scales:  # tied int4/int8: the embedding lookup already stored these weights
+        vocab, hidden_size = model.get_input_embeddings().weight.shape
+        return e.b.node(
+            "MatMulNBits",
+            [hidden, table.name, table.scales],
+            name="lm_head/MatMulNBits",
+            domain=_MS,
+            K=hidden_size,
+            N=vocab,
+            bits=table.bits,
+            block_size=e.block_size,
+            accuracy_level=e.accuracy_level,
+        )
     head = model.get_output_embeddings()
     tied = head.weight is model.get_input_embeddings().weight
     if tied and e.weights in ("fp32", "fp16", *bnb4.BNB4_FORMATS):  # nf4 keeps lm_head fp32
         # Reuse the (V, H) embedding table instead of storing its transpose a second time.
         return e.b.node(
-            "FusedMatMul", [hidden, embed], name="lm_head/FusedMatMul", domain=_MS, transB=1
+            "FusedMatMul", [hidden, table.name], name="lm_head/FusedMatMul", domain=_MS, transB=1
         )
     return e.linear(hidden, "lm_head", _weight(model, "lm_head"))
 
 
-def _embed(e: _Emitter, model: nn.Module, arch: _Arch, dims: _Dims) -> tuple[str, str]:
-    """(hidden states (B, T, H), the embedding table initializer)."""
+def _quantized_lookup(e: _Emitter, weight: torch.Tensor) -> tuple[str, _Table]:
+    """Tied int4/int8 embeddings: lm_head's MatMulNBits weights, read back row by row.
+
+        lm_head.weight.q{bits} (V, k_blocks, blob) ─ Reshape (V, k_blocks*blob)
+          ─ GatherBlockQuantized(input_ids, lm_head.weight.scales (V, k_blocks))
+          ─► (B, T, k_blocks*block_size) [─ Slice: H not a multiple of block_size] ─► (B, T, H)
+
+    The rows are exactly the dequantized int4/int8 rows lm_head multiplies with (the
+    codes' default zero point 2^(bits-1) in both ops), stored once.
+    """
+    b = e.b
+    vocab, hidden_size = weight.shape
+    packed = quantize_nbits(_numpy(weight), BITS[e.weights], e.block_size, symmetric=True)
+    codes = b.initializer(f"lm_head.weight.q{packed.bits}", packed.codes)
+    scales = b.initializer("lm_head.weight.scales", packed.scales.astype(e.dtype))
+    rows = b.node(
+        "Reshape",
+        [codes, b.initializer("model.embed_tokens.rows_shape", np.array([vocab, -1], np.int64))],
+        name="model.embed_tokens/Reshape",
+    )  # (V, k_blocks * blob)
+    hidden = b.node(
+        "GatherBlockQuantized",
+        [rows, "input_ids", scales],
+        name="model.embed_tokens/GatherBlockQuantized",
+        domain=_MS,
+        gather_axis=0,
+        quantize_axis=1,
+        block_size=e.block_size,
+        bits=packed.bits,
+    )  # (B, T, k_blocks * block_size)
+    if hidden_size % e.block_size:  # rows are padded to whole blocks
+        hidden = b.node(
+            "Slice",
+            [
+                hidden,
+                b.initializer("model.embed_tokens.slice_start", np.array([0], np.int64)),
+                b.initializer("model.embed_tokens.slice_end", np.array([hidden_size], np.int64)),
+                b.initializer("model.embed_tokens.slice_axis", np.array([-1], np.int64)),
+            ],
+            name="model.embed_tokens/Slice",
+        )
+    return hidden, _Table(codes, scales, packed.bits)
+
+
+def _embed(e: _Emitter, model: nn.Module, arch: _Arch, dims: _Dims) -> tuple[str, _Table]:
+    """(hidden states (B, T, H), the embedding table as stored)."""
     b = e.b
     weight = model.get_input_embeddings().weight
-    embed = b.initializer("model.embed_tokens.weight", _numpy(weight).astype(e.dtype))
-    hidden = b.node("Gather", [embed, "input_ids"], name="model.embed_tokens/Gather")  # (B, T, H)
+    if _shares_quantized_head(e, model):
+        hidden, table = _quantized_lookup(e, weight)
+    else:
+        table = _Table(b.initializer("model.embed_tokens.weight", _numpy(weight).astype(e.dtype)))
+        hidden = b.node("Gather", [table.name, "input_ids"], name="model.embed_tokens/Gather")
+    # hidden: (B, T, H)
     if arch.gemma:  # HF multiplies by √hidden rounded to the weights' dtype
         scale = torch.tensor(dims.hidden**0.5, dtype=weight.dtype).item()
         scale = b.initializer("model.embed_tokens.embed_scale", np.array(scale, e.dtype))
         hidden = b.node("Mul", [hidden, scale], name="model.embed_tokens/Mul")
-    return hidden, embed
+    return hidden, table
 
 
 def _decoder_layer(
@@ -597,10 +701,10 @@ def _decoder_layer(
     return hidden, residual
 
 
-def _logits(e: _Emitter, model: nn.Module, x: str, embed: str) -> str:
+def _logits(e: _Emitter, model: nn.Module, x: str, table: _Table) -> str:
     """lm_head, in fp32, soft-capped where the model says so; the tensor is named "logits"."""
     b = e.b
-    logits = _lm_head(e, model, x, embed)  # (B, T, V)
+    logits = _lm_head(e, model, x, table)  # (B, T, V)
     if e.dtype != np.float32:
         logits = b.node("Cast", [logits], name="lm_head/Cast", to=1)
     softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -623,8 +727,13 @@ def export_fused(
     lora_targets=None,
     adapter_branches: Mapping[str, AdapterBranch] | None = None,
     optional_inputs: Mapping[str, np.ndarray] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> GraphInfo:
     """Write a fused onnxruntime decoder graph of `model` to out_dir/model.onnx (+ .data).
+
+    Memory: initializers go to model.onnx.data as they are made (onnx_graph.py spooling).
+    A model from `edgepeft.export.stream.skeleton` holds no weights: each part is read
+    from the checkpoint while it is emitted and dropped after, one layer at a time.
 
     Args:
         model: HF causal LM of a type in FUSED_MODEL_TYPES, possibly with bitsandbytes layers
@@ -639,6 +748,8 @@ def export_fused(
         adapter_branches: Module name (exact) -> AdapterBranch emitting that projection
             with its adapter inputs (separate mode, see separate.py); never packed.
         optional_inputs: Extra graph inputs, each defaulting to the array given.
+        progress: Called with one line per decoder layer (default: the "edgepeft" logger
+            at INFO level, or the streamed model's own progress callback).
 
     Returns:
         GraphInfo describing the written graph.
@@ -649,8 +760,11 @@ def export_fused(
     arch = _ARCHS[model_type]
     dims = _dims(model)
     activation = _activation(model.config)
+    stream = getattr(model, "edgepeft_stream", None)
+    say = progress or getattr(stream, "progress", None) or log.info
+    out_dir = Path(out_dir)
     e = _Emitter(
-        GraphBuilder(f"edgepeft-{model_type}-{weights}"),
+        GraphBuilder(f"edgepeft-{model_type}-{weights}", spool_dir=out_dir),
         weights,
         block_size,
         accuracy_level,
@@ -658,9 +772,32 @@ def export_fused(
         | frozenset(adapter_branches or ()),
         gemma_norms=arch.gemma,
     )
+    e.adapter_branches = dict(adapter_branches or {})
+    try:
+        return _emit_graph(e, model, stream, out_dir, say, arch, dims, activation, optional_inputs)
+    finally:
+        e.b.discard()  # spooled data of a graph that failed; nothing once saved
+
+
+def _emit_graph(
+    e: _Emitter,
+    model: nn.Module,
+    stream,
+    out_dir: Path,
+    say: Callable[[str], None],
+    arch: _Arch,
+    dims: _Dims,
+    activation: tuple,
+    optional_inputs: Mapping[str, np.ndarray] | None,
+) -> GraphInfo:
+    """export_fused's body: inputs, embedding, layers, head, outputs, save."""
+
+    def holding(*prefixes: str):
+        return stream.holding(*prefixes) if stream is not None else contextlib.nullcontext()
+
+    model_type, weights = model.config.model_type, e.weights
     if weights in bnb4.BNB4_FORMATS:
         e.bnb4 = bnb4.Bnb4Weights(model, weights)
-    e.adapter_branches = dict(adapter_branches or {})
     b, dtype = e.b, e.dtype
     kv_shape = ["batch_size", dims.kv_heads, "past_sequence_length", dims.head_dim]
     b.input("input_ids", np.int64, ["batch_size", "sequence_length"])
@@ -673,15 +810,18 @@ def export_fused(
 
     rotary = _rotary_caches(b, model, dtype, dims)
     shared = _Shared(*_attention_inputs(b, dtype), rotary=rotary)
-    hidden, embed = _embed(e, model, arch, dims)
+    with holding("model.embed_tokens"):
+        hidden, table = _embed(e, model, arch, dims)
     residual = None
     for i in range(dims.layers):
-        log.info("fused export: layer %d/%d", i + 1, dims.layers)
-        hidden, residual = _decoder_layer(
-            e, model, arch, dims, i, hidden, residual, shared, activation
-        )
-    x, _ = e.add_norm(hidden, residual, "model.norm", model.model.norm)
-    _logits(e, model, x, embed)
+        say(f"fused export: layer {i + 1}/{dims.layers}")
+        with holding(f"model.layers.{i}"):
+            hidden, residual = _decoder_layer(
+                e, model, arch, dims, i, hidden, residual, shared, activation
+            )
+    with holding("model.norm", "lm_head"):
+        x, _ = e.add_norm(hidden, residual, "model.norm", model.model.norm)
+        _logits(e, model, x, table)
     unexposed = sorted(set(e.adapter_branches) - e.emitted_branches)
     if unexposed:
         raise ValueError(
@@ -695,7 +835,7 @@ def export_fused(
     for i in range(dims.layers):
         b.output(f"present.{i}.key", dtype, present_shape)
         b.output(f"present.{i}.value", dtype, present_shape)
-    path = b.save(Path(out_dir), OPSETS)
+    path = b.save(out_dir, OPSETS)
     return GraphInfo(
         path=path,
         num_nodes=len(b.nodes),

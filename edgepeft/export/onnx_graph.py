@@ -10,6 +10,15 @@
 
 Every tensor gets a stable, meaningful name: initializers keep theirs, node outputs are
 "<node name>/output_<k>", so later passes find weights and activations by name.
+
+Spooling (`GraphBuilder(name, spool_dir=out_dir)`): a builder that writes into a known
+folder streams every initializer of 1 KiB or more into the data file as it is created,
+so a graph's weights are never all in memory at once:
+
+    initializer(name, array) ──bytes──► out_dir/.export-XXXX/model.onnx.data  (4 KiB aligned)
+                             └────────► TensorProto(name, dims, external: offset, length)
+    save(out_dir) ─► model.onnx beside it ─► both moved into out_dir (data first)
+    discard()     ─► the temporary folder removed (a failed build leaves nothing)
 """
 
 from __future__ import annotations
@@ -26,6 +35,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgepeft.export.graph_info import DATA_FILE, IR_VERSION, MODEL_FILE
 
+EXTERNAL_THRESHOLD = 1024
+"""Initializers of at least this many bytes live in model.onnx.data (smaller ones inline)."""
+ALIGNMENT = 4096
+"""Offsets of external tensors are multiples of this (page size: onnxruntime can map them)."""
+
 
 def onnx_dtype(dtype) -> int:
     """The TensorProto element type of a numpy dtype."""
@@ -33,15 +47,28 @@ def onnx_dtype(dtype) -> int:
 
 
 class GraphBuilder:
-    """Collects nodes and initializers of one graph, in the order they are emitted."""
+    """Collects nodes and initializers of one graph, in the order they are emitted.
 
-    def __init__(self, name: str):
+    Args:
+        name: The graph's name.
+        spool_dir: The folder `save` will write to. When given, large initializers go to
+            a data file in a temporary folder inside it as they are created (call `save`
+            or `discard`); otherwise they are held in memory until `save`.
+    """
+
+    def __init__(self, name: str, spool_dir: Path | None = None):
         self.name = name
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._names: set[str] = set()
+        self._spool: Path | None = None
+        self._data = None
+        if spool_dir is not None:
+            Path(spool_dir).mkdir(parents=True, exist_ok=True)
+            self._spool = Path(tempfile.mkdtemp(prefix=".export-", dir=spool_dir))
+            self._data = open(self._spool / DATA_FILE, "wb")  # noqa: SIM115 - closed in save/discard
 
     def _claim(self, name: str) -> str:
         if name in self._names:
@@ -62,10 +89,23 @@ class GraphBuilder:
         return name
 
     def initializer(self, name: str, array: np.ndarray) -> str:
-        """Store `array` under `name` (the bytes are copied now)."""
-        self.initializers.append(
-            numpy_helper.from_array(np.ascontiguousarray(array), self._claim(name))
-        )
+        """Store `array` under `name` (the bytes are copied now, or written when spooling)."""
+        array = np.ascontiguousarray(array)
+        if self._data is None or array.nbytes < EXTERNAL_THRESHOLD or array.dtype == object:
+            self.initializers.append(numpy_helper.from_array(array, self._claim(name)))
+            return name
+        # The bytes go straight to the file: a TensorProto that once held them keeps them
+        # in its protobuf arena until the whole graph is freed.
+        tensor = TensorProto(name=self._claim(name), data_type=onnx_dtype(array.dtype))
+        tensor.dims.extend(array.shape)
+        offset = -self._data.tell() % ALIGNMENT + self._data.tell()
+        self._data.seek(offset)
+        self._data.write(array.astype(array.dtype.newbyteorder("<"), copy=False).data)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", DATA_FILE), ("offset", offset), ("length", array.nbytes)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        self.initializers.append(tensor)
         return name
 
     def node(
@@ -130,6 +170,15 @@ class GraphBuilder:
         model.ir_version = IR_VERSION
         return model
 
+    def discard(self) -> None:
+        """Drop the spooled data of a graph that will not be saved (no-op otherwise)."""
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+        if self._spool is not None:
+            shutil.rmtree(self._spool, ignore_errors=True)
+            self._spool = None
+
     def save(self, out_dir: Path, opsets: dict[str, int]) -> Path:
         """Write out_dir/model.onnx with all weights in model.onnx.data beside it.
 
@@ -139,16 +188,29 @@ class GraphBuilder:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         model = self.model(opsets)
-        tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+        if self._spool is not None:
+            if self._spool.parent.resolve() != out_dir.resolve():
+                raise ValueError(
+                    f"graph {self.name!r} spools its weights in {self._spool.parent}; "
+                    f"save it there, not in {out_dir}"
+                )
+            tmp, spooled = self._spool, self._data
+            self._data = self._spool = None
+        else:
+            tmp, spooled = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir)), None
         try:
-            onnx.save_model(
-                model,
-                tmp / MODEL_FILE,
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=DATA_FILE,
-                size_threshold=1024,
-            )
+            if spooled is not None:
+                spooled.close()
+                onnx.save_model(model, tmp / MODEL_FILE)
+            else:
+                onnx.save_model(
+                    model,
+                    tmp / MODEL_FILE,
+                    save_as_external_data=True,
+                    all_tensors_to_one_file=True,
+                    location=DATA_FILE,
+                    size_threshold=EXTERNAL_THRESHOLD,
+                )
             data = tmp / DATA_FILE
             if data.exists():
                 os.replace(data, out_dir / DATA_FILE)

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 
 BITS = {"int8": 8, "int4": 4}
+ROWS_PER_CHUNK = 2048
+"""Rows quantized at once: bounds the fp32 temporaries of a (vocab, hidden) head to a slice."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,19 @@ def quantize_nbits(
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     check_block_size(block_size)
     weight = np.asarray(weight, dtype=np.float32)
+    if weight.shape[0] > ROWS_PER_CHUNK:  # rows are independent: same bytes, less memory
+        parts = [
+            quantize_nbits(weight[i : i + ROWS_PER_CHUNK], bits, block_size, symmetric=symmetric)
+            for i in range(0, weight.shape[0], ROWS_PER_CHUNK)
+        ]
+        return PackedNBits(
+            codes=np.concatenate([p.codes for p in parts]),
+            scales=np.concatenate([p.scales for p in parts]),
+            zero_points=None if symmetric else np.concatenate([p.zero_points for p in parts]),
+            bits=bits,
+            block_size=block_size,
+            in_features=weight.shape[1],
+        )
     n, k = weight.shape
     k_blocks = -(-k // block_size)
     padded = np.zeros((n, k_blocks * block_size), dtype=np.float32)
