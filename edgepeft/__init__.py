@@ -31,6 +31,7 @@ _EXPORTS = {
     "unmerge": "edgepeft.merge",
     "MergeReport": "edgepeft.merge",
     "export": "edgepeft.export.api",
+    "export_adapter": "edgepeft.export.separate",
     "verify": "edgepeft.export.verify",
     "train": "edgepeft.train",
     "TrainConfig": "edgepeft.config",

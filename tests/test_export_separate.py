@@ -186,10 +186,18 @@ def _manifest(folder):
     return json.loads((folder / "manifest.json").read_text())
 
 
+# Sibling projections the base graph keeps packed, with one adapter branch each (none of
+# these adapters puts input-side IA3 or a bottleneck on them, which would unpack them).
+PACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
 def _expected_adapter_inputs(model, fingerprint):
     """Graph inputs the adapters need, derived from the PyTorch modules holding them."""
     names = {fingerprint_input(fingerprint)}
     for path, module in adapter_modules(model):
+        parent, _, leaf = path.rpartition(".")
+        path = f"{parent}.{PACKED.get(leaf, leaf)}"
         if module.peft_type == "LORA":
             names |= {f"{path}.lora_A", f"{path}.lora_B"}
             if len(module.lora_magnitude_vector):
@@ -376,11 +384,11 @@ def test_adapter_tensor_without_graph_input_is_named(exported, tmp_path):
     stray = {"lm_head.lora_A": np.zeros((64, 4), np.float32)}
     with pytest.raises(ValueError, match="targets layer lm_head that the graph does not expose"):
         write_adapter_file(tmp_path, "late", stray, graph_inputs=inputs, base_fingerprint=fp)
-    wrong = {"model.layers.1.self_attn.q_proj.lora_A": np.zeros((32, 4), np.float32)}
+    wrong = {"model.layers.1.self_attn.qkv_proj.lora_A": np.zeros((32, 4), np.float32)}
     with pytest.raises(ValueError, match=r"shape \(32, 4\)"):
         write_adapter_file(tmp_path, "late", wrong, graph_inputs=inputs, base_fingerprint=fp)
-    a, b = "model.layers.1.self_attn.q_proj.lora_A", "model.layers.1.self_attn.q_proj.lora_B"
-    ranks = {a: np.zeros((64, 4), np.float32), b: np.zeros((3, 64), np.float32)}
+    a, b = "model.layers.1.self_attn.qkv_proj.lora_A", "model.layers.1.self_attn.qkv_proj.lora_B"
+    ranks = {a: np.zeros((64, 4), np.float32), b: np.zeros((3, 128), np.float32)}
     with pytest.raises(ValueError, match="lora_rank"):
         write_adapter_file(tmp_path, "late", ranks, graph_inputs=inputs, base_fingerprint=fp)
     assert not list(tmp_path.glob("late*"))
@@ -436,6 +444,7 @@ def test_fp16_export_ships_fp16_adapter_tensors(exported, tmp_path):
 
 def test_lora_everywhere_takes_adapters_trained_later(tiny_dir, tmp_path):
     from edgepeft.base import fingerprint
+    from edgepeft.export.packed_adapters import graph_layout, pack_tensors
     from edgepeft.export.separate import adapter_tensors, export_separate
 
     base = load_base(tiny_dir("llama"))[0]
@@ -447,15 +456,18 @@ def test_lora_everywhere_takes_adapters_trained_later(tiny_dir, tmp_path):
     manifest = _manifest(out)
     assert manifest["adapters"] == []
     inputs = optional_graph_inputs(out / "model.onnx")
-    assert "model.layers.1.mlp.up_proj.lora_A" in inputs and "lm_head.lora_A" not in inputs
+    assert "model.layers.1.mlp.gate_up_proj.lora_A" in inputs and "lm_head.lora_A" not in inputs
     session = _session(out / "model.onnx")
     assert _diff(_run_ort(session, manifest), _run_torch(base)) <= 1e-4
 
     torch.manual_seed(1)
     add_adapter(base, LoraConfig(r=3, init="random", target_modules=("up_proj", "o_proj")), "late")
     late = adapter_tensors(base, "late")
+    # the graph packs gate/up: the per-module tensors go side by side into its inputs
+    tensors = pack_tensors(late.tensors, late.slots, graph_layout(base, inputs))
+    assert "model.layers.1.mlp.gate_up_proj.lora_A" in tensors
     written = write_adapter_file(
-        out / "adapters", "late", late.tensors, graph_inputs=inputs,
+        out / "adapters", "late", tensors, graph_inputs=inputs,
         base_fingerprint=manifest["base_fingerprint"],
     )
     options, adapter = _activate(written.path, out)

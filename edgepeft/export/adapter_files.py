@@ -1,14 +1,18 @@
 """`.onnx_adapter` files: one adapter's values for a base graph's optional inputs.
 
     out/adapters/sql.onnx_adapter    onnxruntime AdapterFormat (flatbuffer)
-        adapter_version   1: edgepeft's layout of the parameters (ADAPTER_LAYOUT_VERSION)
+        adapter_version   2: edgepeft's layout of the parameters (ADAPTER_LAYOUT_VERSION;
+                          2: q/k/v and gate/up packed, see packed_adapters.py)
         model_version     the base fingerprint's first 7 hex digits as an int (28 bits)
         parameters        graph input name -> tensor, in the graph's activation dtype
-            model.layers.0.self_attn.q_proj.lora_A     (in, r)
-            model.layers.0.self_attn.q_proj.lora_B     (r, out), alpha / r folded in
+            model.layers.0.self_attn.o_proj.lora_A     (in, r)
+            model.layers.0.self_attn.o_proj.lora_B     (r, out), alpha / r folded in
+            model.layers.0.self_attn.qkv_proj.lora_A   (in, rq+rk+rv)   packed siblings
+            model.layers.0.self_attn.qkv_proj.lora_B   (rq+rk+rv, q+k+v) block diagonal
             edgepeft.base_fingerprint.<16 hex digits>  (1,) the guard, see below
     out/adapters/sql.json            sidecar: kind, targets, rank and scaling per module,
-                                     base fingerprint, sha256 of the .onnx_adapter
+                                     packed inputs and their modules, base fingerprint,
+                                     sha256 of the .onnx_adapter
 
     session = ort.InferenceSession("out/model.onnx")
     adapter = load_adapter_file("out/adapters/sql.onnx_adapter", "out")  # fingerprint checked
@@ -41,7 +45,7 @@ from edgepeft.export.manifest import write_json
 ADAPTER_DIR = "adapters"
 SUFFIX = ".onnx_adapter"
 SIDECAR_FORMAT = "edgepeft-onnx-adapter"
-ADAPTER_LAYOUT_VERSION = 1
+ADAPTER_LAYOUT_VERSION = 2
 GUARD_PREFIX = "edgepeft.base_fingerprint."
 
 
@@ -104,11 +108,30 @@ def _module_of(input_name: str) -> str:
     return input_name
 
 
+def _packed_into(module: str, graph: Mapping[str, GraphInput]) -> str | None:
+    """The packed projection of the graph that holds `module` (q_proj in qkv_proj), if any."""
+    from edgepeft.export.packed_adapters import PACKED_PROJECTIONS
+
+    for packed, members in PACKED_PROJECTIONS.items():
+        for member in members:
+            if module.endswith("." + member):
+                name = module[: -len(member)] + packed
+                if any(key.startswith(name + ".") for key in graph):
+                    return name
+    return None
+
+
 def _checked(name: str, tensors: Mapping[str, np.ndarray], graph: Mapping[str, GraphInput]):
     """The tensors cast to their inputs' dtypes; raises on a name, shape or rank mismatch."""
     out, dims = {}, {}
     for key, value in tensors.items():
         spec = graph.get(key)
+        if spec is None and (packed := _packed_into(_module_of(key), graph)):
+            raise ValueError(
+                f"adapter {name!r}: {key!r} is not a graph input: the graph packs "
+                f"{_module_of(key)} into {packed}; pack the tensors first "
+                "(edgepeft.export.packed_adapters.pack_tensors) or use export_adapter"
+            )
         if spec is None:
             raise ValueError(
                 f"adapter {name!r} targets layer {_module_of(key)} that the graph does not expose "

@@ -5,11 +5,12 @@
     h ─[× dora_scale (out,) + bias]─[× ia3_scale (out,)]──► y
     y ─[+ adapter_up(act(adapter_down(y)))]──► output          (bottleneck)
 
-Inputs are named "<module>.<input>" (module as PyTorch names it), one set per layer and
-kind, never fused into a blob. Each is OPTIONAL: an initializer of the same name is its
-default, which makes its branch the identity (rank-0 LoRA: zeros of shape (in, 0) and
-(0, out); scales of ones; a zero-width bottleneck), so the base graph runs alone when
-no adapter is fed. One adapter is active at a time, so whatever an adapter leaves
+Inputs are named "<module>.<input>" (module as PyTorch names it, or the packed projection
+"qkv_proj" / "gate_up_proj" whose siblings share one slot, see packed_adapters.py), one set
+per layer and kind, never fused into a blob. Each is OPTIONAL: an initializer of the same
+name is its default, which makes its branch the identity (rank-0 LoRA: zeros of shape
+(in, 0) and (0, out); scales of ones; a zero-width bottleneck), so the base graph runs
+alone when no adapter is fed. One adapter is active at a time, so whatever an adapter leaves
 unfed stays the identity and the order of the branches does not change its output.
 
 A slot exposes the union of the kinds the exported adapters put on that module:
@@ -51,6 +52,20 @@ def ia3_input(module: str) -> str:
     return f"{module}.ia3_scale"
 
 
+INPUT_SUFFIXES = (
+    "lora_A", "lora_B", "dora_scale", "ia3_scale",
+    "adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias",
+)
+
+
+def split_input(input_name: str) -> tuple[str, str]:
+    """(module, suffix) of an adapter input name; suffix "" when it is none of ours."""
+    for suffix in INPUT_SUFFIXES:
+        if input_name.endswith("." + suffix):
+            return input_name[: -len(suffix) - 1], suffix
+    return input_name, ""
+
+
 def bottleneck_inputs(module: str) -> tuple[str, str, str, str]:
     return (
         f"{module}.adapter_down.weight",
@@ -73,6 +88,9 @@ class AdapterSlot:
     """"output" (scales W x + b) or "input" (scales x: a feedforward target), or None."""
     bottleneck: str | None = None
     """The bottleneck activation (a key of BOTTLENECK_ACTIVATIONS), or None."""
+    members: tuple[tuple[str, int], ...] = ()
+    """A packed projection (packed_adapters.py): its modules and their out_features, in
+    row order; empty for one module."""
 
     def union(self, other: AdapterSlot) -> AdapterSlot:
         """A slot exposing what either exposes; conflicting kinds raise, naming the module."""
@@ -121,6 +139,11 @@ class AdapterSlot:
     def __call__(self, e, x: str, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
         """Emit the projection `name` with this slot's inputs (fused.AdapterBranch)."""
         b = e.b
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{name}: the graph's weight is {tuple(weight.shape)}, its adapter slot expects "
+                f"{(self.out_features, self.in_features)} (out, in)"
+            )
         inputs = {
             k: b.optional_input(k, default, shape)
             for k, (shape, default) in self.inputs(e.dtype).items()

@@ -1,6 +1,8 @@
 """`export()`: a base (HF folder or loaded model) and its adapters as onnxruntime graphs.
 
     base ──load_base(quant: given, else the adapters' recorded one, else "none")──► model
+        (an HF folder the fused builder takes is not loaded: stream.skeleton reads it layer
+         by layer while the graph is built, merging LoRA/DoRA/IA3 per layer; `_streamed`)
         │ fingerprint(model), before any merge
         ├─ no adapters  ─► one graph                                 out/
         ├─ "merged"     ─► per adapter: load_adapter ─► merge(quant="none") ─► graph
@@ -161,6 +163,67 @@ def _base_quant(quant: str | None, folders: dict[str, Path]) -> str:
     return next(iter(recorded.values()), "none")
 
 
+# ---------------------------------------------------------------- streaming
+
+_STREAMED_MERGED = ("LORA", "IA3")
+"""Adapter kinds merged layer by layer while streaming (DoRA is LORA with use_dora)."""
+_STREAMED_SEPARATE = ("LORA", "IA3", "BOTTLENECK")
+"""Adapter kinds a streamed separate export takes (not DoRA: its scale needs all base rows)."""
+
+
+def _streamed(path: Path, quant: str, folders: dict[str, Path], options, graph, separate):
+    """A weightless base that streams its checkpoint (edgepeft.export.stream), or None.
+
+    Streamed: an HF folder whose architecture the fused builder takes, weights other
+    than nf4/fp4 (those read bitsandbytes' codes of a loaded base), and adapters that
+    only change linear layers inside the decoder layers. Anything else loads whole.
+    """
+    if not path.is_dir() or graph == "generic" or options["weights"] in ("nf4", "fp4"):
+        return None
+    from edgepeft.adapters.peft_format import read_adapter
+    from edgepeft.export import fused
+    from edgepeft.export.stream import skeleton
+
+    allowed = _STREAMED_SEPARATE if separate else _STREAMED_MERGED
+    for folder in folders.values():
+        config, tensors, _ = read_adapter(folder)
+        if config.peft_type not in allowed or getattr(config, "modules_to_save", None):
+            return None
+        if separate and getattr(config, "use_dora", False):
+            return None
+        if any(".layers." not in key for key in tensors):
+            return None
+    model = skeleton(path, quant=quant)
+    if model is None or getattr(model.config, "model_type", None) not in fused.FUSED_MODEL_TYPES:
+        return None
+    if fused.unsupported(model, options["weights"], options["accuracy_level"]) is not None:
+        return None  # the generic exporter needs the loaded model
+    return model
+
+
+def _folder_tokenizer(path: Path):
+    """The folder's tokenizer, as load_base finds it (None, with a warning, when it has none)."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        logging.getLogger("edgepeft").warning("no tokenizer loaded from %s (%s)", path, e)
+        return None
+
+
+def _merged_fingerprint(model, name: str) -> str:
+    """The fingerprint merge(model, name) would give the merged model, nothing merged."""
+    from edgepeft.adapters.inject import list_adapters
+    from edgepeft.base import base_info
+    from edgepeft.merge import _merged_fingerprint as derived
+    from edgepeft.merge import _plan
+
+    return derived(base_info(model).fingerprint, name, list_adapters(model)[name], _plan(model, name))
+
+
 # ---------------------------------------------------------------- one graph
 
 
@@ -255,7 +318,9 @@ def _export_one(
         from edgepeft.export.verify import write_report
 
         say("verifying against PyTorch")
-        report = replace(run_verify(folder, model=model), export_dir=str(final))
+        # A streamed model holds no weights: verify loads the reference from the manifest.
+        reference = None if getattr(model, "edgepeft_stream", None) is not None else model
+        report = replace(run_verify(folder, model=reference), export_dir=str(final))
         write_report(folder, report)  # named for where it will live
         manifest = replace(manifest, verify=report.graphs[0].to_dict())
         write_manifest(folder, manifest)
@@ -282,6 +347,7 @@ def export(
     tokenizer=None,
     overwrite: bool = False,
     quiet: bool = False,
+    lora_everywhere: bool = False,
 ) -> ExportResult:
     """Export a base model, alone or with adapters, as onnxruntime decoder graphs.
 
@@ -308,6 +374,10 @@ def export(
         tokenizer: Tokenizer to ship with a loaded `base` (a folder brings its own).
         overwrite: Replace an existing `out_dir`.
         quiet: No progress lines on stderr.
+        lora_everywhere: mode="separate" only: give every linear layer but lm_head rank-0
+            LoRA inputs, so a LoRA adapter trained later over this base can be added with
+            `export_adapter` (no new base graph); with no adapters the base alone is
+            exported this way.
 
     Returns:
         ExportResult with the graph folders, the top manifest and the verify report.
@@ -332,13 +402,21 @@ def export(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     folders = _adapter_folders(adapters)
-    separate = options["mode"] == "separate" and folders
+    if lora_everywhere and options["mode"] != "separate":
+        raise ValueError("lora_everywhere=True needs mode='separate' (graph inputs for later adapters)")
+    separate = options["mode"] == "separate" and (folders or lora_everywhere)
 
     if isinstance(base, (str, os.PathLike)):
         base_quant = _base_quant(quant, folders)
-        say(f"loading base {base} (quant {base_quant})")
         path = Path(base).expanduser()
-        model, loaded_tokenizer = load_base(path if path.is_dir() else str(base), quant=base_quant)
+        model = _streamed(path, base_quant, folders, options, graph, separate)
+        if model is not None:
+            say(f"streaming base {base} layer by layer (quant {base_quant})")
+            model.edgepeft_stream.progress = say
+            loaded_tokenizer = _folder_tokenizer(path)
+        else:
+            say(f"loading base {base} (quant {base_quant})")
+            model, loaded_tokenizer = load_base(path if path.is_dir() else str(base), quant=base_quant)
         tokenizer = tokenizer or loaded_tokenizer
         base_name = str(path.resolve()) if path.is_dir() else str(base)
     else:
@@ -378,8 +456,20 @@ def export(
                 tokenizer=tokenizer,
                 base_fingerprint=base_fp,
                 progress=say,
+                lora_everywhere=lora_everywhere,
             )
             graphs[""] = out
+            if verify:
+                from edgepeft.export.verify import verify as run_verify
+                from edgepeft.export.verify import write_report
+
+                say("verifying the base and every adapter file against PyTorch")
+                # A streamed skeleton holds no weights: verify then loads the base itself.
+                streamed = getattr(model, "edgepeft_stream", None) is not None
+                report = run_verify(staging, model=None if streamed else model)
+                report = replace(report, export_dir=str(out))
+                write_report(staging, report)
+                reports.append(report)
         elif not folders:
             _, report = _export_one(model, staging, final=out, adapters=[], **common)
             reports.append(report)
@@ -389,19 +479,28 @@ def export(
                 say(f"[{i}/{len(folders)}] merging adapter {name!r} from {folder}")
                 load_adapter(model, folder, name=name)
                 peft_type = list_adapters(model)[name].peft_type
-                merged, merge_report = merge(model, name, quant="none", inplace=True)
+                stream = getattr(model, "edgepeft_stream", None)
+                if stream is not None:  # folded layer by layer as the graph is built
+                    merged, merged_fp = model, _merged_fingerprint(model, name)
+                    stream.merge_adapter = name
+                else:
+                    merged, merge_report = merge(model, name, quant="none", inplace=True)
+                    merged_fp = merge_report.fingerprint
                 entry = AdapterEntry(
                     name=name,
                     peft_type=peft_type,
                     source=str(folder.resolve()),
-                    fingerprint=merge_report.fingerprint,
+                    fingerprint=merged_fp,
                 )
                 try:
                     _, report = _export_one(
                         merged, staging / name, final=out / name, adapters=[entry], **common
                     )
                 finally:
-                    unmerge(merged)
+                    if stream is not None:
+                        stream.merge_adapter = None
+                    else:
+                        unmerge(merged)
                     delete_adapter(model, name)
                 reports.append(report)
                 graphs[name] = out / name

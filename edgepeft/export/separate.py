@@ -5,14 +5,16 @@
         │ input values (AdapterTensors) ─► delete_adapter: the model is the bare base again
         ▼
     slots: module -> AdapterSlot, the union of the kinds the adapters put there
+        │ pack_slots: q/k/v and gate/up share one packed slot (packed_adapters.py)
         ▼
     export_fused(base, adapter_branches=slots, optional_inputs={guard})      out/model.onnx
         ▼
-    per adapter: write_adapter_file (every tensor must be a graph input)     out/adapters/
+    per adapter: pack_tensors ─► write_adapter_file (every tensor a graph input)   out/adapters/
         ▼
     manifest.json (mode "separate", one AdapterEntry per file), tokenizer files
 
-What a file holds, per kind (graph input names in adapter_slots.py):
+What a file holds, per kind and module (graph input names in adapter_slots.py; a packed
+q/k/v or gate/up projection holds its modules' values side by side, see packed_adapters.py):
 
     lora        lora_A = A^T (in, r), lora_B = s B^T (r, out)      s = alpha / r (rsLoRA: / √r)
     dora        + dora_scale = m / ||W + s B A||_row (out,), fp32
@@ -30,6 +32,10 @@ per-layer keys/values to adapters/<name>.kvprefix.safetensors, which the runtime
 the cache (no graph input). Not switchable here: selective adapters and modules_to_save
 (they replace norms, biases or whole heads rather than feed a projection): export those in
 merged mode. GPT-2 and other architectures without a fused builder raise, naming it.
+
+An adapter trained later over the same base is added to an existing export with
+`export_adapter` (no new base graph): it needs the graph to have its inputs, which
+`lora_everywhere=True` gives every linear layer (rank-0 LoRA) at export time.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from edgepeft.export.adapter_slots import (
     ia3_input,
     lora_inputs,
 )
+from edgepeft.export.packed_adapters import pack_slots, pack_tensors, packed_layout
 
 SEPARATE_PEFT_TYPES = ("LORA", "IA3", "BOTTLENECK")
 Progress = Callable[[str], None]
@@ -180,7 +187,7 @@ def union_slots(
     return slots
 
 
-def _description(adapter: AdapterTensors) -> dict:
+def _description(adapter: AdapterTensors, layout) -> dict:
     return {
         "kind": adapter.kind,
         "peft_type": adapter.config["peft_type"],
@@ -192,7 +199,38 @@ def _description(adapter: AdapterTensors) -> dict:
             (s.bottleneck for s in adapter.slots.values() if s.bottleneck), None
         ),
         "config": adapter.config,
+        # which graph inputs hold several modules, in row order: the file's layout
+        "packed": {
+            packed: [m for m, _ in members]
+            for packed, members in layout.items()
+            if any(m in adapter.slots for m, _ in members)
+        },
     }
+
+
+def _write(adapter: AdapterTensors, out_dir: Path, layout, graph_inputs, base_fingerprint: str):
+    """Write the adapter's file into out_dir/adapters; returns its manifest entry."""
+    from edgepeft.export.manifest import AdapterEntry
+
+    written = write_adapter_file(
+        out_dir / ADAPTER_DIR,
+        adapter.name,
+        pack_tensors(adapter.tensors, adapter.slots, layout),
+        graph_inputs=graph_inputs,
+        base_fingerprint=base_fingerprint,
+        description=_description(adapter, layout),
+    )
+    return AdapterEntry(
+        name=adapter.name,
+        peft_type=adapter.config["peft_type"],
+        source=adapter.source,
+        fingerprint=base_fingerprint,
+        kind=adapter.kind,
+        rank=max(adapter.ranks.values(), default=None),
+        targets=sorted(adapter.slots),
+        file=os.path.relpath(written.path, out_dir),
+        sha256=written.sha256,
+    )
 
 
 @torch.no_grad()
@@ -257,7 +295,8 @@ def export_separate(
                 read.append(adapter_tensors(model, name, source=source))
         finally:
             delete_adapter(model, name)
-    slots = union_slots(model, read, lora_everywhere)
+    slots = pack_slots(model, union_slots(model, read, lora_everywhere))
+    layout = packed_layout(slots)
     say(f"building the {model_type} base graph ({weights}) with adapter inputs on {len(slots)} layers")
     guard = fingerprint_input(base_fingerprint)
     info = export_fused(
@@ -273,27 +312,7 @@ def export_separate(
     entries = []
     for adapter in read:
         say(f"writing {ADAPTER_DIR}/{adapter.name}.onnx_adapter ({adapter.kind})")
-        written = write_adapter_file(
-            out_dir / ADAPTER_DIR,
-            adapter.name,
-            adapter.tensors,
-            graph_inputs=graph_inputs,
-            base_fingerprint=base_fingerprint,
-            description=_description(adapter),
-        )
-        entries.append(
-            AdapterEntry(
-                name=adapter.name,
-                peft_type=adapter.config["peft_type"],
-                source=adapter.source,
-                fingerprint=base_fingerprint,
-                kind=adapter.kind,
-                rank=max(adapter.ranks.values(), default=None),
-                targets=sorted(adapter.slots),
-                file=os.path.relpath(written.path, out_dir),
-                sha256=written.sha256,
-            )
-        )
+        entries.append(_write(adapter, out_dir, layout, graph_inputs, base_fingerprint))
     entries.extend(kv_prefixes)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
@@ -316,4 +335,113 @@ def export_separate(
     say(f"separate export: base graph + {len(entries)} adapter file(s)")
 
 
-__all__ = ["AdapterTensors", "adapter_tensors", "export_separate", "union_slots"]
+@torch.no_grad()
+def export_adapter(
+    adapter_dir: str | os.PathLike,
+    export_dir: str | os.PathLike,
+    name: str | None = None,
+    *,
+    model: nn.Module | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+):
+    """Add an adapter to an existing separate-mode export, without a new base graph.
+
+        export_dir/manifest.json ─► base (folder + quant) ─► load_base, fingerprint checked
+        adapter_dir ─► load_adapter (its recorded base checked) ─► tensors, packed as the
+        graph packs them ─► adapters/<name>.onnx_adapter + .json ─► manifest entry
+
+    Each file is written atomically, the manifest last, so it never lists a missing file.
+    The graph must already have the adapter's inputs: export the base with
+    `lora_everywhere=True` to take any LoRA trained later; DoRA, IA3 and bottleneck inputs
+    exist only where an adapter of that kind was exported with the base. Prompt and prefix
+    tuning adapters need no input (a KV-prefix file).
+
+    Args:
+        adapter_dir: The adapter folder (edgepeft or HF peft), trained on the export's base.
+        export_dir: A folder written by `export(..., mode="separate")`.
+        name: The adapter's name in the export (default: the folder's name).
+        model: The base, already loaded (not changed); default: loaded from the manifest's
+            `base` with its `base_quant`.
+        overwrite: Replace an adapter of the same name.
+        progress: Called with one line per step.
+
+    Returns:
+        The manifest's new AdapterEntry.
+    """
+    import copy
+    from dataclasses import replace
+
+    from edgepeft.adapters.inject import delete_adapter, list_adapters
+    from edgepeft.adapters.peft_format import load_adapter
+    from edgepeft.base import fingerprint, load_base
+    from edgepeft.export.adapter_files import AdapterBaseMismatchError
+    from edgepeft.export.kv_prefix import KV_PREFIX_PEFT_TYPES, export_kv_prefix
+    from edgepeft.export.manifest import AdapterEntry, Manifest, read_manifest, write_manifest
+    from edgepeft.export.packed_adapters import graph_layout
+
+    say = progress or (lambda line: None)
+    adapter_dir, export_dir = Path(adapter_dir).expanduser(), Path(export_dir).expanduser()
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"adapter folder {adapter_dir} does not exist")
+    name = name or adapter_dir.resolve().name
+    if not name or "." in name or "/" in name:
+        raise ValueError(f"adapter name {name!r} must be non-empty, without '.' or '/'")
+    manifest = read_manifest(export_dir)
+    if not isinstance(manifest, Manifest) or manifest.mode != "separate":
+        raise ValueError(
+            f"{export_dir} is not a separate-mode export (its graph has no adapter inputs); "
+            "export the base with mode='separate' (and lora_everywhere=True for LoRA trained later)"
+        )
+    if any(a.name == name for a in manifest.adapters) and not overwrite:
+        raise FileExistsError(
+            f"{export_dir} already has an adapter named {name!r}; pass another name, or "
+            "overwrite=True to replace it"
+        )
+    if model is None:
+        say(f"loading base {manifest.base} (quant {manifest.base_quant})")
+        try:
+            model, _ = load_base(manifest.base, quant=manifest.base_quant)
+        except OSError as e:
+            raise FileNotFoundError(
+                f"cannot load the base {manifest.base!r} that {export_dir} was exported from "
+                f"({e}); pass it loaded as model="
+            ) from e
+    else:
+        model = copy.deepcopy(model)  # the caller's model never gets the adapter
+        for other in list(list_adapters(model)):  # the bare base: its own adapters stay out
+            delete_adapter(model, other)
+    found = fingerprint(model)
+    if found != manifest.base_fingerprint:
+        raise AdapterBaseMismatchError(
+            f"{export_dir} was exported from base fingerprint {manifest.base_fingerprint}; the "
+            f"base loaded now is {found}. Load it as at export time (quant {manifest.base_quant!r})"
+        )
+    say(f"reading adapter {name!r} from {adapter_dir}")
+    load_adapter(model, adapter_dir, name=name)
+    source = str(adapter_dir.resolve())
+    try:
+        if list_adapters(model)[name].peft_type in KV_PREFIX_PEFT_TYPES:
+            fields = AdapterEntry.__dataclass_fields__
+            entry = export_kv_prefix(model, name, export_dir, source=source)
+            entry = AdapterEntry(**{k: v for k, v in entry.items() if k in fields})
+        else:
+            adapter = adapter_tensors(model, name, source=source)
+            graph_inputs = optional_graph_inputs(export_dir / manifest.model_file)
+            say(f"writing {ADAPTER_DIR}/{name}.onnx_adapter ({adapter.kind})")
+            layout = graph_layout(model, graph_inputs)
+            entry = _write(adapter, export_dir, layout, graph_inputs, manifest.base_fingerprint)
+    finally:
+        delete_adapter(model, name)
+    others = [a for a in manifest.adapters if a.name != name]
+    write_manifest(export_dir, replace(manifest, adapters=[*others, entry]))
+    for old in manifest.adapters:  # replaced by a file of another kind: the old one goes
+        if old.name == name and old.file and old.file != entry.file:
+            stale = export_dir / old.file
+            for path in (stale, stale.with_suffix(".json")):
+                path.unlink(missing_ok=True)
+    say(f"added adapter {name!r} to {export_dir}")
+    return entry
+
+
+__all__ = ["AdapterTensors", "adapter_tensors", "export_adapter", "export_separate", "union_slots"]
