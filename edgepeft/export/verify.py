@@ -3,16 +3,19 @@
     export dir ─manifest─► onnxruntime session                PyTorch reference
                            (model.onnx; separate mode:        (model passed in, or the base from
                            + one adapters/<name>.onnx_adapter  the manifest + the same adapter,
-                           activated per run)                  merged or active), fp32, same contract
+                           activated per run, or a KV prefix   merged or active), fp32, same contract
+                           seeded into the cache)
         prompts (given, or drawn with a fixed seed from the tokenizer's vocabulary), left-padded
             ─► prefill (P = 0) ─► N-1 decode steps (T = 1), both fed the reference's greedy
                tokens (teacher forcing), each with its own cache
             ─► free-running greedy continuation of N tokens on each side
             ─► optional text: one prefill each, perplexity
+            ─► each prompt alone (batch 1, unpadded): PyTorch greedy = reference_tokens, ORT's
         ▼
     per graph (merged set: each sub-export; separate: the base, then each adapter file):
         max |Δlogit| (prefill, decode), mean KL(PyTorch || ORT) over positions, top-1
-        agreement over positions, greedy continuations equal, perplexity of both
+        agreement over positions, greedy continuations equal, perplexity of both,
+        reference continuations and how many ORT reproduces at batch 1
         int8/int4 generic graphs: also max |Δlogit| against PyTorch holding the export's own
         dequantized weights (quantization error vs graph error)
         ▼
@@ -25,16 +28,34 @@ Judged checks (`passed`; `edgepeft verify` exits 1 when one fails):
       separate mode, base quantized alike)
     fp16, int8, int4, merged nf4 / fp4     reported, not judged (weights rounded at export)
 
-Separate mode: each adapter listed in the manifest is activated through
-`onnxruntime.LoraAdapter` + `RunOptions.add_active_adapter`, from the entry's `file` (relative
-to the export dir) if it has one, else `adapters/<name>.onnx_adapter`; the reference is the
-base with that adapter loaded and active. Prompt-learning adapters (prompt / prefix tuning)
-change the inputs, not graph parameters: they are listed as skipped, not checked.
+Separate mode: each adapter listed in the manifest is checked against the base with that
+adapter loaded and active (edgepeft's hooks, which match HF peft to 0.0):
+
+    LoRA / DoRA / IA3 / bottleneck   entry's `file` (else adapters/<name>.onnx_adapter) activated
+                                     through onnxruntime.LoraAdapter + RunOptions
+    prompt / prefix tuning           entry's `file` (adapters/<name>.kvprefix.safetensors) seeded
+                                     into the cache at prefill (kv_prefix.py: seed_past, rows
+                                     re-positioned for left padding), then plain decode steps
+
+The same numbers and judgement apply to both. One case cannot be left padded: a prompt-tuned
+prefix on a graph with learned absolute positions (GPT-2, generic): there every prompt is
+compared alone, unpadded, at batch 1 (`batched` False in its check).
+
+Reference continuations (verify.json, per graph: `reference_tokens`): for each prompt, the
+PyTorch reference's greedy continuation of `max_new_tokens` tokens (no stop token: EOS and
+what follows are kept), computed for that prompt ALONE at batch 1 without padding
+(`reference_tokens_mode` "per-prompt-batch1-unpadded"). A runtime replaying each prompt
+(`prompt_tokens`) at batch 1 must produce exactly these tokens. They are not taken from the
+left-padded batch because they can differ from it: peft places prompt-tuned tokens by column,
+pads included, and batch-dependent kernels may round differently. `row_greedy_match` counts
+the prompts whose onnxruntime greedy continuation, run the same way, equals them. Files
+written before these fields existed lack them; `read_report` fills the defaults.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -59,7 +80,7 @@ ADAPTER_SUFFIX = ".onnx_adapter"
 TOLERANCES = {"fp32": 1e-4, "fp16": 5e-3, "int8": 1e-1, "int4": 1.0, "nf4": 1e-3, "fp4": 1e-3}
 BNB4 = ("nf4", "fp4")
 _PROMPT_LENGTHS = (7, 4, 9)
-_NOT_GRAPH_PARAMETERS = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"}
+REFERENCE_PER_PROMPT = "per-prompt-batch1-unpadded"
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,23 @@ class GraphCheck:
     dequant_prefill_max_abs_diff: float | None = None
     """Against PyTorch holding the export's dequantized weights (int8/int4 generic graphs)."""
     dequant_decode_max_abs_diff: float | None = None
+    batched: bool = True
+    """Whether the logits were compared over the left-padded batch (False: each prompt alone,
+    unpadded; a prompt-tuned prefix over learned absolute positions cannot be padded)."""
+    reference_tokens: tuple[tuple[int, ...], ...] = ()
+    """Per prompt, the PyTorch greedy continuation (greedy_tokens ids, no stop token), computed
+    as `reference_tokens_mode` says."""
+    reference_tokens_mode: str = ""
+    """REFERENCE_PER_PROMPT: each prompt alone at batch 1, unpadded ("" in older files)."""
+    row_greedy_match: int = 0
+    """Prompts whose onnxruntime greedy continuation, run the same way, equals reference_tokens."""
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GraphCheck:
+        """Read a verify.json entry; fields a file lacks (older edgepeft) take their defaults."""
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["reference_tokens"] = tuple(tuple(r) for r in known.get("reference_tokens", ()))
+        return cls(**known)
 
     @property
     def max_abs_diff(self) -> float:
@@ -154,6 +192,18 @@ class VerifyReport:
             "skipped": dict(self.skipped),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> VerifyReport:
+        """Read verify.json; fields a file lacks (older edgepeft) take their defaults."""
+        return cls(
+            export_dir=data["export_dir"],
+            prompts=data["prompts"],
+            max_new_tokens=data["max_new_tokens"],
+            graphs=tuple(GraphCheck.from_dict(g) for g in data["graphs"]),
+            prompt_tokens=tuple(tuple(p) for p in data.get("prompt_tokens", ())),
+            skipped=dict(data.get("skipped", {})),
+        )
+
     def _verdict(self) -> str:
         if self.passed:
             return "PASSED"
@@ -178,6 +228,7 @@ class VerifyReport:
                 f"{num(g.dequant_prefill_max_abs_diff)} / {num(g.dequant_decode_max_abs_diff)}"
                 + ("" if g.judged else "  (reported, not judged)")
                 + ("" if g.within_tolerance else "  (above tolerance)")
+                + ("" if g.batched else "  (each prompt alone, unpadded)")
                 + (
                     ""
                     if g.perplexity_torch is None
@@ -228,6 +279,17 @@ def write_report(folder: str | os.PathLike, report: VerifyReport) -> None:
     folder = Path(folder)
     write_json(folder / VERIFY_FILE, report.to_dict())
     write_bytes(folder / VERIFY_TABLE, report.to_markdown())
+
+
+def read_report(folder: str | os.PathLike) -> VerifyReport:
+    """The VerifyReport in `folder`/verify.json (written by `verify`, any edgepeft version)."""
+    path = Path(folder) / VERIFY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `edgepeft verify {folder}` first")
+    try:
+        return VerifyReport.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a verify report ({e!r}); run `edgepeft verify` again") from e
 
 
 # ---------------------------------------------------------------- inputs
@@ -324,6 +386,42 @@ class _Ort:
         return logits.astype(np.float32), present
 
 
+class _OrtPrefix(_Ort):
+    """The graph with an adapter's KV prefix seeded at prefill; its "past" is a DecodeState."""
+
+    def __init__(self, path: Path, manifest: Manifest, prefix_file: Path):
+        from edgepeft.export.kv_prefix import read_kv_prefix_file
+
+        super().__init__(path, manifest)
+        self.prefix = read_kv_prefix_file(prefix_file, manifest.base_fingerprint)
+
+    def empty_past(self, batch: int) -> None:
+        return None  # prefill seeds the prefix itself
+
+    def __call__(self, ids, mask, past):
+        from edgepeft.export.kv_prefix import decode_step, prefill_with_prefix
+
+        if past is None:
+            logits, state = prefill_with_prefix(
+                self.session, ids, mask, self.prefix, graph=self.manifest.graph
+            )
+        else:  # the state's mask already holds the N virtual positions and grows by one
+            logits, state = decode_step(self.session, past, ids[:, 0])
+        return logits.astype(np.float32), state
+
+    def rows_alone(self, mask: np.ndarray) -> bool:
+        """A prompt-tuned prefix on learned absolute positions cannot be left padded."""
+        absolute = any(f is None for f in self.prefix.inv_freq)
+        padded = bool((mask == 0).any())
+        return padded and absolute and self.prefix.method == "prompt" and self.manifest.graph == "generic"
+
+
+def is_kv_prefix_file(path: str | os.PathLike) -> bool:
+    from edgepeft.export.kv_prefix import SUFFIX
+
+    return str(path).endswith(SUFFIX)
+
+
 class _Torch:
     def __init__(self, contract, manifest: Manifest):
         self.contract = contract
@@ -363,6 +461,49 @@ def _run(side, ids, mask, steps: int, forced: list[np.ndarray] | None):
     return outputs, tokens
 
 
+@dataclass(frozen=True)
+class _Pass:
+    """One batch through both sides: teacher-forced logits, then ORT free-running."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    want: list
+    """PyTorch's [(logits (B, T, V), mask)] per step, fed its own greedy tokens."""
+    tokens: list[np.ndarray]
+    """PyTorch's greedy tokens, (B,) per step."""
+    got: list
+    """ORT's outputs fed PyTorch's tokens (teacher forcing)."""
+    ort_tokens: list[np.ndarray]
+    free_tokens: list[np.ndarray]
+    """ORT's own greedy continuation."""
+
+
+def _pass(reference, ort_side, ids, mask, steps: int) -> _Pass:
+    want, tokens = _run(reference, ids, mask, steps, None)
+    got, ort_tokens = _run(ort_side, ids, mask, steps, tokens)
+    _, free_tokens = _run(ort_side, ids, mask, steps, None)
+    return _Pass(ids, mask, want, tokens, got, ort_tokens, free_tokens)
+
+
+def _unpadded_rows(ids: np.ndarray, mask: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each prompt alone: ((1, L_b) ids, (1, L_b) ones) without its padding."""
+    rows = [row[real.astype(bool)][None] for row, real in zip(ids, mask, strict=True)]
+    return [(row, np.ones_like(row)) for row in rows]
+
+
+def _continuations(side, ids: np.ndarray, mask: np.ndarray, steps: int) -> list[tuple[int, ...]]:
+    """Greedy continuation (steps + 1 tokens) of each prompt run alone at batch 1, unpadded."""
+    out = []
+    for row, ones in _unpadded_rows(ids, mask):
+        _, tokens = _run(side, row, ones, steps, None)
+        out.append(tuple(int(t[0]) for t in tokens))
+    return out
+
+
+def _rows_of(tokens: list[np.ndarray]) -> list[tuple[int, ...]]:
+    return [tuple(int(t) for t in row) for row in np.stack(tokens, axis=1)]  # (B, N)
+
+
 def _real_positions(got, want):
     """(ORT, PyTorch) logits (positions, V) of every step, padding excluded."""
     for (a, mask), (b, _) in zip(got, want, strict=True):
@@ -370,10 +511,17 @@ def _real_positions(got, want):
         yield a[real], b[real]
 
 
-def _max_diff(got, want) -> tuple[float, float]:
-    """(prefill, decode) max |logit diff| over positions that hold a real token."""
-    diffs = [float(np.abs(a - b).max()) for a, b in _real_positions(got, want)]
-    return diffs[0], max(diffs[1:], default=0.0)
+def _max_diff(runs: list[_Pass], against=None) -> tuple[float, float]:
+    """(prefill, decode) max |logit diff| over positions that hold a real token, every pass.
+
+    `against`: per pass, other reference outputs to compare ORT's with (default: pass.want).
+    """
+    prefill = decode = 0.0
+    for i, run in enumerate(runs):
+        want = run.want if against is None else against[i]
+        diffs = [float(np.abs(a - b).max()) for a, b in _real_positions(run.got, want)]
+        prefill, decode = max(prefill, diffs[0]), max(decode, *diffs[1:], 0.0)
+    return prefill, decode
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -382,10 +530,11 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def _kl_and_top1(got, want) -> tuple[float, int, int]:
+def _kl_and_top1(runs: list[_Pass]) -> tuple[float, int, int]:
     """(mean KL(PyTorch || ORT) over positions, positions with equal argmax, positions)."""
     kls, agree, total = [], 0, 0
-    for a, b in _real_positions(got, want):
+    pairs = (pair for run in runs for pair in _real_positions(run.got, run.want))
+    for a, b in pairs:
         log_p, log_q = _log_softmax(b), _log_softmax(a)  # (positions, V)
         kls.append((np.exp(log_p) * (log_p - log_q)).sum(-1))
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
@@ -463,7 +612,9 @@ def check_graph(
         prompts: Strings or token-id lists; default: drawn from the vocabulary (seed 0).
         max_new_tokens: Greedy tokens per prompt (prefill + N-1 decode steps).
         text: String or token ids whose perplexity both sides report (optional).
-        adapter_file: An .onnx_adapter to activate in every run (separate mode).
+        adapter_file: An .onnx_adapter to activate in every run, or a .kvprefix.safetensors
+            to seed into the cache at prefill (separate mode); `model` then has that
+            adapter active.
     """
     from edgepeft.export.generic import CacheContract, plain_fp32_copy
 
@@ -478,15 +629,28 @@ def check_graph(
     path = folder / manifest.model_file
     contract = CacheContract(plain_fp32_copy(model)).eval()
     reference = _Torch(contract, manifest)
-    ort_side = _Ort(path, manifest, None if adapter_file is None else Path(adapter_file))
+    if adapter_file is not None and is_kv_prefix_file(adapter_file):
+        ort_side = _OrtPrefix(path, manifest, Path(adapter_file))
+    else:
+        ort_side = _Ort(path, manifest, None if adapter_file is None else Path(adapter_file))
     steps = max_new_tokens - 1
-    want, tokens = _run(reference, ids, mask, steps, None)
-    got, ort_tokens = _run(ort_side, ids, mask, steps, tokens)
-    _, free_tokens = _run(ort_side, ids, mask, steps, None)  # ORT's own continuation
-    prefill, decode = _max_diff(got, want)
-    kl, top1_agree, top1_total = _kl_and_top1(got, want)
-    agree = sum(int((a == b).sum()) for a, b in zip(ort_tokens, tokens, strict=True))
-    continuations_equal = np.stack(free_tokens, 1) == np.stack(tokens, 1)  # (B, N)
+    batched = not (isinstance(ort_side, _OrtPrefix) and ort_side.rows_alone(mask))
+    batches = [(ids, mask)] if batched else _unpadded_rows(ids, mask)
+    runs = [_pass(reference, ort_side, b_ids, b_mask, steps) for b_ids, b_mask in batches]
+    prefill, decode = _max_diff(runs)
+    kl, top1_agree, top1_total = _kl_and_top1(runs)
+    agree = sum(
+        int((a == b).sum()) for r in runs for a, b in zip(r.ort_tokens, r.tokens, strict=True)
+    )
+    greedy_match = sum(
+        int((np.stack(r.free_tokens, 1) == np.stack(r.tokens, 1)).all(1).sum()) for r in runs
+    )
+    if batched:  # what a runtime replaying one prompt at a time must produce
+        reference_tokens = _continuations(reference, ids, mask, steps)
+        ort_alone = _continuations(ort_side, ids, mask, steps)
+    else:  # the passes already ran each prompt alone
+        reference_tokens = [t for r in runs for t in _rows_of(r.tokens)]
+        ort_alone = [t for r in runs for t in _rows_of(r.free_tokens)]
 
     perplexities = (None, None)
     if text_ids is not None:
@@ -497,8 +661,8 @@ def check_graph(
         weights = _export_weights(path, contract)
         if weights is not None:
             with _dequantized(contract, weights):
-                exact, _ = _run(reference, ids, mask, steps, tokens)
-            dequant = _max_diff(got, exact)
+                exact = [_run(reference, r.ids, r.mask, steps, r.tokens)[0] for r in runs]
+            dequant = _max_diff(runs, against=exact)
     return GraphCheck(
         name=name,
         weights=manifest.weights,
@@ -511,7 +675,7 @@ def check_graph(
         mean_kl=kl,
         top1_agree=top1_agree,
         top1_total=top1_total,
-        greedy_match=int(continuations_equal.all(1).sum()),
+        greedy_match=greedy_match,
         greedy_prompts=ids.shape[0],
         greedy_tokens=max_new_tokens,
         perplexity_torch=perplexities[0],
@@ -520,6 +684,10 @@ def check_graph(
         adapter_file=None if adapter_file is None else str(adapter_file),
         dequant_prefill_max_abs_diff=dequant[0],
         dequant_decode_max_abs_diff=dequant[1],
+        batched=batched,
+        reference_tokens=tuple(reference_tokens),
+        reference_tokens_mode=REFERENCE_PER_PROMPT,
+        row_greedy_match=sum(a == b for a, b in zip(ort_alone, reference_tokens, strict=True)),
     )
 
 
@@ -574,7 +742,7 @@ def adapter_file(export_dir: Path, entry) -> Path:
 
 
 def _check_separate(export_dir: Path, manifest: Manifest, model, **kwargs):
-    """The base graph with no adapter active, then each adapter file activated in turn."""
+    """The base graph with no adapter active, then each adapter file (or KV prefix) in turn."""
     import copy
 
     from edgepeft.adapters.inject import set_adapter
@@ -582,19 +750,15 @@ def _check_separate(export_dir: Path, manifest: Manifest, model, **kwargs):
 
     base = model if model is not None else _load_base(manifest)
     checks = [check_graph(export_dir, base, name="", **kwargs)]
-    skipped = {}
     for entry in manifest.adapters:
-        if entry.peft_type.upper() in _NOT_GRAPH_PARAMETERS:
-            skipped[entry.name] = f"{entry.peft_type} changes the inputs, not graph parameters"
-            continue
-        file = adapter_file(export_dir, entry)
+        file = adapter_file(export_dir, entry)  # .onnx_adapter, or a KV prefix (entry.file)
         adapted = copy.deepcopy(base)  # the caller's model never gets adapters
         load_adapter(adapted, entry.source, name=entry.name)
         set_adapter(adapted, entry.name)
         checks.append(
             check_graph(export_dir, adapted, name=entry.name, adapter_file=file, **kwargs)
         )
-    return checks, skipped
+    return checks, {}
 
 
 def verify(
@@ -679,7 +843,9 @@ __all__ = [
     "adapter_file",
     "check_graph",
     "is_judged",
+    "is_kv_prefix_file",
     "load_reference",
+    "read_report",
     "verify",
     "write_report",
 ]
