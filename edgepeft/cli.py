@@ -156,21 +156,30 @@ def _add_eval_parser(sub) -> None:
 
         adapter metadata ──► base quant ──► load_base(MODEL) ──► load_adapter per --adapter
             ──► evaluate (greedy) ──► table on stdout, --out report.json (atomic)
+        MODEL an export folder (manifest.json) ──► edgepeft.runtime.cli.eval_export: the
+            same table through the device engine; --adapter NAME picks its loaded adapters
     """
     parser = sub.add_parser(
         "eval",
         help="score the base and each adapter on a test set (EM, token F1, ROUGE-L)",
         description="Generate greedily for every prompt of a test set with the base and with each "
-        "adapter, and print exact match, token F1 and ROUGE-L per model. MODEL must be a local "
-        "HF model folder (config.json, weights, tokenizer); exported models are not evaluated here.",
+        "adapter, and print exact match, token F1 and ROUGE-L per model. MODEL is a local HF "
+        "model folder (config.json, weights, tokenizer), or a folder `edgepeft export` wrote: "
+        "then the device runtime generates, and --adapter NAME picks the export's adapters "
+        "(default: all of them).",
     )
-    parser.add_argument("model", metavar="MODEL", help="HF model folder the adapters were trained on")
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="HF model folder the adapters were trained on, or an export folder (EXPORT_DIR)",
+    )
     parser.add_argument(
         "--adapter",
         action="append",
         default=[],
         metavar="[NAME=]DIR",
-        help="adapter folder, named NAME in the table (default: the folder's name); repeatable",
+        help="adapter folder, named NAME in the table (default: the folder's name); repeatable. "
+        "For an EXPORT_DIR: an adapter name of the export, or an adapter file",
     )
     parser.add_argument(
         "--data",
@@ -224,6 +233,10 @@ def _eval_adapters(values: list[str], include_base: bool) -> dict[str, Path]:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from edgepeft.runtime.cli import eval_export, is_export_folder
+
+    if is_export_folder(args.model):  # before the torch imports: a device may have no torch
+        return eval_export(args)
     from edgepeft.adapters.peft_format import load_adapter, read_adapter
     from edgepeft.base import load_base
     from edgepeft.train.evaluate import evaluate, read_examples
@@ -343,6 +356,13 @@ def _add_export_parser(sub) -> None:
         default="auto",
         help="graph builder (default auto: fused where the architecture has one)",
     )
+    parser.add_argument(
+        "--lora-everywhere",
+        action="store_true",
+        help="separate mode: rank-0 LoRA inputs on every linear layer (not lm_head), so a LoRA "
+        "trained later over this base (same --quant) is added without a new base graph "
+        "(edgepeft.export.separate.export_adapter); needs no --adapter",
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip the check against PyTorch")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -377,6 +397,7 @@ def _run_export(args: argparse.Namespace) -> int:
         graph=args.graph,
         overwrite=args.overwrite,
         quiet=args.quiet,
+        lora_everywhere=args.lora_everywhere,
     )
     print(result)
     return 0
@@ -479,7 +500,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # Commands that live beside the code they drive: each module has `add_parser(commands)`,
 # which adds its subparser(s) with `set_defaults(run=...)`; importing it must stay light.
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = ("edgepeft.runtime.cli", "edgepeft.plan", "edgepeft.demo.cli", "edgepeft.bench_cli")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ import platform
 import re
 import tempfile
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
@@ -41,11 +42,12 @@ def machine() -> str:
     except (OSError, AttributeError):
         pass
     versions = []
-    for pkg in ("torch", "transformers", "bitsandbytes", "peft", "onnxruntime", "onnxruntime_genai"):
+    # Installed distributions' metadata: importing torch & co. only to read a version costs
+    # seconds per benchmark run.
+    for pkg in ("torch", "transformers", "bitsandbytes", "peft", "onnxruntime", "onnxruntime-genai"):
         try:
-            module = __import__(pkg)
-            versions.append(f"{pkg} {getattr(module, '__version__', '?')}")
-        except ImportError:
+            versions.append(f"{pkg} {metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
             continue
     return (
         f"{cpu}, {os.cpu_count()} cores{mem}; {platform.system()} {platform.release()}; "

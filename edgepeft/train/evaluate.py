@@ -1,6 +1,6 @@
 """Score generations of the base and of each adapter on a held-out set.
 
-    rows (JSONL path or list of dicts) ──edgepeft.train.data.load_rows──► checked rows
+    rows (JSONL path or list of dicts) ──edgepeft.eval_rows.read_examples──► examples
         {"prompt", "completion"}       prompt as written, reference = completion
         {"messages": [..., assistant]} prompt = chat template of the messages before the
                                        final assistant one (+ generation prompt), reference =
@@ -23,86 +23,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from edgepeft.adapters.inject import active_adapter, disable_adapters, list_adapters, set_adapter
-from edgepeft.atomic import write_json
-from edgepeft.metrics import METRICS, score_example
-from edgepeft.train.data import bos_to_add, load_rows
+from edgepeft.eval_report import BASE, EvalReport, TargetResult, score_target  # noqa: F401
+from edgepeft.eval_rows import EvalExample, read_examples  # noqa: F401
+from edgepeft.train.data import bos_to_add
 
-BASE = "base"
-"""Name of the row that runs the base model alone."""
-
-_COLUMNS = {"exact_match": "EM", "token_f1": "F1", "rouge_l": "ROUGE-L"}
-
-
-# ---------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class EvalExample:
-    """One evaluation case: what the model answers and what it should say."""
-
-    reference: str
-    source: str
-    """Where the row came from: "file.jsonl:LINE" ("<rows>:N" for the N-th dict of a list)."""
-    prompt: str | None = None
-    """The text to continue (prompt/completion rows)."""
-    messages: tuple[dict, ...] | None = None
-    """The chat to answer, rendered with the tokenizer's chat template (messages rows)."""
-
-
-_MAX_LISTED = 5
-
-
-def read_examples(data: str | os.PathLike | Sequence[dict]) -> tuple[list[EvalExample], str]:
-    """(examples, name of the source) from a JSONL path or a list of dicts.
-
-    Rows are read and checked by the training data module (`load_rows`); every bad
-    row is an error here, since skipping one would change what the scores mean.
-
-    Raises:
-        ValueError: bad rows (each named by file:line), no rows, or a row with no
-            reference ("text" rows, messages not ending with the assistant's).
-        FileNotFoundError: the path does not exist.
-    """
-    rows, report = load_rows(data, bad_rows="skip")
-    if report.bad:
-        listed = "; ".join(f"{report.source}:{b.line}: {b.reason}" for b in report.bad[:_MAX_LISTED])
-        more = f" (and {len(report.bad) - _MAX_LISTED} more)" if len(report.bad) > _MAX_LISTED else ""
-        raise ValueError(
-            f"{len(report.bad)} bad row(s) in evaluation data: {listed}{more}; fix them: "
-            "evaluation scores every row"
-        )
-    if not rows:
-        raise ValueError(f"evaluation data {report.source} holds no rows")
-    examples = []
-    for row in rows:
-        where = f"{row.source}:{row.line}"
-        if row.kind == "prompt":
-            examples.append(EvalExample(row["completion"], where, prompt=row["prompt"]))
-        elif row.kind == "messages":
-            history, answer = _split_chat(row["messages"], where)
-            examples.append(EvalExample(answer, where, messages=tuple(history)))
-        else:
-            raise ValueError(
-                f"{where}: a 'text' row has no reference to score; evaluation needs "
-                "prompt/completion or messages rows"
-            )
-    return examples, report.source
-
-
-def _split_chat(messages: list[dict], where: str) -> tuple[list[dict], str]:
-    """(the messages to answer, the final assistant message's text: the reference)."""
-    if len(messages) < 2 or messages[-1]["role"] != "assistant":
-        raise ValueError(
-            f"{where}: 'messages' must end with the assistant message to score, after at least "
-            f"one message to answer; found roles {[m['role'] for m in messages]}"
-        )
-    return messages[:-1], messages[-1]["content"]
+# ---------------------------------------------------------------- prompts
 
 
 def _prompt_text(tokenizer, example: EvalExample) -> str:
@@ -116,83 +46,6 @@ def _prompt_text(tokenizer, example: EvalExample) -> str:
     return tokenizer.apply_chat_template(
         list(example.messages), tokenize=False, add_generation_prompt=True
     )
-
-
-# ---------------------------------------------------------------- report
-
-
-@dataclass(frozen=True)
-class TargetResult:
-    """Scores of one target (the base or one adapter) on every example."""
-
-    name: str
-    metrics: dict[str, float]
-    """Mean of each metric in edgepeft.metrics.METRICS."""
-    predictions: tuple[str, ...]
-    scores: tuple[dict[str, float], ...]
-    """Per example, in data order: every metric of its prediction."""
-
-    @property
-    def n(self) -> int:
-        return len(self.predictions)
-
-
-@dataclass(frozen=True)
-class EvalReport:
-    """What `evaluate` measured: per target the metric means, n and every prediction."""
-
-    examples: tuple[EvalExample, ...]
-    targets: tuple[TargetResult, ...]
-    data: str
-    max_new_tokens: int
-
-    def __getitem__(self, name: str) -> TargetResult:
-        for target in self.targets:
-            if target.name == name:
-                return target
-        have = ", ".join(t.name for t in self.targets)
-        raise KeyError(f"no target {name!r} in this report (targets: {have})")
-
-    def to_dict(self) -> dict:
-        return {
-            "data": self.data,
-            "max_new_tokens": self.max_new_tokens,
-            "decoding": "greedy",
-            "n": len(self.examples),
-            "targets": {t.name: {**t.metrics, "n": t.n} for t in self.targets},
-            "examples": [
-                {
-                    "source": ex.source,
-                    **({"prompt": ex.prompt} if ex.messages is None else {"messages": list(ex.messages)}),
-                    "reference": ex.reference,
-                    "predictions": {
-                        t.name: {"prediction": t.predictions[i], **t.scores[i]} for t in self.targets
-                    },
-                }
-                for i, ex in enumerate(self.examples)
-            ],
-        }
-
-    def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
-        """Write `to_dict()` (plus `extra` fields) as JSON, atomically.
-
-        The JSON goes to a temporary sibling file first, then is renamed onto `path`,
-        so a reader never sees half a report.
-        """
-        return write_json(path, {**self.to_dict(), **(extra or {})}, ensure_ascii=False)
-
-    def __str__(self) -> str:
-        width = max([len(t.name) for t in self.targets] + [len("target")])
-        header = f"{'target':<{width}}" + "".join(f"  {_COLUMNS[k]:>7}" for k in METRICS) + f"  {'n':>5}"
-        lines = [
-            f"{len(self.examples)} examples from {self.data} "
-            f"(greedy, at most {self.max_new_tokens} new tokens)",
-            header,
-        ]
-        for t in self.targets:
-            cells = "".join(f"  {t.metrics[k]:>7.3f}" for k in METRICS)
-            lines.append(f"{t.name:<{width}}{cells}  {t.n:>5}")
-        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- generation
@@ -356,9 +209,7 @@ def evaluate(
                 else:
                     set_adapter(model, target)
                     preds = generate(ids, batches, bar)
-            scores = tuple(score_example(p, ex.reference) for p, ex in zip(preds, examples, strict=True))
-            means = {k: sum(s[k] for s in scores) / len(scores) for k in METRICS}
-            results.append(TargetResult(target, means, tuple(preds), scores))
+            results.append(score_target(target, preds, examples))
     finally:
         if on_model:
             set_adapter(model, previous)

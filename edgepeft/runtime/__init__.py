@@ -1,0 +1,34 @@
+"""edgepeft.runtime: run an exported graph on the device (onnxruntime, numpy, tokenizers).
+
+    from edgepeft.runtime import Engine
+    engine = Engine("out/")                          # base graph + the manifest's adapters
+    engine.generate("SELECT", adapter="sql", max_new_tokens=32)
+    for piece in engine.stream([{"role": "user", "content": "hi"}], adapter="chat"): ...
+
+Nothing here imports torch, transformers, bitsandbytes or onnx (tests check it).
+"""
+
+from edgepeft.runtime.adapters import AdapterInfo
+from edgepeft.runtime.engine import Engine, GenerationResult, Request
+from edgepeft.runtime.errors import (
+    AdapterBaseMismatchError,
+    AdapterLoadError,
+    ContextLengthError,
+    UnknownAdapterError,
+)
+from edgepeft.runtime.memory import MemoryReport, resident_bytes
+from edgepeft.runtime.sampling import SamplingConfig
+
+__all__ = [
+    "AdapterBaseMismatchError",
+    "AdapterInfo",
+    "AdapterLoadError",
+    "ContextLengthError",
+    "Engine",
+    "GenerationResult",
+    "MemoryReport",
+    "Request",
+    "SamplingConfig",
+    "UnknownAdapterError",
+    "resident_bytes",
+]

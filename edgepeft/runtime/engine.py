@@ -1,0 +1,522 @@
+"""Engine: one base graph in one InferenceSession, adapters chosen per request.
+
+    Engine("out/")                       manifest.json ─► session (providers, threads)
+        │                                adapters listed in the manifest ─► loaded, checked
+        ├─ load_adapter(path, name) / unload_adapter(name) / adapters()
+        ├─ generate(prompt | [prompts] | messages, adapter=name, ...) ─► str | [str]
+        │      prompts ─► ids (chat.py) ─► prepare(adapter, batch): a free Slot and its
+        │      IOBinding for the adapter (kv_cache.py) ─► prefill + decode steps (decode.py)
+        │      ─► sampling.py picks tokens ─► stop at eos / stop strings / max_new_tokens
+        ├─ stream(...) ─► text pieces as they are decoded
+        └─ memory() ─► base, adapter and KV cache bytes
+
+Thread-safe: every request works in its own Slot; the session, the registry and the pool
+are shared (onnxruntime runs one session from many threads). Switching adapters changes
+which binding a request uses; the base weights are never reloaded or copied.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgepeft.export.manifest import ExportIndex, read_manifest
+from edgepeft.runtime.adapters import AdapterInfo, AdapterRegistry, LoadedAdapter, read_adapter
+from edgepeft.runtime.chat import IncrementalDecoder, TextCodec
+from edgepeft.runtime.decode import fused_steps, generic_steps
+from edgepeft.runtime.errors import ContextLengthError
+from edgepeft.runtime.kv_cache import CacheSpec, Slot, SlotPool
+from edgepeft.runtime.memory import MemoryReport, graph_bytes
+from edgepeft.runtime.sampling import Sampler, SamplingConfig
+from edgepeft.runtime.session import LOG, choose_providers, create_session, device_settings
+
+FINISH_REASONS = ("eos", "stop", "length", "context")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """One prompt's continuation and how it was made."""
+
+    text: str
+    """The continuation, cut before a stop string; special tokens skipped."""
+    token_ids: list[int]
+    """Generated tokens (the eos token not included)."""
+    prompt_ids: list[int]
+    """The prompt as fed (after any truncation), without the adapter's virtual tokens."""
+    finish_reason: str
+    """"eos", "stop" (a stop string), "length" (max_new_tokens) or "context" (max_context)."""
+    adapter: str | None = None
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    """Wall time of the decode steps (every token after the first)."""
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(len(self.token_ids) - 1, 0)
+        return steps / (self.decode_ms / 1000) if self.decode_ms > 0 else 0.0
+
+
+@dataclass
+class Request:
+    """A slot taken for one request with the binding of its adapter (`Engine.prepare`)."""
+
+    adapter: LoadedAdapter | None
+    slot: Slot | None
+    binding: object | None
+    """fused: the slot's IOBinding with the adapter's tensors bound; generic: None."""
+    _pool: SlotPool | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        if self._pool is not None and self.slot is not None:
+            self._pool.release(self.slot)
+            self._pool = None
+
+    def __enter__(self) -> Request:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Engine:
+    """Run an export folder's base graph with switchable adapters (no torch needed).
+
+    Args:
+        export_dir: A folder `edgepeft export` wrote (one graph; a merged set's sub-folder).
+        providers: onnxruntime execution providers to try in order (names or (name, options)).
+        threads: intra-op threads of the session (default: onnxruntime's).
+        device: A device profile (name, path or DeviceProfile) giving providers and threads.
+        load_adapters: Load the adapters the manifest lists (a broken file is logged and
+            skipped, see `load_errors`).
+    """
+
+    def __init__(
+        self,
+        export_dir: str | os.PathLike,
+        providers: Sequence | None = None,
+        threads: int | None = None,
+        device=None,
+        *,
+        load_adapters: bool = True,
+    ):
+        import onnxruntime as ort
+
+        self.export_dir = Path(export_dir)
+        manifest = read_manifest(self.export_dir)
+        if isinstance(manifest, ExportIndex):
+            names = ", ".join(f"{self.export_dir / folder}" for folder in manifest.graphs.values())
+            raise ValueError(
+                f"{self.export_dir} is a merged set (one graph per adapter, each with the adapter "
+                f"folded in): open one of its graphs, e.g. Engine('{names.split(', ')[0]}'); "
+                f"graphs: {names}. Export with mode='separate' to switch adapters in one engine"
+            )
+        self.manifest = manifest
+        device_providers, device_threads = device_settings(device)
+        requested = providers or device_providers or manifest.providers
+        chosen = choose_providers(requested, ort.get_available_providers())
+        self.session = create_session(
+            self.export_dir / manifest.model_file, chosen, threads or device_threads
+        )
+        self.providers: list[str] = list(self.session.get_providers())
+        self.graph_inputs = frozenset(i.name for i in self.session.get_overridable_initializers())
+        self.spec = CacheSpec(
+            num_layers=manifest.num_layers,
+            num_kv_heads=manifest.num_kv_heads,
+            head_dim=manifest.head_dim,
+            vocab_size=manifest.vocab_size,
+            kv_dtype=np.dtype(manifest.kv_dtype),
+            shared=manifest.graph == "fused",
+            max_context=manifest.max_context,
+        )
+        self._pool = SlotPool(self.session, self.spec)
+        self._registry = AdapterRegistry()
+        self._codec: TextCodec | None = None
+        self.eos_token_ids = _eos_ids(manifest.eos_token_id)
+        self.pad_token_id = manifest.pad_token_id if manifest.pad_token_id is not None else 0
+        self.load_errors: dict[str, str] = {}
+        if load_adapters:
+            for entry in manifest.adapters:
+                if not entry.file:
+                    continue
+                try:
+                    self.load_adapter(self.export_dir / entry.file, entry.name)
+                except (ValueError, OSError) as e:
+                    self.load_errors[entry.name] = str(e)
+                    LOG.error("adapter %r not loaded: %s", entry.name, e)
+
+    # ------------------------------------------------------------ adapters
+
+    def load_adapter(self, path: str | os.PathLike, name: str | None = None) -> AdapterInfo:
+        """Load an .onnx_adapter or .kvprefix.safetensors file, checked against this base.
+
+        Raises:
+            AdapterBaseMismatchError: made for another base (names both fingerprints).
+            AdapterLoadError: unreadable / truncated / altered file, or a tensor this graph
+                has no input for (named). The engine's other adapters are unaffected.
+        """
+        adapter = read_adapter(
+            path,
+            name=name,
+            base_fingerprint=self.manifest.base_fingerprint,
+            graph_inputs=self.graph_inputs,
+            kv_shape=(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim),
+        )
+        self._registry.add(adapter)
+        self.load_errors.pop(adapter.name, None)
+        return adapter.info
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget an adapter; requests already running with it finish with it."""
+        self._registry.remove(name)
+        self._pool.forget(name)
+
+    def adapters(self) -> dict[str, AdapterInfo]:
+        """name -> AdapterInfo (kind, rank, bytes, file, ...) of every loaded adapter."""
+        return self._registry.infos()
+
+    def prepare(
+        self, adapter: str | None = None, batch_size: int = 1, capacity: int = 1
+    ) -> Request:
+        """Take a slot for a request with `adapter`: the per-request switch, timed alone.
+
+        After the first request of an adapter on a slot, this is a registry lookup, a pool
+        lookup and a cached binding: no tensor is bound or copied. Close the Request (or use
+        it as a context manager) to give the slot back.
+        """
+        loaded = None if adapter is None else self._registry.get(adapter)
+        return self._prepare(loaded, batch_size, capacity)
+
+    def _prepare(self, loaded: LoadedAdapter | None, batch_size: int, capacity: int) -> Request:
+        if not self.spec.shared:
+            return Request(loaded, None, None)
+        slot = self._pool.acquire(batch_size, capacity)
+        try:
+            binding = slot.binding(loaded)
+        except BaseException:
+            self._pool.release(slot)
+            raise
+        return Request(loaded, slot, binding, self._pool)
+
+    # ------------------------------------------------------------ text
+
+    @property
+    def codec(self) -> TextCodec:
+        """The export's tokenizer and chat template (loaded on first use)."""
+        if self._codec is None:
+            self._codec = TextCodec(self.export_dir, self.manifest.bos_token_id)
+        return self._codec
+
+    def encode(self, prompt) -> list[int]:
+        """Token ids of one prompt: a string, a list of chat messages, or token ids as is."""
+        if isinstance(prompt, str):
+            return self.codec.encode(prompt)
+        if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
+            return self.codec.encode(self.codec.render_chat(list(prompt)))
+        if (
+            isinstance(prompt, (Sequence, np.ndarray))
+            and len(prompt)
+            and all(isinstance(t, (int, np.integer)) for t in prompt)
+        ):
+            return [int(t) for t in prompt]
+        raise TypeError(
+            "a prompt is a string, a list of {'role', 'content'} messages, or a list of token "
+            f"ids; got {type(prompt).__name__} {str(prompt)[:80]!r}"
+        )
+
+    def _prompts(self, prompt_or_messages) -> tuple[list, bool]:
+        """(prompts, batched): a list of strings / chats / id lists is a batch."""
+        p = prompt_or_messages
+        if isinstance(p, (list, tuple)) and p and isinstance(p[0], (str, list, tuple, np.ndarray)):
+            return list(p), True
+        return [p], False
+
+    # ------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        prompt_or_messages,
+        adapter: str | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        *,
+        truncate: bool = False,
+        return_result: bool = False,
+    ):
+        """Continue a prompt (or a batch of prompts, sharing one adapter).
+
+        Args:
+            prompt_or_messages: A string, chat messages [{"role", "content"}] (the export's
+                chat template), token ids, or a list of those (a batch, left padded).
+            adapter: A loaded adapter's name; None runs the base.
+            max_new_tokens: Most tokens to generate per prompt.
+            temperature: 0 is greedy; else sample with top_k / top_p.
+            repetition_penalty: HF-style penalty on tokens already in the row.
+            stop: String(s) ending the continuation (not included in the text).
+            seed: Seeds sampling (reproducible per request).
+            truncate: Keep a too-long prompt's last tokens instead of raising.
+            return_result: Return GenerationResult(s) (text, token ids, timings).
+
+        Returns:
+            str, or a list of str for a batch (GenerationResult(s) with return_result).
+        """
+        prompts, batched = self._prompts(prompt_or_messages)
+        results = self._generate(
+            prompts,
+            adapter,
+            max_new_tokens,
+            _sampling(temperature, top_k, top_p, repetition_penalty, seed),
+            _stops(stop),
+            truncate,
+        )
+        out = results if return_result else [r.text for r in results]
+        return out if batched else out[0]
+
+    def stream(
+        self,
+        prompt_or_messages,
+        adapter: str | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        *,
+        truncate: bool = False,
+    ) -> Iterator[str]:
+        """Yield the continuation of one prompt in text pieces as tokens are decoded.
+
+        Pieces hold whole characters (a multi-byte character split over tokens comes out
+        once complete) and never the start of a stop string; "".join(pieces) equals
+        `generate(...)` with the same arguments.
+        """
+        prompts, batched = self._prompts(prompt_or_messages)
+        if batched:
+            raise ValueError("stream() takes one prompt; use generate() for a batch")
+        stops = _stops(stop)
+        sampling = _sampling(temperature, top_k, top_p, repetition_penalty, seed)
+        sent = 0
+        run = self._run(prompts, adapter, max_new_tokens, sampling, stops, truncate, True)
+        for text, final in run:
+            text = text[0] if not final else text[0].text
+            safe = len(text) if final else len(text) - _held_back(text, stops)
+            if safe > sent:
+                yield text[sent:safe]
+                sent = safe
+            if final:
+                return
+
+    def _generate(self, prompts, adapter, max_new_tokens, sampling, stops, truncate):
+        run = self._run(prompts, adapter, max_new_tokens, sampling, stops, truncate, bool(stops))
+        for value, final in run:
+            if final:
+                return value
+        raise AssertionError("generation ended without a result")
+
+    def _run(self, prompts, adapter_name, max_new_tokens, sampling, stops, truncate, incremental):
+        """Yields (texts so far, False) after every token, then (results, True).
+
+        `incremental`: decode text token by token (streaming, stop strings); else the text
+        is decoded once at the end (the hot loop then only samples and runs the graph).
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        loaded = None if adapter_name is None else self._registry.get(adapter_name)
+        prefix = loaded.prefix if loaded is not None else None
+        n_virtual = prefix.num_virtual_tokens if prefix is not None else 0
+        rows = [self.encode(p) for p in prompts]
+        rows = [
+            self._fit(r, n_virtual, max_new_tokens, truncate, i, len(rows))
+            for i, r in enumerate(rows)
+        ]
+        input_ids, mask = self._left_padded(rows)
+        batch, length = input_ids.shape
+        room = (self.spec.max_context or 1 << 62) - n_virtual - length + 1
+        new_tokens = min(max_new_tokens, room)
+        sampler = Sampler(sampling)
+        seen = [list(r) for r in rows] if sampling.repetition_penalty != 1.0 else None
+        need = n_virtual + length + new_tokens - 1  # cache positions the request fills
+        # The adapter looked up above serves the whole request, even if it is unloaded meanwhile.
+        with self._prepare(loaded, batch, need) as request:
+            if self.spec.shared:
+                steps = fused_steps(
+                    self.session, request.slot, request.binding, input_ids, mask, prefix
+                )
+            else:
+                params = loaded.parameters if loaded is not None else {}
+                steps = generic_steps(self.session, self.spec, params, input_ids, mask, prefix)
+            has_text = self._has_tokenizer()
+            if stops and not has_text:
+                raise ValueError("stop strings need the export's tokenizer (tokenizer.json)")
+            decoders = [
+                IncrementalDecoder(self.codec) if incremental and has_text else None for _ in rows
+            ]
+            generated: list[list[int]] = [[] for _ in rows]
+            texts = [""] * batch
+            reasons: list[str | None] = [None] * batch
+            start = time.perf_counter()
+            try:
+                logits = next(steps)
+                prefill_ms = (time.perf_counter() - start) * 1000
+                decode_start = time.perf_counter()
+                for step in range(new_tokens):
+                    tokens = sampler(logits, seen)
+                    for b in range(batch):
+                        if reasons[b] is not None:
+                            continue
+                        token = int(tokens[b])
+                        if token in self.eos_token_ids:
+                            reasons[b] = "eos"
+                            continue
+                        generated[b].append(token)
+                        if seen is not None:
+                            seen[b].append(token)
+                        if decoders[b] is not None:
+                            texts[b] += decoders[b].push(token)
+                            hit = _first_stop(texts[b], stops)
+                            if hit is not None:
+                                texts[b], reasons[b] = texts[b][:hit], "stop"
+                    if all(r is not None for r in reasons) or step == new_tokens - 1:
+                        break
+                    yield texts, False
+                    tokens = np.where([r is None for r in reasons], tokens, self.pad_token_id)
+                    logits = steps.send(tokens.astype(np.int64))
+                decode_ms = (time.perf_counter() - decode_start) * 1000
+            finally:
+                steps.close()
+        ended = "length" if new_tokens == max_new_tokens else "context"
+        results = []
+        for b in range(batch):
+            text = (
+                texts[b]
+                if reasons[b] == "stop"
+                else self.codec.decode(generated[b])
+                if has_text
+                else ""
+            )
+            results.append(
+                GenerationResult(
+                    text=text,
+                    token_ids=generated[b],
+                    prompt_ids=rows[b],
+                    finish_reason=reasons[b] or ended,
+                    adapter=adapter_name,
+                    prefill_ms=prefill_ms,
+                    decode_ms=decode_ms,
+                )
+            )
+        yield results, True
+
+    def _left_padded(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """input_ids and attention_mask (B, T), rows right-aligned (every prompt ends at T)."""
+        length = max(len(r) for r in rows)
+        input_ids = np.full((len(rows), length), self.pad_token_id, np.int64)
+        mask = np.zeros((len(rows), length), np.int64)
+        for b, row in enumerate(rows):
+            input_ids[b, length - len(row) :] = row
+            mask[b, length - len(row) :] = 1
+        return input_ids, mask
+
+    def _has_tokenizer(self) -> bool:
+        if self._codec is not None:
+            return True
+        try:
+            self.codec  # noqa: B018  (loads it)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _fit(self, row: list[int], n_virtual: int, max_new: int, truncate: bool, i: int, n: int):
+        limit = self.spec.max_context
+        if not row:
+            raise ValueError(
+                f"prompt {i} tokenizes to no tokens; the model needs something to continue"
+            )
+        if limit is None or n_virtual + len(row) <= limit:
+            return row
+        which = f"prompt {i} of {n}" if n > 1 else "the prompt"
+        if not truncate:
+            raise ContextLengthError(
+                f"{which} has {len(row)} tokens"
+                + (f" (+{n_virtual} virtual tokens of the adapter)" if n_virtual else "")
+                + f", more than the export's max_context {limit}; shorten it or pass "
+                "truncate=True to keep its last tokens"
+            )
+        keep = max(limit - n_virtual - max_new + 1, 1)
+        return row[-keep:]
+
+    # ------------------------------------------------------------ memory
+
+    def memory(self) -> MemoryReport:
+        """Bytes held now: base graph and weights, each adapter, KV cache buffers."""
+        return MemoryReport(
+            base_bytes=graph_bytes(self.export_dir / self.manifest.model_file),
+            adapters={name: info.bytes for name, info in self.adapters().items()},
+            kv_cache_bytes=self._pool.nbytes,
+        )
+
+    def clear_cache(self) -> None:
+        """Free the KV buffers of idle request slots (they are re-made on demand)."""
+        self._pool.clear()
+
+    def __repr__(self) -> str:
+        return (
+            f"Engine({str(self.export_dir)!r}, graph={self.manifest.graph}, "
+            f"providers={self.providers}, adapters={sorted(self.adapters())})"
+        )
+
+
+def _eos_ids(value) -> frozenset[int]:
+    if value is None:
+        return frozenset()
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return frozenset(int(v) for v in values)
+
+
+def _sampling(temperature, top_k, top_p, repetition_penalty, seed) -> SamplingConfig:
+    return SamplingConfig(
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        repetition_penalty=float(repetition_penalty),
+        seed=seed,
+    )
+
+
+def _stops(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise ValueError(f"stop must be non-empty strings, got {stop!r}")
+    return stops
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of `text` that may start a stop string (not streamed yet)."""
+    held = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                held = max(held, k)
+                break
+    return held
+
+
+__all__ = ["Engine", "GenerationResult", "Request"]
