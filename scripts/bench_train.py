@@ -18,6 +18,9 @@ batch is the same (B, T) with no padding and tokens/s does not depend on sample 
 
     python scripts/bench_train.py      # a few minutes on 2 quiet cores; rewrites section "train"
     python scripts/bench_train.py --smoke --in-process --benchmarks-file /tmp/B.md   # seconds
+    python scripts/bench_train.py --quick --output /tmp/train.md --json /tmp/train.json
+        # the flags every bench_*.py shares (scripts/bench.py drives them): --quick is
+        # --smoke --in-process; --output writes the section there instead of BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -571,6 +574,9 @@ def _parser() -> argparse.ArgumentParser:
         help="write the section into this file instead of the repository's BENCHMARKS.md",
     )  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="print the section only")
+    parser.add_argument("--quick", action="store_true", help="smoke run in one process (seconds)")
+    parser.add_argument("--output", type=Path, help="write the markdown here instead of BENCHMARKS.md")
+    parser.add_argument("--json", type=Path, help="also write every number as JSON here")
     parser.add_argument(
         "--in-process", action="store_true",
         help="run every measurement in this process (fast; numbers not comparable: for tests)",
@@ -584,6 +590,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> str:
     """Run the benchmark; returns the section's markdown (also written unless --no-write)."""
     args = _parser().parse_args(argv)
+    if args.quick:
+        args.smoke = args.in_process = True
     if args.worker:
         result = worker(args.worker, args.mode, args.workdir)
         out = args.workdir / f"{args.worker}-{args.mode}.json"
@@ -619,6 +627,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     )
     markdown = render(plan, results, estimates, command, trial=args.smoke or args.in_process)
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
+    if args.json is not None:
+        payload = {"size": dataclasses.asdict(size), "results": results, "estimates": estimates}
+        args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    if args.output is not None:
+        args.output.write_text(f"{markdown}\n\n_Measured on: {benchmarks_md.machine()}_\n")
+        print(f"wrote {args.output}", flush=True)
+        return markdown
     if args.no_write:
         print(markdown)
         return markdown
