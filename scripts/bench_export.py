@@ -329,15 +329,10 @@ WORKERS = {
 
 
 def run_worker(spec: dict, timeout: float = 1800) -> dict:
-    """Run one worker in a fresh Python process; its last stdout line is the JSON result."""
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)],
-        capture_output=True, text=True, timeout=timeout,
-    )
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"{spec['kind']} worker failed: {tail[0]}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Run one worker in a fresh Python process (benchmarks_md.run_worker)."""
+    import benchmarks_md
+
+    return benchmarks_md.run_worker(__file__, spec, timeout)
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -731,15 +726,9 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(results, memory, args.quick, time.perf_counter() - start)
     if args.json:
         args.json.write_text(json.dumps(to_json(results, memory), indent=2) + "\n")
-    if args.output:
-        from benchmarks_md import machine
+    from benchmarks_md import publish
 
-        args.output.write_text(f"{text}\n\n_Measured on: {machine()}_\n")
-        log(f"wrote {args.output}")
-    else:
-        from benchmarks_md import write_section
-
-        log(f"wrote {write_section('export', text)}")
+    log(f"wrote {publish('export', text, args.output)}")
     print(text)
     return 0
 

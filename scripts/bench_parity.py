@@ -389,17 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         from edgepeft.atomic import write_json
 
         write_json(args.json, {"info": info, "rows": [asdict(r) for r in rows]})
-    if args.output:
-        from benchmarks_md import machine
+    from benchmarks_md import publish
 
-        from edgepeft.atomic import write_bytes
-
-        write_bytes(args.output, f"{text}\n\n_Measured on: {machine()}_\n")
-        log(f"wrote {args.output}")
-    else:
-        from benchmarks_md import write_section
-
-        log(f"wrote {write_section('parity', text)}")
+    log(f"wrote {publish('parity', text, args.output)}")
     print(text)
     return 0
 

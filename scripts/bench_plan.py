@@ -25,7 +25,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -131,13 +130,10 @@ WORKERS = {"prepare": _prepare, "decode": _decode}
 
 
 def run_worker(spec: dict, timeout: float = 1800) -> dict:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)],
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"{spec['kind']} worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Run one worker in a fresh Python process (benchmarks_md.run_worker)."""
+    import benchmarks_md
+
+    return benchmarks_md.run_worker(__file__, spec, timeout)
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -367,15 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         payload = {"local": local, "results": results, "profiles": profiles, "calibrated": calibrated}
         args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    if args.output:
-        from benchmarks_md import machine
+    from benchmarks_md import publish
 
-        args.output.write_text(f"{text}\n\n_Measured on: {machine()}_\n")
-        log(f"wrote {args.output}")
-    else:
-        from benchmarks_md import write_section
-
-        log(f"wrote {write_section('plan', text)}")
+    log(f"wrote {publish('plan', text, args.output)}")
     print(text)
     return 0
 

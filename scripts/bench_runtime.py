@@ -27,7 +27,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -327,15 +326,10 @@ WORKERS = {
 
 
 def run_worker(spec: dict, timeout: float = 1800) -> dict:
-    """Run one worker in a fresh Python process; its last stdout line is the JSON result."""
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)],
-        capture_output=True, text=True, timeout=timeout,
-    )
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"{spec['kind']} worker failed: {tail[0]}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Run one worker in a fresh Python process (benchmarks_md.run_worker)."""
+    import benchmarks_md
+
+    return benchmarks_md.run_worker(__file__, spec, timeout)
 
 
 def _reason(error: BaseException) -> str:
@@ -560,15 +554,9 @@ def main(argv: list[str] | None = None) -> int:
                               "runs": shape.runs}, "results": results,
                     "targets": [dict(zip(("target", "measured", "met"), t, strict=True)) for t in targets(results)]}
         args.json.write_text(json.dumps(document, indent=2) + "\n")
-    if args.output:
-        from benchmarks_md import machine
+    from benchmarks_md import publish
 
-        args.output.write_text(f"{text}\n\n_Measured on: {machine()}_\n")
-        log(f"wrote {args.output}")
-    else:
-        from benchmarks_md import write_section
-
-        log(f"wrote {write_section('runtime', text)}")
+    log(f"wrote {publish('runtime', text, args.output)}")
     print(text)
     return 0
 

@@ -8,9 +8,12 @@ benchmarks can run separately. `machine()` describes where numbers were measured
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
+import subprocess
+import sys
 import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
@@ -67,3 +70,28 @@ def write_section(name: str, markdown: str) -> Path:
         f.write(text)
     os.replace(tmp, BENCHMARKS)
     return BENCHMARKS
+
+
+def publish(name: str, markdown: str, output: Path | None) -> Path:
+    """Section `name` into `output` (a file of its own, with the machine line), else into
+    BENCHMARKS.md; atomically either way. Returns the file written."""
+    if output is None:
+        return write_section(name, markdown)
+    fd, tmp = tempfile.mkstemp(dir=Path(output).parent, prefix=f".{Path(output).name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{markdown}\n\n_Measured on: {machine()}_\n")
+    os.replace(tmp, output)
+    return Path(output)
+
+
+def run_worker(script: str | os.PathLike, spec: dict, timeout: float = 1800) -> dict:
+    """`python SCRIPT --worker SPEC` in a fresh process (a measurement alone in its process);
+    the worker prints its JSON result as the last stdout line."""
+    proc = subprocess.run(
+        [sys.executable, str(script), "--worker", json.dumps(spec)],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"{spec['kind']} worker failed: {tail[0]}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import gc
 import math
-import re
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,34 +132,16 @@ def format_bytes(n: int) -> str:
 # ---------------------------------------------------------------- parse
 
 
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}  # fmt: skip
-
-
 def parse_memory(value: str | int) -> int:
     """Bytes from 8GB (10^9), 8GiB / 8G (2^30), 512MiB, 1.5 GiB or a plain int.
 
     Raises:
         ValueError: not a size, or not positive.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"memory size must be an int or a string like '8GiB', got {value!r}")
-    if isinstance(value, int):
-        nbytes = value
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-        unit = match.group(2).lower() if match else None
-        if unit not in _UNITS:
-            raise ValueError(
-                f"cannot read memory size {value!r}; write a number with a unit such as "
-                "'8GB' (10^9 bytes), '8GiB' (2^30), '512MiB' or a plain byte count"
-            )
-        nbytes = int(float(match.group(1)) * _UNITS[unit])
-    if nbytes <= 0:
+    from edgepeft.devices import parse_size  # the one size parser (torch-free, for the runtime)
+
+    nbytes = parse_size(value, "memory size")
+    if nbytes == 0:
         raise ValueError(f"memory size must be positive, got {value!r}")
     return nbytes
 
