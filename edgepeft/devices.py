@@ -155,7 +155,7 @@ def parse_size(value: str | int, what: str = "size") -> int:
         unit = match.group(2).lower() if match else None
         if unit not in _UNITS:
             raise ValueError(
-                f"{what}: cannot read {value!r}; write a number with a unit such as '8GB' "
+                f"cannot read {what} {value!r}; write a number with a unit such as '8GB' "
                 "(10^9 bytes), '8GiB' (2^30), '512MiB' or a plain byte count"
             )
         nbytes = int(float(match.group(1)) * _UNITS[unit])
