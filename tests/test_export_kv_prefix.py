@@ -31,6 +31,7 @@ from edgepeft.export.kv_prefix import (
     kv_prefix_tensors,
     read_kv_prefix_file,
     run_with_prefix,
+    seed_past,
     write_kv_prefix_file,
 )
 from edgepeft.export.manifest import AdapterEntry
@@ -257,6 +258,45 @@ def test_generic_gpt2_refuses_padded_prompt_rows(tmp_path):
     ids, mask, _ = _batch()
     with pytest.raises(ValueError, match="absolute positions"):
         run_with_prefix(session, ids, mask, prefix, graph="generic")
+
+
+# ---------------------------------------------------------------- positions="unpadded"
+
+
+@pytest.mark.parametrize(
+    ("arch", "graph"), [("llama", "fused"), ("llama", "generic"), ("gpt2", "generic")]
+)
+def test_unpadded_positions_give_each_row_what_it_gives_alone(arch, graph, tmp_path):
+    """positions="unpadded": a left-padded row computes what its prompt alone computes (batch
+    1, no pads), prompt and prefix tuning, rotary or learned positions: batch-invariant."""
+    model = _with_adapters(arch)
+    exporter = export_fused if graph == "fused" else export_generic
+    session = _session(_base_graph(model, tmp_path, exporter).path)
+    ids, mask, steps = _batch()
+    for name in ("pre", "pro"):
+        set_adapter(model, name)
+        prefix, _ = _through_file(model, name, tmp_path)
+        kwargs = dict(graph=graph, positions="unpadded")
+        got = run_with_prefix(session, ids, mask, prefix, steps=steps, **kwargs)
+        tokens = greedy_with_prefix(session, ids, mask, prefix, max_new_tokens=NEW_TOKENS, **kwargs)
+        for b in range(len(ids)):
+            real = mask[b].astype(bool)
+            row, ones = ids[b : b + 1, real], mask[b : b + 1, real]
+            want = _torch_logits(model, row, ones, [s[b : b + 1] for s in steps])
+            prefill = float(np.abs(got[0][b][real] - want[0][0]).max())
+            pairs = zip(got[1:], want[1:], strict=True)
+            decode = max(float(np.abs(g[b] - w[0]).max()) for g, w in pairs)
+            print(f"{graph} {arch} {name} row {b}: prefill {prefill:.2e}, decode {decode:.2e}")
+            assert prefill <= TOL and decode <= TOL, (name, b)
+            np.testing.assert_array_equal(tokens[b], _torch_greedy(model, row, ones)[0])
+        if prefix.method == "prefix":  # peft's frame is the unpadded one already
+            same = run_with_prefix(session, ids, mask, prefix, graph=graph, steps=steps)
+            assert all(np.array_equal(a, c) for a, c in zip(got, same, strict=True))
+        elif arch != "gpt2":  # peft's batched frame puts the pads before the text
+            peft = run_with_prefix(session, ids, mask, prefix, graph=graph)[0]
+            assert np.abs(peft[1] - got[0][1])[mask[1].astype(bool)].max() > 1e-3
+    with pytest.raises(ValueError, match="positions must be one of"):
+        seed_past(prefix, mask, graph, positions="left")
 
 
 # ---------------------------------------------------------------- the file

@@ -1,6 +1,10 @@
 """edgepeft.runtime.Engine: greedy output equals PyTorch (HF generate over the edgepeft model
 holding the same adapter), for every switchable adapter kind on a fused graph and for a
-generic (torch.onnx) gpt2 graph; sampling, stop strings, streaming, chat, context."""
+generic (torch.onnx) gpt2 graph; sampling, stop strings, streaming, chat, context.
+
+A batch is compared with HF generate on the same left-padded batch, except for prompt
+tuning: the engine seeds each row's virtual tokens right before its text (batch-invariant),
+so its batch is compared with HF generate on each prompt alone."""
 
 from __future__ import annotations
 
@@ -22,12 +26,20 @@ from runtime_fixtures import (
 from edgepeft.adapters.inject import add_adapter, set_adapter
 from edgepeft.adapters.peft_format import save_adapter
 from edgepeft.base import load_base
-from edgepeft.config import LoraConfig, PrefixTuningConfig
+from edgepeft.config import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from edgepeft.export import api
 from edgepeft.export.kv_prefix import export_kv_prefix
 from edgepeft.runtime import ContextLengthError, Engine, UnknownAdapterError
 
 NEW_TOKENS = 12
+
+
+def reference_batch(model, adapter, rows):
+    """What the engine's batch must equal: HF's padded batch, or for prompt tuning (whose
+    peft batch shifts the text away from the virtual tokens by the row's pads) each row alone."""
+    if adapter == "prompt":
+        return [torch_greedy(model, [r], NEW_TOKENS)[0] for r in rows]
+    return torch_greedy(model, rows, NEW_TOKENS)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,7 +76,7 @@ def test_greedy_matches_pytorch_on_the_fused_graph(adapter, separate, engine):
             PROMPTS, adapter=adapter, max_new_tokens=NEW_TOKENS, return_result=True
         )
         want_single = [torch_greedy(model, [r], NEW_TOKENS)[0] for r in rows]
-        want_batch = torch_greedy(model, rows, NEW_TOKENS)
+        want_batch = reference_batch(model, adapter, rows)
     finally:
         set_adapter(model, None)
     assert [r.token_ids for r in singles] == want_single
@@ -83,7 +95,7 @@ def test_greedy_matches_pytorch_on_another_architecture(arch, tiny_dir, tmp_path
     rows = [bos_ids(other.tokenizer, p) for p in PROMPTS]
     for adapter in [None, *ADAPTERS]:
         set_adapter(other.model, adapter)
-        want = torch_greedy(other.model, rows, NEW_TOKENS)
+        want = reference_batch(other.model, adapter, rows)
         got = engine.generate(
             PROMPTS, adapter=adapter, max_new_tokens=NEW_TOKENS, return_result=True
         )
@@ -146,9 +158,11 @@ def gpt2_merged(tiny_dir, tmp_path_factory):
     api.export(
         tiny_dir("gpt2"), root / "base", weights="fp32", quant="none", verify=False, quiet=True
     )
-    # a prefix-tuning adapter as a KV prefix beside the base graph (same base fingerprint)
+    # prefix and prompt tuning as KV prefixes beside the base graph (same base fingerprint)
     add_adapter(model, PrefixTuningConfig(num_virtual_tokens=3), "prefix")
     export_kv_prefix(model, "prefix", root / "base")
+    add_adapter(model, PromptTuningConfig(num_virtual_tokens=3), "prompt")
+    export_kv_prefix(model, "prompt", root / "base")
     api.export(
         tiny_dir("gpt2"),
         root / "merged",
@@ -181,21 +195,27 @@ def test_greedy_matches_pytorch_on_a_generic_graph(which, gpt2_merged):
     )
 
 
-def test_kv_prefix_on_a_generic_graph_matches_pytorch(gpt2_merged):
-    """Generic graphs take the prefix through the concat path (positions by cumsum(mask))."""
+@pytest.mark.parametrize("adapter", ["prefix", "prompt"])
+def test_kv_prefix_on_a_generic_graph_matches_pytorch(adapter, gpt2_merged):
+    """Generic graphs take the prefix through the concat path (positions by cumsum(mask)).
+
+    GPT-2's learned absolute positions: a prompt-tuned padded row cannot take peft's batched
+    positions from a cache; each row as if alone (the engine's frame) needs no shift."""
     model, tokenizer, root = gpt2_merged
     engine = Engine(root / "base", load_adapters=False)
-    assert (
-        engine.load_adapter(root / "base/adapters/prefix.kvprefix.safetensors").kind == "kv_prefix"
-    )
+    file = root / f"base/adapters/{adapter}.kvprefix.safetensors"
+    assert engine.load_adapter(file).kind == "kv_prefix"
     rows = [bos_ids(tokenizer, p) for p in PROMPTS]
-    set_adapter(model, "prefix")
+    assert len({len(r) for r in rows}) == len(rows)  # every row but the longest is padded
+    set_adapter(model, adapter)
     try:
-        want = torch_greedy(model, rows, NEW_TOKENS)
+        want = reference_batch(model, adapter, rows)
     finally:
         set_adapter(model, None)
-    got = engine.generate(PROMPTS, adapter="prefix", max_new_tokens=NEW_TOKENS, return_result=True)
+    got = engine.generate(PROMPTS, adapter=adapter, max_new_tokens=NEW_TOKENS, return_result=True)
     assert [r.token_ids for r in got] == want
+    alone = [engine.generate(p, adapter=adapter, max_new_tokens=NEW_TOKENS) for p in PROMPTS]
+    assert [r.text for r in got] == alone
     assert want != [
         r.token_ids for r in engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, return_result=True)
     ]

@@ -1,10 +1,13 @@
 """Task evaluation through the device engine equals PyTorch's `edgepeft.evaluate`.
 
-    tiny llama (fp32, a chat template) + LoRA "sql" + prefix tuning "prefix"
-        ├─ PyTorch: edgepeft.evaluate(model with both adapters, rows)     ─► report A
+    tiny llama (fp32, a chat template) + LoRA "sql" + prefix tuning "prefix" + prompt
+    tuning "prompt"
+        ├─ PyTorch: edgepeft.evaluate(model with the adapters, rows)      ─► report A
         └─ export fp32 separate ─► edgepeft.runtime.evaluate(EXPORT, rows) ─► report B
     A.to_dict() == B.to_dict(): every prediction and score, base and adapters, prompt and
     messages rows; `edgepeft eval EXPORT_DIR` writes the same JSON; no torch needed for it.
+    Prompt tuning: PyTorch batches equal-length prompts only, the engine seeds each padded
+    row's virtual tokens right before its text; both equal batch size 1.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ from edgepeft.adapters.inject import add_adapter, set_adapter
 from edgepeft.adapters.peft_format import save_adapter
 from edgepeft.base import load_base
 from edgepeft.cli import main
-from edgepeft.config import LoraConfig, PrefixTuningConfig
+from edgepeft.config import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from edgepeft.export import api
 from edgepeft.runtime import Engine
 from edgepeft.runtime.evaluate import evaluate as engine_evaluate
 from edgepeft.train.evaluate import evaluate as torch_evaluate
 
 NEW_TOKENS = 8
+ADAPTERS = ["sql", "prefix", "prompt"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -60,7 +64,7 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="module")
 def exported(tiny_dir, tmp_path_factory):
-    """(PyTorch model with "sql" and "prefix", its tokenizer, the separate fp32 export)."""
+    """(PyTorch model with ADAPTERS, its tokenizer, the separate fp32 export)."""
     root = tmp_path_factory.mktemp("runtime-eval")
     base = root / "base"
     shutil.copytree(tiny_dir("llama"), base)
@@ -73,6 +77,7 @@ def exported(tiny_dir, tmp_path_factory):
     for name, config in (
         ("sql", LoraConfig(r=4, alpha=8, init="random", target_modules="all-linear")),
         ("prefix", PrefixTuningConfig(num_virtual_tokens=4)),
+        ("prompt", PromptTuningConfig(num_virtual_tokens=4)),
     ):
         add_adapter(model, config, name)
         folders[name] = save_adapter(model, root / "src" / name, name)
@@ -91,26 +96,27 @@ def engine(exported):
 @pytest.fixture(scope="module")
 def torch_report(exported):
     model, tokenizer, _ = exported
-    return torch_evaluate(model, tokenizer, ROWS, adapters=["sql", "prefix"],
+    return torch_evaluate(model, tokenizer, ROWS, adapters=ADAPTERS,
                           max_new_tokens=NEW_TOKENS, batch_size=3, progress=False)
 
 
 def test_engine_report_equals_the_pytorch_report(engine, torch_report):
-    report = engine_evaluate(engine, ROWS, adapters=["sql", "prefix"], max_new_tokens=NEW_TOKENS,
+    report = engine_evaluate(engine, ROWS, adapters=ADAPTERS, max_new_tokens=NEW_TOKENS,
                              batch_size=3, progress=False)
     assert report.to_dict() == torch_report.to_dict()
     assert str(report) == str(torch_report)
     base, sql = report["base"].predictions, report["sql"].predictions
     assert sum(a != b for a, b in zip(base, sql, strict=True)) >= len(ROWS) // 2  # adapter live
-    assert report["prefix"].predictions != base
+    assert report["prefix"].predictions != base and report["prompt"].predictions != base
     # batch size does not change what the engine says; default: every loaded adapter
     alone = engine_evaluate(engine, ROWS, max_new_tokens=NEW_TOKENS, batch_size=1, progress=False)
-    assert [t.name for t in alone.targets] == ["base", "sql", "prefix"]  # load order
+    assert [t.name for t in alone.targets] == ["base", *ADAPTERS]  # load order
     assert alone["sql"].predictions == sql and alone["base"].predictions == base
+    assert alone["prompt"].predictions == report["prompt"].predictions
 
 
 def test_bad_requests_name_what_is_there(engine, exported, tmp_path):
-    with pytest.raises(KeyError, match=r"'nope'.*loaded: sql, prefix"):
+    with pytest.raises(KeyError, match=r"'nope'.*loaded: sql, prefix, prompt"):
         engine_evaluate(engine, ROWS, adapters=["nope"], progress=False)
     with pytest.raises(ValueError, match="nothing to evaluate"):
         engine_evaluate(engine, ROWS, adapters=[], include_base=False, progress=False)
@@ -131,6 +137,7 @@ def test_edgepeft_eval_on_an_export_folder(exported, torch_report, tmp_path, cap
     data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
     code = main(["eval", str(out), "--data", str(data), "--adapter", "sql",
                  "--adapter", str(out / "adapters" / "prefix.kvprefix.safetensors"),
+                 "--adapter", "prompt",
                  "--max-new-tokens", str(NEW_TOKENS), "--batch-size", "3", "--out", str(saved),
                  "--quiet"])
     printed = capsys.readouterr().out
@@ -143,7 +150,7 @@ def test_edgepeft_eval_on_an_export_folder(exported, torch_report, tmp_path, cap
     assert document["data"] == str(data)
     assert {k: document[k] for k in expected if k != "data"} == {k: v for k, v in expected.items() if k != "data"}
     assert document["runtime"] == "edgepeft.runtime" and document["weights"] == "fp32"
-    assert str(torch_report).splitlines()[1:] == printed.splitlines()[1:5]
+    assert str(torch_report).splitlines()[1:] == printed.splitlines()[1:6]
 
     assert main(["eval", str(out), "--data", str(data), "--adapter", "nope"]) == 2
     assert "no adapter named 'nope'" in capsys.readouterr().err

@@ -15,9 +15,10 @@ Accuracy here is case-sensitive exact match (the answer " GARDEN" is not " garde
 the SQuAD-normalized EM of edgepeft.metrics, which lowercases; "chars" is the mean
 difflib similarity of answer and reference (partial credit: "nedrgg" for "nedrag" counts).
 
-Every score is taken one prompt at a time (batch 1), in PyTorch and on the device alike: a
-soft prompt's answers change with left padding in a batch (the pads sit between the virtual
-tokens and the text and shift their relative positions), which would blur the comparison.
+Scores are taken in left-padded batches of EVAL_BATCH_SIZE, in PyTorch and on the device
+alike. Batching changes no answer, the soft prompt's included: edgepeft.evaluate batches a
+prompt-tuning adapter's prompts of equal length only, and the runtime seeds each row's
+virtual tokens right before its text, so both equal one prompt at a time.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class DemoAdapter:
     summary: str
 
 
+EVAL_BATCH_SIZE = 8
+"""Prompts generated together when scoring (answers equal batch 1, module docstring)."""
 _TRAIN = dict(batch_size=32, max_seq_len=24, val_fraction=0.0, eval_every=None, save_every=None,
               log_every=10)  # fmt: skip
 DEMO_ADAPTERS: tuple[DemoAdapter, ...] = (
@@ -209,7 +212,8 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] | None = None) -> 
     for partial in outcomes_partial:
         test_rows = data[partial["name"]][2]
         evaluated = device_evaluate(engine, test_rows, adapters=[partial["name"]],
-                                    include_base=False, max_new_tokens=10, batch_size=1,
+                                    include_base=False, max_new_tokens=10,
+                                    batch_size=EVAL_BATCH_SIZE,
                                     progress=False)  # fmt: skip
         predictions = evaluated[partial["name"]].predictions
         outcomes.append(AdapterOutcome(accuracy_device=strict_accuracy(predictions, test_rows),
@@ -236,7 +240,7 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] | None = None) -> 
 def _scores(ep, model, tokenizer, name: str, rows: list[dict]) -> tuple[float, float]:
     """(exact, chars) of adapter `name` in PyTorch, greedy."""
     report = ep.evaluate(model, tokenizer, rows, adapters=[name], include_base=False,
-                         max_new_tokens=10, batch_size=1, progress=False)  # fmt: skip
+                         max_new_tokens=10, batch_size=EVAL_BATCH_SIZE, progress=False)  # fmt: skip
     predictions = report[name].predictions
     return strict_accuracy(predictions, rows), char_similarity(predictions, rows)
 

@@ -10,14 +10,20 @@
          ▼  seed_past: per row b, broadcast and (if needed) rotate keys by Δ_b positions
     graph(input_ids (B,T), attention_mask [1 x N | mask], past_key_values = prefix)
 
-Positions, the crux. HF peft's reference (edgepeft's PyTorch hooks, which match peft to 0.0)
-gives a row's tokens, under `generate` (position_ids = cumsum(mask) - 1):
+Positions, the crux. Row b of a left-padded batch (p_b pads, token j of the padded row)
+can place its tokens in two frames, the `positions` option of seed_past / prefill_with_prefix:
 
-    prefix tuning   N + cumsum(mask) - 1   pads not counted; prefix keys are used as learned,
-                                           never rotated (they act as rotated by position 0)
-    prompt tuning   column index           peft drops position_ids; virtual tokens at 0..N-1
+    "unpadded"  N + j - p_b      the text directly follows the virtual tokens, as in training
+                                 and at batch 1: a prompt's output does not depend on which
+                                 prompts share its batch (what the runtime uses)
+    "peft"      HF peft's batched reference (edgepeft's PyTorch hooks match peft to 0.0),
+                under `generate` (position_ids = cumsum(mask) - 1); verify compares with it
+        prefix tuning   N + cumsum(mask) - 1 = N + j - p_b   pads not counted (= "unpadded")
+        prompt tuning   column index N + j   peft drops position_ids; virtual tokens at
+                                             0..N-1, then the pads, then the text
 
-The graphs place the token j of row b (p_b left pads) at
+Prefix keys are used as learned (they act as rotated by position 0); prompt keys are cached
+at 0..N-1. The graphs place token j of row b at
 
     fused   N + j          GroupQueryAttention rotates by column; past keys are used as given,
                            new keys rotated before they are cached (checked by the tests)
@@ -25,10 +31,18 @@ The graphs place the token j of row b (p_b left pads) at
 
 RoPE scores depend only on (query position - key position), so a cached key that stands at
 position a in PyTorch must be rotated by Δ_b = (graph position - PyTorch position) of the
-row's tokens:  fused+prefix Δ = p_b,  fused+prompt 0,  generic+prefix 0,  generic+prompt -p_b.
+row's tokens:
+
+                    positions="peft"   positions="unpadded"
+    fused   prefix      p_b                 p_b
+    fused   prompt      0                   p_b
+    generic prefix      0                   0
+    generic prompt      -p_b                0
+
 A row without padding (batch 1, the usual edge case) always has Δ = 0: plain broadcast.
-Learned absolute positions (GPT-2) cannot be shifted in a cache, so there generic+prompt
-seeds only unpadded rows (a padded row's tokens sit at other absolute positions in peft).
+Learned absolute positions (GPT-2) cannot be shifted in a cache: there "peft" seeds a
+prompt only into unpadded rows (a padded row's tokens sit at other absolute positions in
+peft), while "unpadded" needs no shift on a generic graph and takes any padding.
 
 GroupQueryAttention refuses T > 1 new tokens over a non-empty past at batch > 1, so a fused
 prefill runs row by row (each at batch 1 with its own padding, which reproduces what a batched
@@ -56,6 +70,9 @@ SUFFIX = ".kvprefix.safetensors"
 ADAPTERS_DIR = "adapters"
 LAYOUT = "past_key_values.{i}.key/.value: (1, num_kv_heads, num_virtual_tokens, head_dim) float32"
 GRAPH_KINDS = ("fused", "generic")
+POSITIONS = ("peft", "unpadded")
+"""Frames a padded row's tokens can take (module docstring): HF peft's batched semantics, or
+the text right after the virtual tokens, as at batch 1 (batch-invariant)."""
 _STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
 
 
@@ -370,20 +387,29 @@ def _rotate(keys: np.ndarray, inv_freq: np.ndarray, shift: int) -> np.ndarray:
     return out
 
 
-def _shifts(prefix: KVPrefix, attention_mask: np.ndarray, graph: str) -> np.ndarray:
+def _shifts(prefix: KVPrefix, attention_mask: np.ndarray, graph: str, positions: str) -> np.ndarray:
     """Δ_b per row: graph position minus PyTorch position of the row's tokens."""
     if graph not in GRAPH_KINDS:
         raise ValueError(
             f"graph must be one of {GRAPH_KINDS} (the manifest's 'graph'), got {graph!r}"
         )
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     pads = (attention_mask == 0).sum(axis=1).astype(np.int64)  # (B,) left pads per row
+    # Prefix tuning's peft frame already skips pads: both frames are the unpadded one.
+    unpadded = positions == "unpadded" or prefix.method == "prefix"
     if graph == "fused":
-        return pads if prefix.method == "prefix" else np.zeros_like(pads)
-    return np.zeros_like(pads) if prefix.method == "prefix" else -pads
+        return pads if unpadded else np.zeros_like(pads)
+    return np.zeros_like(pads) if unpadded else -pads
 
 
 def seed_past(
-    prefix: KVPrefix, attention_mask: np.ndarray, graph: str, dtype=np.float32
+    prefix: KVPrefix,
+    attention_mask: np.ndarray,
+    graph: str,
+    dtype=np.float32,
+    *,
+    positions: str = "peft",
 ) -> dict[str, np.ndarray]:
     """past_key_values feeds (B, n_kv, N, head_dim) holding the prefix for every row.
 
@@ -392,8 +418,17 @@ def seed_past(
         attention_mask: The caller's (B, T) mask, left padded, without the virtual tokens.
         graph: "fused" or "generic": how the graph positions tokens (module docstring).
         dtype: The graph's KV dtype.
+        positions: "peft" (default): a padded row as HF peft computes it in a batch (prompt
+            tuning: the pads sit between the virtual tokens and the text), what verify
+            compares with; "unpadded": each row's text directly follows the virtual tokens,
+            so a row's output equals the same prompt alone at batch 1 (the runtime's).
+            Prefix tuning gives the same in both.
+
+    Raises:
+        ValueError: an unknown graph or positions, or a padded prompt-tuned row in the
+            "peft" frame on a graph with learned absolute positions (GPT-2, generic).
     """
-    shifts = _shifts(prefix, np.asarray(attention_mask), graph)
+    shifts = _shifts(prefix, np.asarray(attention_mask), graph, positions)
     batch = len(shifts)
     feeds = {}
     for i in range(prefix.num_layers):
@@ -406,7 +441,8 @@ def seed_past(
                     "learned absolute positions: a left-padded row's tokens would need other "
                     "positions than the graph gives them (peft counts a row's pads in its "
                     "prompt-tuned positions), which a cache prefix cannot express; feed such "
-                    "rows one at a time without padding (peft's result for the unpadded row)"
+                    "rows one at a time without padding, or seed with positions='unpadded' "
+                    "(each row as if alone, the batch-invariant frame)"
                 )
             for b in np.flatnonzero(shifts):
                 keys[b] = _rotate(keys[b], inv_freq, int(shifts[b]))
@@ -443,9 +479,19 @@ def _run(session, feed: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
 
 
 def prefill_with_prefix(
-    session, input_ids: np.ndarray, attention_mask: np.ndarray, prefix: KVPrefix, *, graph: str
+    session,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    prefix: KVPrefix,
+    *,
+    graph: str,
+    positions: str = "peft",
 ) -> tuple[np.ndarray, DecodeState]:
-    """Logits (B, T, V) of the prompt with the adapter's prefix seeded, and the decode state."""
+    """Logits (B, T, V) of the prompt with the adapter's prefix seeded, and the decode state.
+
+    `positions`: "peft" (HF peft's batched semantics) or "unpadded" (each row as if alone,
+    batch-invariant); see `seed_past`. Decode steps keep the frame the prefill chose.
+    """
     input_ids, attention_mask = (
         np.asarray(input_ids, np.int64),
         np.asarray(attention_mask, np.int64),
@@ -459,7 +505,7 @@ def prefill_with_prefix(
     full_mask = np.concatenate(
         [np.ones((batch, prefix.num_virtual_tokens), np.int64), attention_mask], axis=1
     )  # (B, N + T)
-    past = seed_past(prefix, attention_mask, graph, _kv_dtype(session))
+    past = seed_past(prefix, attention_mask, graph, _kv_dtype(session), positions=positions)
     # GroupQueryAttention takes T > 1 over a past only at batch 1: one row at a time.
     row_by_row = graph == "fused" and input_ids.shape[1] > 1
     rows = [slice(b, b + 1) for b in range(batch)] if row_by_row else [slice(None)]
@@ -495,9 +541,12 @@ def run_with_prefix(
     *,
     graph: str,
     steps: Sequence[np.ndarray] = (),
+    positions: str = "peft",
 ) -> list[np.ndarray]:
     """Logits of the prefill (B, T, V), then of each forced decode step in `steps` (B, 1, V)."""
-    logits, state = prefill_with_prefix(session, input_ids, attention_mask, prefix, graph=graph)
+    logits, state = prefill_with_prefix(
+        session, input_ids, attention_mask, prefix, graph=graph, positions=positions
+    )
     out = [logits]
     for tokens in steps:
         logits, state = decode_step(session, state, tokens)
@@ -513,9 +562,12 @@ def greedy_with_prefix(
     *,
     graph: str,
     max_new_tokens: int,
+    positions: str = "peft",
 ) -> np.ndarray:
     """Greedy continuation (B, max_new_tokens) with the prefix seeded (no stop token)."""
-    logits, state = prefill_with_prefix(session, input_ids, attention_mask, prefix, graph=graph)
+    logits, state = prefill_with_prefix(
+        session, input_ids, attention_mask, prefix, graph=graph, positions=positions
+    )
     tokens = []
     for step in range(max_new_tokens):
         tokens.append(logits[:, -1].argmax(-1))  # (B,)
@@ -527,6 +579,7 @@ def greedy_with_prefix(
 __all__ = [
     "KVPrefix",
     "DecodeState",
+    "POSITIONS",
     "decode_step",
     "export_kv_prefix",
     "greedy_with_prefix",

@@ -4,6 +4,10 @@
     logits = next(steps)              # prefill: last position's logits (B, V)
     logits = steps.send(tokens)       # feed (B,) tokens, get the next (B, V)
 
+A KV prefix (prompt / prefix tuning) is seeded with positions="unpadded" (kv_prefix.py):
+each row's text directly follows the virtual tokens whatever its left padding, so a prompt's
+output does not depend on the other prompts of its batch (it equals the prompt alone).
+
 fused (GroupQueryAttention, shared past/present buffers in the request's Slot):
     prefix adapter ─► seed_past ─► copied into columns 0..N-1 of every layer's buffer
     prefill  input_ids (B, T), attention_mask (B, N+T) ─► new keys land at columns N..N+T-1
@@ -25,6 +29,8 @@ from edgepeft.export import kv_prefix
 from edgepeft.runtime.kv_cache import Slot
 
 Steps = Generator[np.ndarray, np.ndarray, None]
+PREFIX_POSITIONS = "unpadded"
+"""Batch-invariant KV-prefix positions (kv_prefix.POSITIONS): batched == each prompt alone."""
 
 
 def fused_steps(session, slot: Slot, binding, input_ids, mask, prefix) -> Steps:
@@ -37,7 +43,9 @@ def fused_steps(session, slot: Slot, binding, input_ids, mask, prefix) -> Steps:
     slot.mask[:, :n] = 1
     slot.mask[:, n:total] = mask
     if prefix is not None:
-        seeded = kv_prefix.seed_past(prefix, mask, "fused", slot.spec.kv_dtype)
+        seeded = kv_prefix.seed_past(
+            prefix, mask, "fused", slot.spec.kv_dtype, positions=PREFIX_POSITIONS
+        )
         for name, value in seeded.items():
             slot.kv[name][:, :, :n] = value  # (B, n_kv, N, d)
     logits = np.empty((batch, length, slot.spec.vocab_size), np.float32)  # (B, T, V)
@@ -84,7 +92,9 @@ def generic_steps(session, spec, parameters: dict, input_ids, mask, prefix) -> S
     n = prefix.num_virtual_tokens if prefix is not None else 0
     full_mask = np.concatenate([np.ones((batch, n), np.int64), mask], axis=1)  # (B, N+T)
     if prefix is not None:
-        past = kv_prefix.seed_past(prefix, mask, "generic", spec.kv_dtype)
+        past = kv_prefix.seed_past(
+            prefix, mask, "generic", spec.kv_dtype, positions=PREFIX_POSITIONS
+        )
     else:
         empty = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), spec.kv_dtype)
         past = dict.fromkeys(spec.past_names, empty)
@@ -100,4 +110,4 @@ def generic_steps(session, spec, parameters: dict, input_ids, mask, prefix) -> S
         feeds["attention_mask"] = value(full_mask)
 
 
-__all__ = ["fused_steps", "generic_steps"]
+__all__ = ["PREFIX_POSITIONS", "fused_steps", "generic_steps"]

@@ -8,6 +8,7 @@
         ▼ tokenize once as training does ([BOS] + prompt), sort by length, batches
     for target in ("base", *adapters):     disable_adapters / set_adapter(name)
         model.generate: greedy, left padding (pad token, else EOS), stop at EOS
+        prompt tuning: batches of prompts of one token length only (no padding)
         ▼ new tokens only, cut at the first EOS, decoded, stripped
     edgepeft.metrics.score_example(prediction, reference) per example
         ▼
@@ -16,6 +17,13 @@
 The model leaves as it came: active adapter, requires_grad flags and train/eval mode
 are put back even when generation fails. Prompt and prefix tuning apply through
 forward hooks, so they generate like any other adapter.
+
+Batch invariance: a prompt's prediction must not depend on which prompts share its batch.
+Left padding is invisible to every adapter but prompt tuning: its hook (as HF peft) puts
+the virtual tokens before the pads, so a padded row's text stands pads-many positions
+further from them than in training or alone. Prompt-tuning targets therefore batch only
+prompts of equal length, which equals batch size 1 (and the device runtime, which seeds
+each row's virtual tokens right before its text).
 """
 
 from __future__ import annotations
@@ -82,10 +90,23 @@ def _stop_ids(model: nn.Module, tokenizer) -> list[int]:
     return found
 
 
-def _batches(ids: list[list[int]], batch_size: int) -> list[list[int]]:
-    """Example indices grouped by similar length, so batches carry little padding."""
+def _batches(ids: list[list[int]], batch_size: int, equal_length: bool = False) -> list[list[int]]:
+    """Example indices grouped by similar length, so batches carry little padding.
+
+    `equal_length`: a batch holds prompts of one token length only (no padding at all).
+    """
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if not equal_length:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    groups: dict[int, list[int]] = {}
+    for i in order:
+        groups.setdefault(len(ids[i]), []).append(i)
+    return [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
+def _pads_shift_outputs(config) -> bool:
+    """Left padding changes this adapter's outputs: prompt tuning (module docstring)."""
+    return getattr(config, "peft_type", None) == "PROMPT_TUNING"
 
 
 @dataclass(frozen=True)
@@ -147,7 +168,8 @@ def evaluate(
         adapters: Names of adapters on `model` to evaluate, in table order; default:
             every adapter on the model.
         max_new_tokens: Generation stops after this many tokens, or at EOS.
-        batch_size: Prompts generated together (left-padded).
+        batch_size: Prompts generated together (left-padded; for prompt tuning, prompts
+            of equal length only, so that batching never changes a prediction).
         include_base: Add a "base" row: the model with every adapter disabled.
         progress: Show a progress bar per target.
 
@@ -193,6 +215,8 @@ def evaluate(
             "the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token"
         )
     batches = _batches(ids, batch_size)
+    unpadded = _batches(ids, batch_size, equal_length=True)
+    configs = list_adapters(model)
     generate = _Greedy(model, tokenizer, pad_id, stop_ids, max_new_tokens)
 
     previous = active_adapter(model)
@@ -208,7 +232,8 @@ def evaluate(
                         preds = generate(ids, batches, bar)
                 else:
                     set_adapter(model, target)
-                    preds = generate(ids, batches, bar)
+                    padded_ok = not _pads_shift_outputs(configs[target])
+                    preds = generate(ids, batches if padded_ok else unpadded, bar)
             results.append(score_target(target, preds, examples))
     finally:
         if on_model:
