@@ -30,6 +30,17 @@ def tiny_dir(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls gain nothing from a thread pool, which only waits on busy cores (seconds
+    instead of milliseconds per forward on a loaded machine). Use it module-wide with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def input_ids():
     """A fixed batch of token ids (2 sequences of 9 tokens)."""

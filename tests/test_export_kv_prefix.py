@@ -46,13 +46,7 @@ TOL = 1e-4
 PAD = 3  # left pads of row 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny matmuls: a thread pool only waits on busy cores (seconds instead of ms per forward)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _session(path):

@@ -47,13 +47,7 @@ PROMPT_LENGTHS = (7, 4, 9)  # verify's default prompts: left padded by 2, 5 and 
 PROMPTS = [[5, 17, 200, 33, 81, 9], [250, 12, 40], [77, 300, 8, 150, 61, 99, 240, 18]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny matmuls: a thread pool only waits on busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _adapted(folder, quant: str):
