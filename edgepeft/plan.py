@@ -574,6 +574,15 @@ def _largest_context(fits, low: int, high: int) -> int:
     return high if fits(high) else low
 
 
+def _shown(path: str | os.PathLike) -> str:
+    """A recipe's path as a user would type it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(RECIPES_DIR.parent))
+    except ValueError:
+        return str(path)
+
+
 def recommend(
     shape: ModelShape,
     device: DeviceProfile,
@@ -729,10 +738,15 @@ def render(p: Plan) -> str:
         r = rec.recipe
         block = f", block {r.block_size}" if r.weights in _NBITS else ""
         lines.append(
-            f"recommended: {os.path.relpath(r.path) if not os.path.isabs(os.path.relpath(r.path)) else r.path}"
-            f" ({r.weights}{block}, {r.mode}, max context {rec.max_context}, providers "
+            f"recommended: {_shown(r.path)} ({r.weights}{block}, {r.mode}, max context "
+            f"{rec.max_context}, providers "
             f"{', '.join(x.removesuffix('ExecutionProvider') for x in r.providers)}): {rec.reason}"
         )
+        if p.adapters and r.mode != "separate":
+            lines.append(
+                f"  with --mode separate: the {p.adapters} adapter(s) switch per request on one "
+                "base (the recipe's other settings stand)"
+            )
         if rec.plan is not None:
             lines.append(
                 f"  peak {_gb(rec.plan.total)} of {_gb(rec.plan.budget)}, "
