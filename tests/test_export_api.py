@@ -174,11 +174,15 @@ def test_bad_recipes_are_refused(tmp_path, text, match):
         load_recipe(recipe)
 
 
-def test_separate_mode_without_a_fused_builder_is_refused(tiny_dir, tmp_path):
+def test_separate_mode_on_a_traced_graph(tiny_dir, tmp_path):
+    """GPT-2 has no fused builder: its separate export is the traced graph with adapter inputs."""
     adapter = lora_folder(tiny_dir, tmp_path)
-    with pytest.raises(ValueError, match="separate mode needs the fused graph builder"):
-        export(tiny_dir("gpt2"), tmp_path / "out", {"sql": adapter}, mode="separate", quiet=True)
-    assert not (tmp_path / "out").exists()
+    result = export(tiny_dir("gpt2"), tmp_path / "out", {"sql": adapter}, weights="fp32",
+                    mode="separate", quiet=True)
+    manifest = read_manifest(tmp_path / "out")
+    assert (manifest.graph, manifest.mode) == ("generic", "separate")
+    assert [e.name for e in manifest.adapters] == ["sql"]
+    assert result.verify.passed
 
 
 def test_cli_export_then_verify(tiny_dir, tmp_path, capsys):

@@ -493,10 +493,12 @@ def test_exact_nf4_graph_with_adapter_files(exported, tmp_path):
     set_adapter(ex.model, None)
 
 
-def test_architecture_without_fused_builder_is_refused(tiny_dir, tmp_path):
+def test_exact_4bit_without_fused_builder_is_refused(tiny_dir, tmp_path):
+    """GPT-2's separate graph is traced (generic): MatMulBnb4 needs the fused builder."""
     model, _ = load_base(tiny_dir("gpt2"))
     add_adapter(model, LoraConfig(r=2), "x")
     folder = save_adapter(model, tmp_path / "x", "x")
-    with pytest.raises(ValueError, match="separate mode needs the fused graph builder.*'gpt2'.*merged"):
-        api.export(tiny_dir("gpt2"), tmp_path / "out", adapters={"x": folder}, weights="fp32",
+    with pytest.raises(ValueError, match="nf4.*needs the fused builder"):
+        api.export(tiny_dir("gpt2"), tmp_path / "out", adapters={"x": folder}, weights="nf4",
                    mode="separate", quiet=True)
+    assert not (tmp_path / "out").exists()

@@ -457,6 +457,7 @@ def export(
                 base_fingerprint=base_fp,
                 progress=say,
                 lora_everywhere=lora_everywhere,
+                graph=graph,
             )
             graphs[""] = out
             if verify:

@@ -13,6 +13,8 @@
                             "int8" / "int4"  MatMul ─► com.microsoft MatMulNBits, symmetric RTN
                                      per `block_size` inputs (weights.py, the fused builder's
                                      format, byte for byte onnxruntime's quantizer)
+        │ separate mode: each adapted linear gets optional LoRA/DoRA/IA3/bottleneck inputs
+        │ with identity defaults, spliced around its MatMul (generic_adapters.py)
         ▼
     out_dir/model.onnx + out_dir/model.onnx.data
 
@@ -29,7 +31,7 @@ import copy
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +41,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from edgepeft.base import dequantized_weight, is_conv1d_origin, is_linear_like, is_quantized
+from edgepeft.export.adapter_slots import AdapterSlot
 from edgepeft.export.fused import GraphInfo
+from edgepeft.export.generic_adapters import add_adapter_branches, linear_sites
 from edgepeft.export.graph_info import (
     DATA_FILE,
     IR_VERSION,
@@ -320,6 +324,8 @@ def export_generic(
     block_size: int = 32,
     accuracy_level: int = 4,
     progress: Progress | None = None,
+    adapter_slots: Mapping[str, AdapterSlot] | None = None,
+    optional_inputs: Mapping[str, np.ndarray] | None = None,
 ) -> GraphInfo:
     """Export `model` (any HF causal LM) as a decoder graph with KV cache.
 
@@ -333,6 +339,9 @@ def export_generic(
         accuracy_level: MatMulNBits compute type: 0 = fp32, 4 = int8 activations
             (fastest on CPUs with int8 dot products).
         progress: Called with one line per stage.
+        adapter_slots: Separate mode: module path -> AdapterSlot whose adapter inputs the
+            graph gets, with identity defaults (generic_adapters.py; one slot per module).
+        optional_inputs: Extra graph inputs, each defaulting to the array given.
 
     Returns:
         GraphInfo of the written graph.
@@ -370,6 +379,9 @@ def export_generic(
     finally:
         shutil.rmtree(trace_dir, ignore_errors=True)
     del contract, plain
+    slots = dict(adapter_slots or {})
+    # Found in the fp32 graph: storing the weights keeps these tensor names.
+    sites = linear_sites(proto, slots)
 
     if weights in ("int4", "int8"):
         bits = 4 if weights == "int4" else 8
@@ -378,6 +390,9 @@ def export_generic(
     elif weights == "fp16":
         names = {t.name for t in proto.graph.initializer if len(t.dims) >= 2}
         store_fp16(proto, names)
+    if slots or optional_inputs:
+        say(f"adding adapter inputs on {len(slots)} layers")
+        add_adapter_branches(proto, slots, sites, optional_inputs)
     path = save_with_external_data(proto, out_dir)
     say(f"graph saved: {len(proto.graph.node)} nodes, {weights} weights")
     return GraphInfo(

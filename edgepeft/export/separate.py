@@ -8,6 +8,8 @@
         │ pack_slots: q/k/v and gate/up share one packed slot (packed_adapters.py)
         ▼
     export_fused(base, adapter_branches=slots, optional_inputs={guard})      out/model.onnx
+        (architectures without a fused builder, or graph="generic": export_generic with
+         adapter_slots=slots unpacked, one per module, spliced into the traced graph)
         ▼
     per adapter: pack_tensors ─► write_adapter_file (every tensor a graph input)   out/adapters/
         ▼
@@ -31,7 +33,8 @@ Prompt and prefix tuning are switchable too, as KV prefixes: kv_prefix.py writes
 per-layer keys/values to adapters/<name>.kvprefix.safetensors, which the runtime seeds into
 the cache (no graph input). Not switchable here: selective adapters and modules_to_save
 (they replace norms, biases or whole heads rather than feed a projection): export those in
-merged mode. GPT-2 and other architectures without a fused builder raise, naming it.
+merged mode. GPT-2 and other architectures without a fused builder get the same inputs on
+their traced graph (generic_adapters.py), so their files, runtime and verify are the same.
 
 An adapter trained later over the same base is added to an existing export with
 `export_adapter` (no new base graph): it needs the graph to have its inputs, which
@@ -233,6 +236,27 @@ def _write(adapter: AdapterTensors, out_dir: Path, layout, graph_inputs, base_fi
     )
 
 
+def _builder(model: nn.Module, graph: str, weights: str, accuracy_level: int) -> str:
+    """"fused" or "generic": the builder of the separate-mode base graph for `model`."""
+    from edgepeft.export.fused import unsupported
+
+    if graph not in ("auto", "fused", "generic"):
+        raise ValueError(f"graph must be 'auto', 'fused' or 'generic', got {graph!r}")
+    if graph != "generic":
+        declined = unsupported(model, weights, accuracy_level)
+        if declined is None:
+            return "fused"
+        if graph == "fused":
+            raise ValueError(f"no fused graph for this model: {declined}")
+    if weights in ("nf4", "fp4"):
+        model_type = getattr(model.config, "model_type", None)
+        raise ValueError(
+            f"weights={weights!r} (exact bitsandbytes 4-bit, MatMulBnb4) needs the fused builder, "
+            f"which {model_type!r} has not; export with weights='int4' instead"
+        )
+    return "generic"
+
+
 @torch.no_grad()
 def export_separate(
     model: nn.Module,
@@ -247,6 +271,7 @@ def export_separate(
     base_fingerprint: str,
     progress: Progress | None = None,
     lora_everywhere: bool = False,
+    graph: str = "auto",
 ) -> None:
     """Write the base graph, one .onnx_adapter (+ sidecar) per adapter, and manifest.json.
 
@@ -262,22 +287,21 @@ def export_separate(
         progress: Called with one line per step.
         lora_everywhere: Also give every linear layer (not lm_head) rank-0 LoRA inputs, so
             LoRA adapters trained later over the same base load without a new base graph.
+        graph: "auto" (fused where the architecture has a fused builder, else generic),
+            "fused" or "generic" (the traced graph, any architecture).
     """
     from edgepeft.adapters.inject import delete_adapter, list_adapters
     from edgepeft.adapters.peft_format import load_adapter
     from edgepeft.base import base_info
     from edgepeft.export.api import _token_ids
-    from edgepeft.export.fused import FUSED_MODEL_TYPES, export_fused
+    from edgepeft.export.fused import export_fused
+    from edgepeft.export.generic import export_generic
     from edgepeft.export.kv_prefix import KV_PREFIX_PEFT_TYPES, export_kv_prefix
     from edgepeft.export.manifest import AdapterEntry, Manifest, graph_fields, write_manifest
 
     say = progress or (lambda line: None)
     model_type = getattr(model.config, "model_type", None)
-    if model_type not in FUSED_MODEL_TYPES:
-        raise ValueError(
-            f"separate mode needs the fused graph builder, which has no {model_type!r} "
-            f"(fused: {sorted(FUSED_MODEL_TYPES)}); export with mode='merged'"
-        )
+    builder = _builder(model, graph, weights, accuracy_level)
     out_dir = Path(out_dir)
     read: list[AdapterTensors] = []
     kv_prefixes: list[AdapterEntry] = []
@@ -295,19 +319,17 @@ def export_separate(
                 read.append(adapter_tensors(model, name, source=source))
         finally:
             delete_adapter(model, name)
-    slots = pack_slots(model, union_slots(model, read, lora_everywhere))
+    slots = union_slots(model, read, lora_everywhere)
+    guard = {fingerprint_input(base_fingerprint): np.zeros(1, np.float32)}
+    kwargs = dict(block_size=block_size, accuracy_level=accuracy_level, optional_inputs=guard)
+    if builder == "fused":
+        slots = pack_slots(model, slots)
+        say(f"building the {model_type} base graph ({weights}) with adapter inputs on {len(slots)} layers")
+        info = export_fused(model, out_dir, weights, adapter_branches=slots, **kwargs)
+    else:  # traced: one slot per module, no packing
+        say(f"tracing the {model_type} base graph ({weights}) with adapter inputs on {len(slots)} layers")
+        info = export_generic(model, out_dir, weights, adapter_slots=slots, progress=say, **kwargs)
     layout = packed_layout(slots)
-    say(f"building the {model_type} base graph ({weights}) with adapter inputs on {len(slots)} layers")
-    guard = fingerprint_input(base_fingerprint)
-    info = export_fused(
-        model,
-        out_dir,
-        weights,
-        block_size=block_size,
-        accuracy_level=accuracy_level,
-        adapter_branches=slots,
-        optional_inputs={guard: np.zeros(1, np.float32)},
-    )
     graph_inputs = optional_graph_inputs(info.path)
     entries = []
     for adapter in read:
@@ -322,7 +344,7 @@ def export_separate(
         base_fingerprint=base_fingerprint,
         base_quant=base.quant,
         model_type=model_type,
-        graph="fused",
+        graph=builder,
         block_size=block_size,
         accuracy_level=accuracy_level,
         max_context=max_context,
