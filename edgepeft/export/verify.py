@@ -227,7 +227,7 @@ class VerifyReport:
                 f"{g.greedy_match:>2}/{g.greedy_prompts:<2}  "
                 f"{num(g.dequant_prefill_max_abs_diff)} / {num(g.dequant_decode_max_abs_diff)}"
                 + ("" if g.judged else "  (reported, not judged)")
-                + ("" if g.within_tolerance else "  (above tolerance)")
+                + ("" if g.within_tolerance or not g.judged else "  (above tolerance)")
                 + ("" if g.batched else "  (each prompt alone, unpadded)")
                 + (
                     ""
