@@ -99,6 +99,40 @@ class EvalReport:
         return "\n".join(lines)
 
 
+def choose_targets(
+    available: Sequence[str],
+    adapters: Sequence[str] | None,
+    include_base: bool,
+    *,
+    holder: str,
+    listed: str,
+    remedy: str,
+) -> list[str]:
+    """The rows to evaluate: BASE (when `include_base`), then `adapters` (default: all available).
+
+    `holder` names where adapters live ("this model", "the engine for out/"), `listed` how the
+    available ones are introduced, `remedy` how to add a missing one; they word the errors.
+    """
+    names = list(available) if adapters is None else list(adapters)
+    for name in names:
+        if name not in available:
+            raise KeyError(
+                f"no adapter named {name!r} on {holder} ({listed}: {', '.join(available) or 'none'}); "
+                f"{remedy}"
+            )
+    if len(set(names)) != len(names):
+        raise ValueError(f"adapters lists a name twice: {names}")
+    if include_base and BASE in names:
+        raise ValueError(
+            f"an adapter is named {BASE!r}, the name of the base row; rename the adapter or "
+            "pass include_base=False"
+        )
+    targets = ([BASE] if include_base else []) + names
+    if not targets:
+        raise ValueError(f"nothing to evaluate: {holder} has no adapters and include_base=False")
+    return targets
+
+
 def score_target(name: str, predictions: Sequence[str], examples: Sequence[EvalExample]) -> TargetResult:
     """Every metric of each prediction against its example's reference, and their means."""
     scores = tuple(score_example(p, ex.reference) for p, ex in zip(predictions, examples, strict=True))

@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 
-from edgepeft.eval_report import BASE, EvalReport, score_target
+from edgepeft.eval_report import BASE, EvalReport, choose_targets, score_target
 from edgepeft.eval_rows import EvalExample, read_examples
 
 
@@ -66,25 +66,11 @@ def evaluate(
             f"max_new_tokens and batch_size must be at least 1; got {max_new_tokens} and {batch_size}"
         )
     engine = engine_or_dir if isinstance(engine_or_dir, Engine) else Engine(engine_or_dir, threads=threads)
-    loaded = list(engine.adapters())
-    names = loaded if adapters is None else list(adapters)
-    for name in names:
-        if name not in loaded:
-            raise KeyError(
-                f"no adapter named {name!r} is loaded in the engine for {engine.export_dir} "
-                f"(loaded: {', '.join(loaded) or 'none'}); load it with engine.load_adapter(path, name)"
-            )
-    if len(set(names)) != len(names):
-        raise ValueError(f"adapters lists a name twice: {names}")
-    if include_base and BASE in names:
-        raise ValueError(
-            f"an adapter is named {BASE!r}, the name of the base row; load it under another name "
-            "or pass include_base=False"
-        )
-    targets = ([BASE] if include_base else []) + names
-    if not targets:
-        raise ValueError(f"nothing to evaluate: the engine for {engine.export_dir} has no adapters "
-                         "and include_base=False")
+    targets = choose_targets(
+        list(engine.adapters()), adapters, include_base,
+        holder=f"the engine for {engine.export_dir}", listed="loaded",
+        remedy="load it with engine.load_adapter(path, name)",
+    )  # fmt: skip
 
     examples, description = read_examples(data)
     prompts = [_prompt(engine, ex) for ex in examples]

@@ -36,7 +36,13 @@ import torch
 from torch import nn
 
 from edgepeft.adapters.inject import active_adapter, disable_adapters, list_adapters, set_adapter
-from edgepeft.eval_report import BASE, EvalReport, TargetResult, score_target  # noqa: F401
+from edgepeft.eval_report import (  # noqa: F401
+    BASE,
+    EvalReport,
+    TargetResult,
+    choose_targets,
+    score_target,
+)
 from edgepeft.eval_rows import EvalExample, read_examples  # noqa: F401
 from edgepeft.train.data import bos_to_add
 
@@ -187,24 +193,11 @@ def evaluate(
         raise ValueError(
             f"max_new_tokens and batch_size must be at least 1; got {max_new_tokens} and {batch_size}"
         )
-    on_model = list(list_adapters(model))
-    names = on_model if adapters is None else list(adapters)
-    for name in names:
-        if name not in on_model:
-            raise KeyError(
-                f"no adapter named {name!r} on this model (adapters: {', '.join(on_model) or 'none'}); "
-                "load it first with edgepeft.load_adapter"
-            )
-    if len(set(names)) != len(names):
-        raise ValueError(f"adapters lists a name twice: {names}")
-    if include_base and BASE in names:
-        raise ValueError(
-            f"an adapter is named {BASE!r}, the name of the base row; rename the adapter or "
-            "pass include_base=False"
-        )
-    targets = ([BASE] if include_base else []) + names
-    if not targets:
-        raise ValueError("nothing to evaluate: the model has no adapters and include_base=False")
+    configs = list_adapters(model)
+    targets = choose_targets(
+        list(configs), adapters, include_base, holder="this model",
+        listed="adapters", remedy="load it first with edgepeft.load_adapter",
+    )  # fmt: skip
 
     examples, description = read_examples(data)
     ids = _token_ids(tokenizer, examples)
@@ -216,7 +209,6 @@ def evaluate(
         )
     batches = _batches(ids, batch_size)
     unpadded = _batches(ids, batch_size, equal_length=True)
-    configs = list_adapters(model)
     generate = _Greedy(model, tokenizer, pad_id, stop_ids, max_new_tokens)
 
     previous = active_adapter(model)
@@ -236,7 +228,7 @@ def evaluate(
                     preds = generate(ids, batches if padded_ok else unpadded, bar)
             results.append(score_target(target, preds, examples))
     finally:
-        if on_model:
+        if configs:
             set_adapter(model, previous)
         for p, flag in trainable:
             p.requires_grad_(flag)
