@@ -8,7 +8,7 @@ rewrite its inputs while one of them is active:
                     attention_mask ──► [1 x N | mask]      labels ──► [-100 x N | labels]
 
     prefix tuning   flat (N, L*2*H*D) ──view──► layer l: K_l, V_l (B, H, N, D)
-                    ──► DynamicCache in past_key_values; positions start at N
+                    ──► DynamicCache as the forward's cache; positions start at N
                     attention_mask ──► [1 x N | mask]
 
 Everything matches HF peft's PeftModelForCausalLM, except that prompt tuning drops
@@ -32,6 +32,7 @@ from torch import nn
 from edgepeft.adapters.layer import AdapterModule, MethodSpec
 from edgepeft.base import base_info
 from edgepeft.config import PrefixTuningConfig, PromptTuningConfig
+from edgepeft.kv_cache_keyword import find_cache, put_cache
 
 ATTRIBUTE = "edgepeft_prompts"
 """Name of the module on the causal LM that holds every prompt/prefix adapter."""
@@ -179,11 +180,11 @@ class VirtualTokens(AdapterModule):
             # them, so positions follow the cache (0..N+T-1 over prompt and input).
             kwargs["position_ids"] = kwargs["position_ids"] + n if plan.method == "prefix" else None
 
-        cache = kwargs.get("past_key_values")
+        cache, _ = find_cache(kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             return (), kwargs  # a later generation step: the virtual tokens sit in the cache
         if plan.method == "prefix":
-            kwargs["past_key_values"] = self._prefix_cache(model, name, batch, cache)
+            put_cache(model, kwargs, self._prefix_cache(model, name, batch, cache))
             return (), kwargs
 
         if embeds is None:

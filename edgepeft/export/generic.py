@@ -53,6 +53,7 @@ from edgepeft.export.graph_info import (
     output_names,
 )
 from edgepeft.export.weights import check_block_size, dequantize_nbits, quantize_nbits
+from edgepeft.kv_cache_keyword import cache_keyword, output_cache
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -141,10 +142,10 @@ class CacheContract(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **{cache_keyword(self.model): cache},
         )
-        presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        presents = [t for layer in output_cache(out).layers for t in (layer.keys, layer.values)]
         return (out.logits.float(), *presents)
 
 
@@ -153,7 +154,7 @@ def cache_shape(model: nn.Module) -> tuple[int, int, int, int]:
     ids = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-    layers = out.past_key_values.layers
+    layers = output_cache(out).layers
     _, n_kv, _, head_dim = layers[0].keys.shape
     return len(layers), n_kv, head_dim, out.logits.shape[-1]
 
