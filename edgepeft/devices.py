@@ -1,15 +1,17 @@
-"""Device profiles: what a target machine offers, as data in `devices/*.toml`.
+"""Device profiles: what a target machine offers, as data in `edgepeft/data/devices/*.toml`.
 
-    load_profile("raspberry-pi-5-8gb")          a name ─► EDGEPEFT_DEVICES folders, then the
-    load_profile("path/to/board.toml")          repo's devices/ ─► TOML ─► checked ─► DeviceProfile
+    load_profile("raspberry-pi-5-8gb")          a name ─► profile_dirs(): EDGEPEFT_DEVICES
+    load_profile("path/to/board.toml")          folders, the user's folder, the shipped
+                                                profiles ─► TOML ─► checked ─► DeviceProfile
     load_profile("local")                       this machine, measured now (detect_local), with
-                                                devices/local.toml's keys over it (the decode
-                                                efficiency bench_plan.py calibrated, ...)
+                                                the keys of a local.toml found there over it
+                                                (the decode efficiency bench_plan.py calibrated
+                                                into calibration_path(), ...)
 
     DeviceProfile ─► runtime: providers (onnxruntime names, preference order), threads
                   ─► edgepeft.plan: memory, reserved, bandwidth, efficiency, weight formats
 
-A profile file holds these keys (devices/README.md shows a whole file):
+A profile file holds these keys (edgepeft/data/devices/README.md shows a whole file):
 
     name, description                   strings
     memory, reserved                    sizes: "8GiB", "512MiB", "8GB" (10^9) or bytes
@@ -39,10 +41,10 @@ import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-DEVICES_DIR = Path(__file__).resolve().parent.parent / "devices"
-"""The profiles shipped in the repository, beside the package."""
+DEVICES_DIR = Path(__file__).resolve().parent / "data" / "devices"
+"""The profiles shipped inside the package (package data: the wheel holds them)."""
 ENV_VAR = "EDGEPEFT_DEVICES"
-"""Extra profile folders (os.pathsep-separated), searched before DEVICES_DIR."""
+"""Extra profile folders (os.pathsep-separated), searched first."""
 LOCAL = "local"
 
 PROVIDER_NAMES = {
@@ -71,7 +73,7 @@ DEFAULT_EFFICIENCY = {"peak": 0.4, "measured": 0.5}
 
 "measured" (a copy test on this machine): 0.5, what the fused int4 graphs reached on the
 2-core x86 machine edgepeft is developed on before calibration (scripts/bench_plan.py
-calibrates it per machine into devices/local.toml). "peak" (a vendor's figure): 0.4,
+calibrates it per machine into calibration_path()). "peak" (a vendor's figure): 0.4,
 because a memory system sustains roughly 60-80% of its peak in STREAM-like copies and the
 decode kernels reach a part of that; an estimate, not a measurement.
 """
@@ -262,7 +264,7 @@ def _check_value(key: str, value, where: str):
 
 
 def _checked(data: dict, where: str, partial: bool = False) -> dict:
-    """Validated values by key; `partial` (devices/local.toml) makes no key required."""
+    """Validated values by key; `partial` (a local.toml) makes no key required."""
     unknown = sorted(set(data) - set(_SCHEMA))
     if unknown:
         raise ValueError(
@@ -271,7 +273,9 @@ def _checked(data: dict, where: str, partial: bool = False) -> dict:
     if not partial:
         missing = [k for k, spec in _SCHEMA.items() if spec.required and k not in data]
         if missing:
-            raise ValueError(f"{where}: missing key(s) {missing} (see devices/README.md)")
+            raise ValueError(
+                f"{where}: missing key(s) {missing} (see {DEVICES_DIR / 'README.md'})"
+            )
     return {key: _check_value(key, value, where) for key, value in data.items()}
 
 
@@ -329,10 +333,23 @@ def read_profile(path: str | os.PathLike) -> DeviceProfile:
 # ---------------------------------------------------------------- lookup
 
 
+def user_dir() -> Path:
+    """The user's own profile folder: $XDG_CONFIG_HOME/edgepeft/devices (~/.config/...)."""
+    config = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(config).expanduser() / "edgepeft" / "devices"
+
+
 def profile_dirs() -> list[Path]:
-    """Where names are looked up: EDGEPEFT_DEVICES folders first, then the repo's devices/."""
+    """Where names are looked up, first match wins: the EDGEPEFT_DEVICES folders, the user's
+    folder (user_dir), then the profiles shipped in the package (DEVICES_DIR)."""
     extra = [Path(p).expanduser() for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
-    return [*extra, DEVICES_DIR]
+    return [*extra, user_dir(), DEVICES_DIR]
+
+
+def calibration_path() -> Path:
+    """Where a calibration of `local` is written: local.toml in the first folder names are
+    looked up in, so `load_profile("local")` finds it (never in the installed package)."""
+    return profile_dirs()[0] / f"{LOCAL}.toml"
 
 
 def list_profiles() -> list[str]:
@@ -371,8 +388,8 @@ def load_profile(name_or_path: str | os.PathLike | DeviceProfile) -> DeviceProfi
     if found is None:
         raise FileNotFoundError(
             f"no device profile {text!r} in {', '.join(str(d) for d in profile_dirs())}; "
-            f"known: {', '.join(list_profiles())}. Add a file {text}.toml to one of those "
-            f"folders (or a folder in ${ENV_VAR}), or pass a path to a .toml file"
+            f"known: {', '.join(list_profiles())}. Add a file {text}.toml to {user_dir()} "
+            f"(or to a folder named in ${ENV_VAR}), or pass a path to a .toml file"
         )
     return read_profile(found)
 
@@ -528,6 +545,7 @@ __all__ = [
     "DEVICES_DIR",
     "DeviceProfile",
     "available_providers",
+    "calibration_path",
     "detect_local",
     "format_size",
     "list_profiles",
@@ -535,5 +553,7 @@ __all__ = [
     "local_profile",
     "measure_bandwidth",
     "parse_size",
+    "profile_dirs",
     "read_profile",
+    "user_dir",
 ]

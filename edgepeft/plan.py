@@ -1,6 +1,7 @@
 """Will it fit, and how fast? Memory and decode speed of an export on a device, from shapes.
 
-    MODEL (folder or config.json) ──AutoConfig──► ModelShape (no weights read)
+    MODEL (folder or config.json) ──json + CONFIG_DEFAULTS──► ModelShape (no weights read,
+                                    no transformers: the bare install plans)
     DEVICE ──edgepeft.devices.load_profile──► DeviceProfile (budget, bandwidth, efficiency)
         │
         ▼  per weight format, as the fused exporter stores it (export/fused.py, weights.py)
@@ -18,8 +19,8 @@
       logits and layer temporaries) + adapters (LoRA r on every linear, fp32, each loaded)
     + runtime (process, libraries, CUDA context) ─► peak vs budget ─► fits, margin
     decode tok/s = efficiency x bandwidth / bytes read per token (weights + KV + adapter)
-    recipe: the shipped export/*.toml for this accelerator, first in the device's format
-            preference that fits, with the longest context that fits
+    recipe: a shipped recipe (edgepeft/data/recipes/*.toml) for this accelerator, first in
+            the device's format preference that fits, with the longest context that fits
 
 `--train` switches to edgepeft.train.memory (the training planner) on the device's
 torch_device. The memory model was checked against onnxruntime 1.31 on x86-64 Linux
@@ -58,7 +59,6 @@ EXTERNAL_THRESHOLD, ALIGNMENT = 1024, 4096
 """export/onnx_graph.py: initializers this large go to model.onnx.data, at aligned offsets."""
 DEFAULT_CONTEXT = 2048
 DEFAULT_PREFILL = 512
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "export"
 
 # Decoder families of export/fused.py (_ARCHS): (per-head q/k norms, Gemma's four norms).
 FUSED_ARCHS = {
@@ -70,6 +70,23 @@ FUSED_ARCHS = {
     "gemma2": (False, True),
     "gemma3_text": (True, True),
 }
+_UNTIED = {"tie_word_embeddings": False}
+CONFIG_DEFAULTS: dict[str, dict] = {
+    "llama": {**_UNTIED, "max_position_embeddings": 2048},
+    "mistral": {**_UNTIED, "max_position_embeddings": 131072, "num_key_value_heads": 8},
+    "qwen2": {**_UNTIED, "max_position_embeddings": 32768, "num_key_value_heads": 32},
+    "qwen3": {
+        **_UNTIED, "max_position_embeddings": 32768, "num_key_value_heads": 32, "head_dim": 128
+    },
+    "phi3": {**_UNTIED, "max_position_embeddings": 4096},
+    "gemma": {"max_position_embeddings": 8192, "num_key_value_heads": 16, "head_dim": 256},
+    "gemma2": {"max_position_embeddings": 8192, "num_key_value_heads": 4, "head_dim": 256},
+    "gemma3_text": {"max_position_embeddings": 131072, "num_key_value_heads": 4, "head_dim": 256},
+    "gpt2": {"n_positions": 1024},
+}
+"""Per model type, what transformers' config class fills in for keys the plan reads when
+config.json leaves them out (a config saves only what differs from them in some versions);
+tests/test_plan.py checks each against transformers."""
 
 
 # ---------------------------------------------------------------- the model
@@ -139,30 +156,35 @@ class ModelShape:
         return linear + embed
 
 
-def _text_config(config):
-    getter = getattr(config, "get_text_config", None)
-    return getter() if getter else config
+def read_config(model: str | os.PathLike | dict) -> dict:
+    """The config of a model folder, a config.json, a dict or an HF config, as a dict.
+
+    Standard library only (the bare install has no transformers): a file is read as JSON,
+    an HF config object through its `to_dict()`.
+    """
+    if hasattr(model, "to_dict"):
+        return model.to_dict()
+    if isinstance(model, dict):
+        return dict(model)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no config.json at {model}; pass a model folder or its config.json "
+            "(the weights are not needed to plan)"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
 def load_config(model: str | os.PathLike | dict):
-    """An HF config from a model folder, a config.json, or a dict (no weights needed)."""
+    """An HF config (transformers) from a model folder, a config.json or a dict."""
     from transformers import AutoConfig
 
-    if isinstance(model, dict):
-        data = dict(model)
-    else:
-        path = Path(model).expanduser()
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no config.json at {model}; pass a model folder or its config.json "
-                "(the weights are not needed to plan)"
-            )
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
+    data = read_config(model)
     model_type = data.pop("model_type", None)
     if not model_type:
         raise ValueError(f"{model}: config has no model_type; cannot tell the architecture")
@@ -172,41 +194,78 @@ def load_config(model: str | os.PathLike | dict):
         raise ValueError(f"{model}: transformers does not know model_type {model_type!r}: {e}") from e
 
 
+def _value(c: dict, keys: tuple[str, ...], where: str, default=None):
+    """The first of `keys` that `c` holds (HF and GPT-2 names), else `default`; ValueError
+    naming the config and the key when there is neither."""
+    for key in keys:
+        if c.get(key) is not None:
+            return c[key]
+    if default is None:
+        raise ValueError(f"{where}: config has no {' or '.join(keys)}; cannot plan without it")
+    return default
+
+
+def _rotary_factor(c: dict) -> float:
+    """partial_rotary_factor: a key of its own, or inside rope_parameters (transformers 5)."""
+    nested = (c.get("rope_parameters") or {}).get("partial_rotary_factor")
+    return float(c.get("partial_rotary_factor") or nested or 1.0)
+
+
+def _gemma3_layer_types(c: dict, layers: int) -> list[str]:
+    """Gemma 3's layer types; derived, as transformers does, when the config leaves them out."""
+    if c.get("layer_types"):
+        return list(c["layer_types"])
+    pattern = c.get("sliding_window_pattern") or c.get("_sliding_window_pattern") or 6
+    return [
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)
+    ]
+
+
 def model_shape(model, name: str = "") -> ModelShape:
-    """The shape of a model folder, a config.json, a dict, or an HF config object."""
-    config = model if hasattr(model, "to_dict") else load_config(model)
-    c = _text_config(config)
-    model_type = c.model_type
-    hidden = getattr(c, "hidden_size", None) or c.n_embd
-    heads = getattr(c, "num_attention_heads", None) or c.n_head
-    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    """The shape of a model folder, a config.json, a dict, or an HF config object.
+
+    Keys config.json leaves out take the model type's CONFIG_DEFAULTS (what transformers'
+    config class would fill in); no transformers needed.
+    """
+    data = read_config(model)
+    where = name or (str(model) if isinstance(model, (str, os.PathLike)) else "model")
+    text = data.get("text_config") or data  # a multimodal config: its decoder's part
+    model_type = text.get("model_type") or data.get("model_type")
+    if not model_type:
+        raise ValueError(f"{where}: config has no model_type; cannot tell the architecture")
+    c = {**CONFIG_DEFAULTS.get(model_type, {}), **{k: v for k, v in text.items() if v is not None}}
+    hidden = _value(c, ("hidden_size", "n_embd"), where)
+    heads = _value(c, ("num_attention_heads", "n_head"), where)
+    layers = _value(c, ("num_hidden_layers", "n_layer"), where)
+    head_dim = c.get("head_dim") or hidden // heads
     qk_norm, gemma = FUSED_ARCHS.get(model_type, (False, False))
-    layer_types = getattr(c, "layer_types", None) or []
-    rotary_dim = int(head_dim * float(getattr(c, "partial_rotary_factor", 1.0) or 1.0))
-    attention_bias = bool(getattr(c, "attention_bias", False))
-    gated = hasattr(c, "intermediate_size") and model_type != "gpt2"
-    if not name and not isinstance(model, dict) and not hasattr(model, "to_dict"):
+    attention_bias = bool(c.get("attention_bias", False))
+    gpt2 = model_type == "gpt2"
+    # Gemma 3 keeps one cos/sin table pair per layer type (sliding and full attention).
+    types = _gemma3_layer_types(c, layers) if model_type == "gemma3_text" else []
+    if not name and isinstance(model, (str, os.PathLike)):
         name = str(model)
     return ModelShape(
-        name=name or getattr(config, "_name_or_path", "") or model_type,
+        name=name or data.get("_name_or_path") or model_type,
         model_type=model_type,
         hidden=hidden,
-        intermediate=getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * hidden,
-        layers=getattr(c, "num_hidden_layers", None) or c.n_layer,
+        intermediate=_value(c, ("intermediate_size", "n_inner"), where, 4 * hidden),
+        layers=layers,
         heads=heads,
-        kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+        kv_heads=c.get("num_key_value_heads") or heads,
         head_dim=head_dim,
-        vocab=c.vocab_size,
-        tied=bool(getattr(config, "tie_word_embeddings", False)),
-        max_positions=getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None),
-        qkv_bias=model_type == "qwen2" or attention_bias or model_type == "gpt2",
-        o_bias=attention_bias or model_type == "gpt2",
-        mlp_bias=bool(getattr(c, "mlp_bias", False)) or model_type == "gpt2",
-        gated_mlp=gated,
+        vocab=_value(c, ("vocab_size",), where),
+        # True where the type is not in CONFIG_DEFAULTS: transformers' base-class default.
+        tied=bool(data.get("tie_word_embeddings", c.get("tie_word_embeddings", True))),
+        max_positions=c.get("max_position_embeddings") or c.get("n_positions"),
+        qkv_bias=model_type == "qwen2" or attention_bias or gpt2,
+        o_bias=attention_bias or gpt2,
+        mlp_bias=bool(c.get("mlp_bias", False)) or gpt2,
+        gated_mlp=not gpt2 and "intermediate_size" in c,
         qk_norm=qk_norm,
         gemma_norms=gemma,
-        rotary_half=rotary_dim // 2,
-        rotary_tables=max(len(set(layer_types)), 1) if model_type == "gemma3_text" else 1,
+        rotary_half=int(head_dim * _rotary_factor(c)) // 2,
+        rotary_tables=max(len(set(types)), 1),
         fused=model_type in FUSED_ARCHS,
     )
 
@@ -542,12 +601,13 @@ def plan_format(
 # ---------------------------------------------------------------- recipes
 
 
-def shipped_recipes(folder: str | os.PathLike = RECIPES_DIR) -> list[Recipe]:
-    """Every recipe in export/*.toml (read with edgepeft.export.api.load_recipe's checks)."""
-    from edgepeft.export.api import load_recipe
+def shipped_recipes(folder: str | os.PathLike | None = None) -> list[Recipe]:
+    """Every recipe in `folder` (default: the shipped ones, edgepeft.export.api.RECIPES_DIR),
+    read with edgepeft.export.api.load_recipe's checks."""
+    from edgepeft.export.api import RECIPES_DIR, load_recipe
 
     recipes = []
-    for path in sorted(Path(folder).glob("*.toml")):
+    for path in sorted(Path(folder or RECIPES_DIR).glob("*.toml")):
         data = load_recipe(path)
         recipes.append(
             Recipe(
@@ -572,15 +632,6 @@ def _largest_context(fits, low: int, high: int) -> int:
         mid = (low + high + 1) // 2
         low, high = (mid, high) if fits(mid) else (low, mid - 1)
     return high if fits(high) else low
-
-
-def _shown(path: str | os.PathLike) -> str:
-    """A recipe's path as a user would type it: relative to the repository when inside it."""
-    path = Path(path).resolve()
-    try:
-        return str(path.relative_to(RECIPES_DIR.parent))
-    except ValueError:
-        return str(path)
 
 
 def recommend(
@@ -738,7 +789,7 @@ def render(p: Plan) -> str:
         r = rec.recipe
         block = f", block {r.block_size}" if r.weights in _NBITS else ""
         lines.append(
-            f"recommended: {_shown(r.path)} ({r.weights}{block}, {r.mode}, max context "
+            f"recommended: {r.name} ({r.weights}{block}, {r.mode}, max context "
             f"{rec.max_context}, providers "
             f"{', '.join(x.removesuffix('ExecutionProvider') for x in r.providers)}): {rec.reason}"
         )
@@ -829,8 +880,8 @@ def add_parser(commands) -> None:
         "plan",
         help="memory and decode speed of a model on a device profile; the recipe to use",
         description="Plan a model (a folder or just its config.json: no weights needed) on a "
-        "device profile (a name from devices/, 'local' for this machine, or a .toml path): "
-        "memory per weight format as the exporter stores it, KV cache, activations, adapters, "
+        "device profile (a shipped or user profile's name, 'local' for this machine, or a "
+        ".toml path): memory per weight format as the exporter stores it, KV cache, activations, adapters, "
         "runtime; predicted decode tok/s; whether it fits and the export recipe to use. "
         "--train plans a training run instead.",
     )
@@ -882,6 +933,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 __all__ = [
+    "CONFIG_DEFAULTS",
     "FORMATS",
     "FormatPlan",
     "ModelShape",
@@ -895,6 +947,7 @@ __all__ = [
     "plan",
     "plan_format",
     "plan_training",
+    "read_config",
     "recommend",
     "shipped_recipes",
     "weight_parts",

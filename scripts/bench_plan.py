@@ -1,6 +1,6 @@
 """Plan benchmark: `edgepeft plan`'s predictions for the `local` profile against measurements.
 
-    local profile (cores, memory, providers, copy-test bandwidth; devices/local.toml's efficiency)
+    local profile (cores, memory, providers, copy-test bandwidth; a local.toml's efficiency)
     per model shape of scripts/bench_export.py (random weights, fused int4 export)
       make + export worker ─► HF folder, edgepeft.export(weights="int4", verify=False)
       decode worker (fresh process: numpy + onnxruntime only) ─► peak RSS (VmHWM), decode tok/s
@@ -11,7 +11,8 @@
     ─► table: predicted vs measured (targets: memory within 15%, tok/s within 30%), decode as a
        share of the bandwidth bound (bytes per token x tok/s / bandwidth; target >= 50% for a
        model beyond the last-level cache); the efficiency measured on the largest model is
-       written to devices/local.toml (full runs), where `edgepeft plan` finds it
+       written to edgepeft.devices.calibration_path() (full runs: local.toml in the first
+       $EDGEPEFT_DEVICES folder, else ~/.config/edgepeft/devices/), where `edgepeft plan` finds it
     ─► a plan of the larger shape on every shipped profile
     ─► BENCHMARKS.md section "plan" (scripts/benchmarks_md.py), or --output FILE; --json FILE
 
@@ -296,7 +297,8 @@ def markdown(results: list[dict], profiles: list[dict], local: dict, quick: bool
                      "last-level cache in this run | - |")  # fmt: skip
     if calibrated is not None:
         lines += ["", f"Calibrated efficiency {calibrated:g} (the largest model's bandwidth share "
-                  "once edgepeft.plan's fixed per-step cost is off) written to devices/local.toml for `edgepeft plan --device local`. "
+                  "once edgepeft.plan's fixed per-step cost is off) written to the user's "
+                  "local.toml (edgepeft.devices.calibration_path()) for `edgepeft plan --device local`. "
                   "The speed prediction above used the efficiency loaded before this run."]  # fmt: skip
     if profiles:
         lines += ["", f"### {results[-1]['label']} on every shipped profile (context {profiles[0]['context']}, no adapters)",
@@ -324,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep models and graphs here")
     parser.add_argument(
         "--calibrate", type=Path, metavar="TOML",
-        help="write the measured efficiency here (full runs default: devices/local.toml; "
+        help="write the measured efficiency here (full runs default: local.toml in the user's "
+        "profile folder, edgepeft.devices.calibration_path(); "
         "--quick writes none unless given)",
     )  # fmt: skip
     parser.add_argument("--no-calibrate", action="store_true", help="write no efficiency")
@@ -337,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import bench_export
 
-    from edgepeft.devices import DEVICES_DIR, load_profile
+    from edgepeft.devices import calibration_path, load_profile
 
     start = time.perf_counter()
     log("measuring the local profile (copy-test bandwidth)")
@@ -357,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     profiles = every_profile(shapes[-1][1], shapes[-1][0])
-    target = args.calibrate or (None if args.quick else DEVICES_DIR / "local.toml")
+    target = args.calibrate or (None if args.quick else calibration_path())
     calibrated = None if args.no_calibrate or target is None else calibrate(results, profile, target)
     text = markdown(results, profiles, local, args.quick, calibrated, time.perf_counter() - start)
     if args.json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -89,6 +90,29 @@ def test_user_folder_from_env_var_is_searched_first(tmp_path, monkeypatch):
     assert profile.providers == ("XnnpackExecutionProvider", "CPUExecutionProvider")
     assert profile.budget == 3 * 2**30 and profile.efficiency == devices.DEFAULT_EFFICIENCY["peak"]
     assert devices.available_providers(profile)[-1] == "CPUExecutionProvider"
+
+
+def test_calibration_goes_to_a_user_folder_that_local_reads(tmp_path, monkeypatch):
+    monkeypatch.delenv(devices.ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    user = tmp_path / "config" / "edgepeft" / "devices"
+    assert devices.profile_dirs() == [user, devices.DEVICES_DIR]
+    assert devices.calibration_path() == user / "local.toml"
+    user.mkdir(parents=True)
+    (user / "local.toml").write_text("efficiency = 0.37\n")
+    (user / "board.toml").write_text(_GOOD)
+    assert devices.load_profile("board").source == str(user / "board.toml")
+    assert devices.load_profile("local").efficiency == 0.37
+    # $EDGEPEFT_DEVICES comes first, so a calibration written there is the one found.
+    monkeypatch.setenv(devices.ENV_VAR, str(tmp_path / "mine"))
+    assert devices.calibration_path() == tmp_path / "mine" / "local.toml"
+    assert devices.profile_dirs() == [tmp_path / "mine", user, devices.DEVICES_DIR]
+
+
+def test_shipped_profiles_live_inside_the_package():
+    package = Path(devices.__file__).resolve().parent
+    assert devices.DEVICES_DIR.resolve().is_relative_to(package)
+    assert {p.stem for p in devices.DEVICES_DIR.glob("*.toml")} == set(SHIPPED)
 
 
 def test_sizes_parse_like_the_training_planner():

@@ -11,8 +11,8 @@ import pytest
 
 from edgepeft import plan as planner
 from edgepeft.cli import main
-from edgepeft.devices import list_profiles
-from edgepeft.tiny import tiny_model
+from edgepeft.devices import DEVICES_DIR, list_profiles
+from edgepeft.tiny import TINY_CONFIGS, tiny_model
 
 QWEN_05B = dict(  # Qwen2.5-0.5B's config (scripts/bench_export.py), no weights
     model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
@@ -84,6 +84,32 @@ def test_shape_from_folder_config_file_and_dict_agree(tiny_dir):
     assert len(shapes) == 1
 
 
+@pytest.mark.parametrize("model_type", sorted(planner.CONFIG_DEFAULTS))
+def test_config_json_reads_as_transformers_fills_it_in(model_type):
+    """A config.json read with json alone plans like transformers' config of it: sizes only
+    (defaults left out, as older versions saved them), the tiny configs, Gemma 3 wrapped."""
+    from transformers import AutoConfig
+
+    sparse = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                  num_attention_heads=8, vocab_size=384)  # fmt: skip
+    if model_type == "gpt2":
+        sparse = dict(n_embd=64, n_layer=8, n_head=8, vocab_size=384)
+    for given in (sparse, TINY_CONFIGS.get(model_type, sparse)):
+        expected = planner.model_shape(AutoConfig.for_model(model_type, **given), name="x")
+        assert planner.model_shape({"model_type": model_type, **given}, name="x") == expected
+    if model_type == "gemma3_text":
+        wrapped = {"model_type": "gemma3", "text_config": {"model_type": model_type, **sparse}}
+        expected = planner.model_shape(AutoConfig.for_model("gemma3", text_config=sparse), name="x")
+        assert planner.model_shape(wrapped, name="x") == expected
+
+
+def test_config_without_a_size_names_the_key(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(ValueError, match=f"{path}: config has no num_attention_heads or n_head"):
+        planner.model_shape(path)
+
+
 def test_lora_count_matches_the_inspector():
     from edgepeft.config import LoraConfig
     from edgepeft.inspect_model import adapter_cost
@@ -122,7 +148,7 @@ def test_formats_order_memory_and_speed():
 
 def test_gpu_prefers_fp16_and_falls_back_when_memory_is_short(tmp_path):
     assert planner.plan(QWEN_05B, "rtx-4060-8gb").recommendation.recipe.name == "cuda-fp16"
-    small = (Path(planner.__file__).parent.parent / "devices" / "rtx-4060-8gb.toml").read_text()
+    small = (DEVICES_DIR / "rtx-4060-8gb.toml").read_text()
     small = small.replace('memory = "8GiB"', 'memory = "1536MiB"').replace('reserved = "512MiB"', 'reserved = "0"')
     path = tmp_path / "gpu-1536mb.toml"
     path.write_text(small)
@@ -132,7 +158,7 @@ def test_gpu_prefers_fp16_and_falls_back_when_memory_is_short(tmp_path):
 
 
 def test_context_that_does_not_fit_is_shortened(tmp_path):
-    profile = (Path(planner.__file__).parent.parent / "devices" / "raspberry-pi-5-8gb.toml").read_text()
+    profile = (DEVICES_DIR / "raspberry-pi-5-8gb.toml").read_text()
     path = tmp_path / "tight.toml"
     path.write_text(profile.replace('memory = "8GiB"', 'memory = "1300MiB"').replace('"1GiB"', '"0"'))
     result = planner.plan(QWEN_05B, path, context=32768)

@@ -1,9 +1,8 @@
-"""Export recipes: every shipped file loads, and `edgepeft export --recipe` uses one with
+"""Export recipes: every shipped file loads by name, by the repo's old `export/NAME.toml`
+spelling or by path, a user's file works, and `edgepeft export --recipe` uses one with
 explicit flags winning over it."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
@@ -11,20 +10,43 @@ from edgepeft.cli import main
 from edgepeft.export.api import load_recipe
 from edgepeft.export.manifest import read_manifest
 
-RECIPES = Path(__file__).resolve().parent.parent / "export"
+SHIPPED = ["cpu-int4", "cpu-int8", "cuda-nf4-exact", "cuda-fp16", "cuda-int4"]
 
 
-@pytest.mark.parametrize("name", ["cpu-int4", "cpu-int8", "cuda-nf4-exact", "cuda-fp16", "cuda-int4"])
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_recipes_load(name):
-    recipe = load_recipe(RECIPES / f"{name}.toml")
+    recipe = load_recipe(name)
     assert recipe["weights"] in name and recipe["providers"][-1] == "CPUExecutionProvider"
     assert all(p.endswith("ExecutionProvider") for p in recipe["providers"])
     assert ("CUDAExecutionProvider" in recipe["providers"]) == name.startswith("cuda")
 
 
+@pytest.mark.parametrize("name", SHIPPED)
+def test_name_old_spelling_and_path_find_the_same_recipe(name, tmp_path, monkeypatch):
+    from edgepeft.export.api import recipe_path
+
+    monkeypatch.chdir(tmp_path)  # no export/ folder here: the old spelling means the shipped file
+    by_name = load_recipe(name)
+    assert load_recipe(f"export/{name}.toml") == by_name == load_recipe(f"{name}.toml")
+    assert load_recipe(recipe_path(name)) == by_name and recipe_path(name).is_absolute()
+
+
+def test_a_user_file_wins_over_the_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "cpu-int4.toml").write_text('weights = "int8"\n')
+    (tmp_path / "mine.toml").write_text('weights = "fp16"\nmode = "separate"\n')
+    assert load_recipe("export/cpu-int4.toml") == {"weights": "int8"}  # the file that exists
+    assert load_recipe(tmp_path / "mine.toml") == {"weights": "fp16", "mode": "separate"}
+    with pytest.raises(FileNotFoundError, match="shipped recipes: cpu-int4, cpu-int8"):
+        load_recipe("cpu-int9")
+    with pytest.raises(FileNotFoundError, match="recipe elsewhere/cpu-int4.toml not found"):
+        load_recipe("elsewhere/cpu-int4.toml")  # only the old export/ folder falls back
+
+
 def test_export_uses_the_recipe_and_flags_override_it(tiny_dir, tmp_path, capsys):
     base = str(tiny_dir("llama"))
-    recipe = str(RECIPES / "cpu-int4.toml")
+    recipe = "cpu-int4"
     assert main(["export", "--base", base, "--out", str(tmp_path / "a"), "--recipe", recipe,
                  "--no-verify", "--quiet"]) == 0  # fmt: skip
     m = read_manifest(tmp_path / "a")

@@ -9,23 +9,15 @@ import sys
 import textwrap
 
 import pytest
+from bare_install import BLOCKED, PRELUDE
 from runtime_fixtures import ADAPTERS, PROMPTS, shared_separate
 
 from edgepeft.runtime import Engine
 
-BLOCKED = ("torch", "transformers", "bitsandbytes", "onnx", "peft")
-
 DEVICE_SCRIPT = """
-import importlib.abc, json, sys
+import json, sys
 
-BLOCKED = set({blocked!r})
-
-class Refuse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{{name}} is not installed on this device")
-
-sys.meta_path.insert(0, Refuse())
+BLOCKED = {blocked!r}
 import edgepeft.runtime
 from edgepeft.runtime import Engine
 
@@ -47,13 +39,10 @@ def separate(tiny_dir, tmp_path_factory):
 
 def test_runtime_runs_without_torch_and_matches(separate, tmp_path):
     script = tmp_path / "device.py"
-    script.write_text(
-        textwrap.dedent(
-            DEVICE_SCRIPT.format(
-                blocked=BLOCKED, out=str(separate.out), adapters=list(ADAPTERS), prompts=PROMPTS
-            )
-        )
+    body = DEVICE_SCRIPT.format(
+        blocked=BLOCKED, out=str(separate.out), adapters=list(ADAPTERS), prompts=PROMPTS
     )
+    script.write_text(PRELUDE + textwrap.dedent(body))
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout.strip().splitlines()[-1])
@@ -68,11 +57,6 @@ def test_runtime_runs_without_torch_and_matches(separate, tmp_path):
 def test_blocking_works(tmp_path):
     """The same finder makes `import torch` fail (so the test above can fail)."""
     script = tmp_path / "check.py"
-    script.write_text(
-        DEVICE_SCRIPT.format(blocked=BLOCKED, out="", adapters=[], prompts=[]).split(
-            "import edgepeft"
-        )[0]
-        + "import torch\n"
-    )
+    script.write_text(PRELUDE + "import torch\n")
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "torch is not installed on this device" in run.stderr
