@@ -21,6 +21,13 @@ batch is the same (B, T) with no padding and tokens/s does not depend on sample 
     python scripts/bench_train.py --quick --output /tmp/train.md --json /tmp/train.json
         # the flags every bench_*.py shares (scripts/bench.py drives them): --quick is
         # --smoke --in-process; --output writes the section there instead of BENCHMARKS.md
+
+The real-model memory check (`--real`, its own section "train-real", not part of the run
+above): SmolLM2-135M-Instruct (scripts/real_model.py) over an NF4 base with LoRA r=16 on
+every linear layer, a few `edgepeft.train` steps per case in a fresh process; the run's
+own report: planned peak, measured live-tensor peak (the planner's measure), process RSS.
+
+    python scripts/bench_train.py --real   # a few minutes; rewrites section "train-real"
 """
 
 from __future__ import annotations
@@ -112,6 +119,32 @@ BY_NAME = {c.name: c for c in CONTENDERS}
 MODES = ("speed", "memory")
 
 
+@dataclass(frozen=True)
+class RealCase:
+    """One training setup of the real-model memory check."""
+
+    batch: int
+    seq_len: int
+    checkpointing: bool
+    padding: bool
+    """Rows of unequal length (every other row half as long), so batches carry padding."""
+
+    @property
+    def label(self) -> str:
+        extras = [x for x, on in (("checkpointing", self.checkpointing), ("padded", self.padding)) if on]
+        return f"batch {self.batch} x {self.seq_len}" + "".join(f", {x}" for x in extras)
+
+
+REAL_CASES = (
+    RealCase(batch=8, seq_len=128, checkpointing=False, padding=True),  # the reported run
+    RealCase(batch=4, seq_len=256, checkpointing=True, padding=True),
+    RealCase(batch=8, seq_len=128, checkpointing=True, padding=False),
+)
+REAL_STEPS = 2
+"""Optimizer steps per case: the run meters both (the second with the optimizer state live)."""
+REAL_THREADS = 2
+
+
 # ---------------------------------------------------------------- setup (parent process)
 
 
@@ -175,21 +208,23 @@ def prepare(size: Size, workdir: Path) -> dict:
 
 def run_worker(contender: str, mode: str, workdir: Path, threads: int) -> dict:
     """One measurement in a fresh interpreter, threads pinned the same way for all."""
+    return _child(["--worker", contender, "--mode", mode], workdir / f"{contender}-{mode}.json",
+                  workdir, threads)  # fmt: skip
+
+
+def _child(args: list[str], out: Path, workdir: Path, threads: int) -> dict:
+    """Run this script with `args` in a fresh interpreter; returns the JSON it left at `out`."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false",
     }
-    out = workdir / f"{contender}-{mode}.json"
-    command = [
-        sys.executable, str(Path(__file__).resolve()),
-        "--worker", contender, "--mode", mode, "--workdir", str(workdir),
-    ]  # fmt: skip
+    command = [sys.executable, str(Path(__file__).resolve()), *args, "--workdir", str(workdir)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0 or not out.exists():
         tail = (done.stdout + done.stderr)[-4000:]
-        raise RuntimeError(f"worker {contender}/{mode} failed (exit {done.returncode}):\n{tail}")
+        raise RuntimeError(f"worker {' '.join(args)} failed (exit {done.returncode}):\n{tail}")
     return json.loads(out.read_text())
 
 
@@ -561,6 +596,108 @@ def render(
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- real model memory
+
+
+def real_rows(case: RealCase, count: int) -> list[dict]:
+    """Text rows longer than `case.seq_len` tokens (cut to it); with padding every other
+    row is about half as long."""
+    rows = make_rows(count, case.seq_len, seed=1)
+    texts = [r["prompt"] + r["completion"] for r in rows]
+    if case.padding:
+        texts = [t if i % 2 == 0 else t[: len(t) // 3] for i, t in enumerate(texts)]
+    return [{"text": t} for t in texts]
+
+
+def real_memory(case: RealCase, workdir: Path, model_dir: Path | None = None) -> dict:
+    """A few `edgepeft.train` steps of SmolLM2-135M (NF4, LoRA r=16 all-linear): the run's
+    own planned peak, live-tensor peak and process RSS peak."""
+    import torch
+    from real_model import smollm2_dir
+
+    import edgepeft as ep
+
+    model_dir = model_dir or smollm2_dir()
+    torch.set_num_threads(REAL_THREADS)
+    model, tokenizer = ep.load_base(model_dir, quant="nf4", device="cpu")
+    torch.manual_seed(0)
+    ep.add_adapter(model, ep.LoraConfig(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear"))
+    config = ep.TrainConfig(
+        max_seq_len=case.seq_len, batch_size=case.batch, max_steps=REAL_STEPS, lr=LR,
+        gradient_checkpointing=case.checkpointing, optimizer="adamw", precision="fp32",
+        val_fraction=0.0, eval_every=None, save_every=None, quiet=True,
+    )  # fmt: skip
+    rows = real_rows(case, case.batch * REAL_STEPS)
+    result = ep.train(model, tokenizer, rows, config, workdir / "real-out")
+    return {
+        "case": dataclasses.asdict(case),
+        "planned_peak_bytes": result.planned_peak_bytes,
+        "peak_tensor_bytes": result.peak_tensor_bytes,
+        "peak_rss_bytes": result.peak_rss_bytes,
+        "seconds": result.seconds,
+    }
+
+
+def render_real(results: Sequence[dict], command: str) -> str:
+    """The "train-real" section: per case, planned vs measured live peak, and RSS apart."""
+    lines = [
+        "## Training memory on a real model: planner vs measured (SmolLM2-135M, CPU)",
+        "",
+        "SmolLM2-135M-Instruct (scripts/real_model.py: 30 layers, hidden 576, GQA 9/3, vocab "
+        f"49,152, tied embeddings), NF4 base (double quant), LoRA r={LORA_R} alpha={LORA_ALPHA} "
+        f"on every linear layer, fp32 compute, torch AdamW; {REAL_STEPS} `edgepeft.train` steps "
+        f"per case, {REAL_THREADS} threads, each case in a fresh process. Every number is the "
+        "run's own report (`TrainResult`): planned = `estimate_memory` for the run; live tensors "
+        "= the peak of live tensor bytes over the metered steps (`TensorPeak`, what the planner "
+        "estimates and what `max_memory` budgets); RSS = the process's peak resident set, model "
+        "load included (Python, torch, the NF4 load's freed fp32 pages, allocator caching).",
+        "",
+        "| case | planned MiB | live tensors MiB | planned / live | process RSS MiB | RSS / live |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        case, live = RealCase(**r["case"]), r["peak_tensor_bytes"]
+        lines.append(
+            f"| {case.label} | {_mib(r['planned_peak_bytes'])} | {_mib(live)} "
+            f"| {r['planned_peak_bytes'] / live:.2f} | {_mib(r['peak_rss_bytes'])} "
+            f"| {r['peak_rss_bytes'] / live:.2f} |"
+        )
+    worst = max(abs(r["planned_peak_bytes"] / r["peak_tensor_bytes"] - 1) for r in results)
+    lines += [
+        "",
+        f"- planner vs live-tensor peak: worst {worst:.0%} off (target ±15%: "
+        f"{'met' if worst <= 0.15 else 'missed'}).",
+        "",
+        f"Command: `{command}`",
+    ]
+    return "\n".join(lines)
+
+
+def run_real(args) -> str:
+    """Measure every REAL_CASES case (fresh processes unless --in-process); the markdown."""
+    from real_model import smollm2_dir
+
+    smollm2_dir()  # build the cached folder once, before the workers (prints progress)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_train_real.") as tmp:
+        workdir = Path(tmp)
+        for i, case in enumerate(REAL_CASES):
+            tick = time.perf_counter()
+            if args.in_process:
+                r = real_memory(case, workdir / str(i))
+            else:
+                r = _child(["--real-case", str(i)], workdir / f"real-{i}.json", workdir, REAL_THREADS)
+            results.append(r)
+            print(
+                f"[{i + 1}/{len(REAL_CASES)}] {case.label}: planned {_mib(r['planned_peak_bytes'])} "
+                f"MiB, live {_mib(r['peak_tensor_bytes'])} MiB, RSS {_mib(r['peak_rss_bytes'])} MiB "
+                f"({time.perf_counter() - tick:.0f} s)",
+                flush=True,
+            )
+    command = "python scripts/bench_train.py --real" + " --in-process" * args.in_process
+    return render_real(results, command)
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -581,6 +718,11 @@ def _parser() -> argparse.ArgumentParser:
         "--in-process", action="store_true",
         help="run every measurement in this process (fast; numbers not comparable: for tests)",
     )  # fmt: skip
+    parser.add_argument(
+        "--real", action="store_true",
+        help="only the real-model memory check (SmolLM2-135M; section train-real)",
+    )  # fmt: skip
+    parser.add_argument("--real-case", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=sorted(BY_NAME), help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
@@ -599,6 +741,15 @@ def main(argv: Sequence[str] | None = None) -> str:
         tmp.write_text(json.dumps(result))
         os.replace(tmp, out)
         return ""
+    if args.real_case is not None:
+        result = real_memory(REAL_CASES[args.real_case], args.workdir / f"real-{args.real_case}")
+        out = args.workdir / f"real-{args.real_case}.json"
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, out)
+        return ""
+    if args.real:
+        return _publish(args, "train-real", run_real(args))
 
     size = SMOKE if args.smoke else FULL
     started = time.perf_counter()
@@ -630,6 +781,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     if args.json is not None:
         payload = {"size": dataclasses.asdict(size), "results": results, "estimates": estimates}
         args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return _publish(args, "train", markdown)
+
+
+def _publish(args, section: str, markdown: str) -> str:
+    """Write `markdown` where the flags say (--output, --no-write, --benchmarks-file, or
+    section `section` of BENCHMARKS.md); returns it."""
     if args.output is not None:
         args.output.write_text(f"{markdown}\n\n_Measured on: {benchmarks_md.machine()}_\n")
         print(f"wrote {args.output}", flush=True)
@@ -642,12 +799,12 @@ def main(argv: Sequence[str] | None = None) -> str:
         saved = benchmarks_md.BENCHMARKS
         benchmarks_md.BENCHMARKS = args.benchmarks_file.resolve()
         try:
-            path = benchmarks_md.write_section("train", markdown)
+            path = benchmarks_md.write_section(section, markdown)
         finally:
             benchmarks_md.BENCHMARKS = saved
     else:
-        path = benchmarks_md.write_section("train", markdown)
-    print(f"wrote section 'train' of {path}", flush=True)
+        path = benchmarks_md.write_section(section, markdown)
+    print(f"wrote section {section!r} of {path}", flush=True)
     return markdown
 
 

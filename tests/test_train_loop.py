@@ -207,7 +207,7 @@ def test_reports_are_written(tiny_dir, tmp_path, capsys):
     summary = json.loads(result.summary_path.read_text())
     assert summary["steps"] == 6 and summary["trainable_params"] == result.trainable_params > 0
     assert summary["best_val_loss"] == result.best_val_loss == min(v for _, v in result.val_losses)
-    assert summary["peak_memory_bytes"] > 0 and summary["tokens_per_s"] > 0
+    assert summary["peak_tensor_bytes"] > 0 and summary["tokens_per_s"] > 0
     assert summary["data"]["kept"] == 16 and summary["val_examples"] == 2
     saved = json.loads(result.config_path.read_text())
     assert TrainConfig(**saved) == dataclasses.replace(config, precision="fp32")

@@ -98,8 +98,14 @@ class TrainResult:
     """Tokens (padding excluded) per second of training steps in this session."""
     seconds: float
     """Wall time of this call."""
-    peak_memory_bytes: int
-    """CUDA peak allocation, or on CPU the process's peak resident set size."""
+    peak_tensor_bytes: int
+    """Peak of live tensor bytes, what the memory planner estimates (`reports.PeakMeter`:
+    CUDA's peak allocation, on CPU the metered first steps)."""
+    planned_peak_bytes: int | None
+    """The memory planner's peak for this run (None where it has no model for it)."""
+    peak_rss_bytes: int
+    """The process's peak resident set: tensors plus Python, libraries, allocator caching
+    and what loading the model left behind."""
     trainable_params: int
     train_losses: tuple[float, ...]
     """Loss of every optimizer step, step 1 first."""
@@ -341,35 +347,41 @@ def _check_memory(
     config: TrainConfig,
     *,
     seq_len: int,
+    padding: bool,
+    world_size: int,
     precision: str,
     device: torch.device,
     max_memory,
-) -> None:
-    """With a `max_memory` budget, ask the memory planner (when this install has it) first."""
+) -> int | None:
+    """The memory planner's peak for this run (None where it has no model for it);
+    with a `max_memory` budget it refuses a run that does not fit (MemoryPlanError)."""
     import importlib
 
-    if max_memory is None:
-        return
     try:
         memory = importlib.import_module("edgepeft.train.memory")
     except ModuleNotFoundError as e:
         if e.name != "edgepeft.train.memory":
             raise
-        return
+        return None
     info = base_info(model)
-    memory.check_fits(
-        model.config,
+    args = dict(
         quant=info.quant,
         adapter_config=list_adapters(model)[name],
         optimizer=config.optimizer,
-        batch_size=config.batch_size,
+        batch_size=math.ceil(config.batch_size / world_size),  # each rank's shard of a batch
         seq_len=seq_len,
         gradient_checkpointing=config.gradient_checkpointing,
         precision=precision,
         device=device.type,
         double_quant=info.double_quant,
-        max_memory=max_memory,
+        padding=padding,
     )
+    if max_memory is not None:
+        return memory.check_fits(model.config, **args, max_memory=max_memory).total
+    try:
+        return memory.estimate_memory(model.config, **args).total
+    except ValueError:  # an architecture or method the planner cannot size: no plan to show
+        return None
 
 
 def _config_dict(config: TrainConfig) -> dict[str, Any]:
@@ -422,8 +434,9 @@ def train(
             best/ and last/ (PEFT adapter folders) and checkpoint/.
         adapter: The adapter to train; default the active one.
         resume: Continue from `output_dir/checkpoint` when there is one.
-        max_memory: Passed to the memory planner (`edgepeft.train.memory.check_fits`)
-            when this install has it.
+        max_memory: A budget for the step's live tensors, checked by the memory planner
+            (`edgepeft.train.memory.check_fits`, which says what the process adds) when
+            this install has it.
         _stop_after_steps: Test hook: behave as if SIGINT arrived during this step.
 
     Returns:
@@ -462,9 +475,11 @@ def train(
     total = total_steps(config, len(train_set))
     pad_id = pad_id_of(tokenizer)
     longest = max(len(e.input_ids) for e in train_set)
-    _check_memory(
-        model, name, config, seq_len=longest, precision=precision, device=device, max_memory=max_memory
-    )
+    planned_peak = _check_memory(
+        model, name, config, seq_len=longest, world_size=ddp.world_size, precision=precision,
+        device=device, max_memory=max_memory,
+        padding=len({len(e.input_ids) for e in train_set}) > 1,  # collate pads unequal rows
+    )  # fmt: skip
 
     optimizer = make_optimizer(params, config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -504,8 +519,7 @@ def train(
             progress.write(f"data: {data_report}")
     if checkpoint is not None:
         progress.write(f"resuming {checkpoint.directory} at step {step}")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    meter = reports.PeakMeter(device)
 
     def record(entry: dict[str, Any]) -> None:
         state["records"].append(entry)
@@ -546,9 +560,10 @@ def train(
                 rows = [[train_set[i] for i in sampler.next_batch()] for _ in range(config.grad_accum)]
                 label_tokens = sum(e.label_tokens for part in rows for e in part)
                 micro = [collate(part, pad_id) for part in map(ddp.shard, rows) if part]
-                loss_value = accumulate_gradients(model, micro, precision, scaler, label_tokens)
-                loss_value = ddp.reduce_gradients(params, loss_value)
-                lr, grad_norm = _optimizer_step(params, optimizer, scheduler, scaler, config.max_grad_norm)
+                with meter.step():
+                    loss_value = accumulate_gradients(model, micro, precision, scaler, label_tokens)
+                    loss_value = ddp.reduce_gradients(params, loss_value)
+                    lr, grad_norm = _optimizer_step(params, optimizer, scheduler, scaler, config.max_grad_norm)
                 step += 1
 
                 state["train_losses"].append(loss_value)
@@ -626,7 +641,9 @@ def train(
         "trainable_params": sum(p.numel() for p in params),
         "seconds": time.perf_counter() - started,
         "tokens_per_s": train_tokens / train_seconds if train_seconds else 0.0,
-        "peak_memory_bytes": reports.peak_memory(device),
+        "peak_tensor_bytes": meter.tensors(),
+        "planned_peak_bytes": planned_peak,
+        "peak_rss_bytes": reports.peak_rss(),
         "device": str(device),
         "precision": precision,
         "data": prepared.report.to_dict(),
@@ -664,7 +681,9 @@ def train(
         checkpoint_dir=output_dir / CHECKPOINT_DIR,
         tokens_per_s=summary["tokens_per_s"],
         seconds=summary["seconds"],
-        peak_memory_bytes=summary["peak_memory_bytes"],
+        peak_tensor_bytes=summary["peak_tensor_bytes"],
+        planned_peak_bytes=planned_peak,
+        peak_rss_bytes=summary["peak_rss_bytes"],
         trainable_params=summary["trainable_params"],
         train_losses=tuple(losses),
         val_losses=tuple((int(s), float(v)) for s, v in state["val_losses"]),

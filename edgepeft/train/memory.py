@@ -15,8 +15,10 @@
 The activation model follows a Llama-style decoder (RMSNorm, rotary attention through
 SDPA's flash kernels, gated MLP) as transformers 5 runs it in training, with
 `use_cache=False`. It counts what autograd keeps: a frozen linear keeps only its
-weight, so over a frozen base only the inputs of adapted layers are saved. Numbers
-were checked against `measure_peak` on CPU (tests/test_train_memory.py); other
+weight, so over a frozen base only the inputs of adapted layers are saved; the loss
+is edgepeft.train's (`loop.token_loss_sum`). Numbers were checked against `measure_peak`
+on CPU, on tiny models (tests/test_train_memory.py) and on SmolLM2-135M
+(tests/test_train_memory_real.py, scripts/bench_train.py --real); other
 architectures and adapter methods other than LoRA/DoRA and full fine-tuning use the
 same model and are estimates.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,7 +92,8 @@ class MemoryEstimate:
     """Tensors autograd saves for backward; with checkpointing the layer inputs plus one
     layer recomputed."""
     logits: int
-    """(B, T, V) logits, the loss's fp32 log-softmax and both their gradients at once."""
+    """The loss's peak in backward: fp32 log-softmax and the (B, T, V) gradients of it and
+    of the logits (the logits themselves are freed once the loss has its log-softmax)."""
     overhead: int
     """Short-lived buffers at the peak: gradients inside one layer's backward, a
     dequantized 4/8-bit weight, optimizer temporaries, CUDA workspace."""
@@ -370,10 +374,12 @@ def _estimate(
     inputs_kept = sh.hidden * s * tokens * sh.layers
     kept = inputs_kept + layer if checkpointing else layer * sh.layers
     activations = kept + final
-    logits_held = tokens * sh.vocab * s  # the model output, alive until the step ends
-    # The loss upcasts to fp32 and keeps log-softmax; backward adds its gradient and the
-    # logits' gradient before either is freed.
-    logits_peak = logits_held + 3 * tokens * sh.vocab * FP32
+    # edgepeft.train's loss (loop.token_loss_sum) keeps the fp32 log-softmax and drops the
+    # model output when it returns, so no logits are held through backward. The loss's
+    # backward then holds log-softmax, its gradient and the logits' fp32 gradient at once.
+    # With a vocabulary 85x the hidden size (SmolLM2) that is the step's peak; holding a
+    # fourth copy made the plan 22% high there.
+    logits_peak = 3 * tokens * sh.vocab * FP32
     # Inside one layer's backward: gradients of a few (B, T, I) and (B, T, H) tensors.
     layer_work = tokens * (2 * sh.intermediate + 2 * sh.hidden) * s + plan.dequant_buffer
     if checkpointing:
@@ -382,8 +388,8 @@ def _estimate(
         through_layers = max(layer * sh.layers, plan.gradients) + final
     phases = {
         "backward start": (inputs_kept if checkpointing else kept) + final + logits_peak,
-        "layer backward": through_layers + logits_held + layer_work,
-        "optimizer step": plan.gradients + logits_held + plan.optimizer_work,
+        "layer backward": through_layers + layer_work,
+        "optimizer step": plan.gradients + plan.optimizer_work,
     }
     phase = max(phases, key=phases.get)
     persistent = plan.base_weights + plan.adapter_weights + plan.optimizer_state
@@ -503,9 +509,15 @@ def check_fits(
     padding: bool = True,
     max_memory: str | int,
 ) -> MemoryEstimate:
-    """The estimate when it fits in `max_memory` (bytes for tensors); else MemoryPlanError.
+    """The estimate when it fits in `max_memory`; else MemoryPlanError.
 
-    The error names the largest batch size and sequence length that fit, and what to change.
+    `max_memory` is a budget for the step's live tensors (weights, optimizer state,
+    activations, gradients: `estimate.total`, what `TensorPeak` measures and a run
+    reports as its tensor peak), not for the whole process: the process's own overhead
+    (Python, libraries, allocator caching; on CPU a 4-bit load's freed fp32 pages) does
+    not scale with the training settings. The error names the largest batch size and
+    sequence length that fit, what to change, and that overhead as this process holds it
+    now (`process_overhead`), so the memory the process needs as a whole is plain too.
     """
     args = dict(
         quant=quant,
@@ -540,9 +552,18 @@ def check_fits(
     if quant == "none" and adapter_config is not None:
         savers.append("quant='nf4'")
     more = f"; or try {', '.join(savers)}" if savers else ""
+    overhead = process_overhead(device)
+    held = (
+        "RSS minus live tensors: Python, libraries, freed pages kept"
+        if torch.device(device).type == "cpu"
+        else "cached by the CUDA allocator; the CUDA context comes on top"
+    )
     raise MemoryPlanError(
-        f"training with {asked} needs about {format_bytes(estimate.total)} at its peak "
-        f"({estimate.phase}), but max_memory is {format_bytes(budget)}: {hint}{more}.\n{estimate}"
+        f"training with {asked} needs about {format_bytes(estimate.total)} of live tensors at "
+        f"its peak ({estimate.phase}), but max_memory is {format_bytes(budget)} (a budget for "
+        f"tensors): {hint}{more}.\nBesides tensors this process holds "
+        f"{format_bytes(overhead)} now ({held}), so the run "
+        f"needs at least {format_bytes(estimate.total + overhead)} in all.\n{estimate}"
     )
 
 
@@ -581,38 +602,93 @@ class _LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def measure_peak(fn: Callable[[], object], device: str = "cpu") -> int:
-    """Peak bytes of tensors alive while `fn()` runs, counting those alive before it.
-
-    CPU: tensors reachable from Python before the call (weights, optimizer state) plus
-    every tensor an op creates during it, each storage once, until freed. CUDA:
-    `torch.cuda.max_memory_allocated` over the call.
-    """
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
+def live_tensor_bytes() -> int:
+    """Bytes of the CPU tensors reachable from Python now, each storage once."""
     gc.collect()
     meter = _LiveTensorBytes()
+    _track_live(meter)
+    return meter.current
+
+
+def _track_live(meter: _LiveTensorBytes) -> None:
     for obj in gc.get_objects():
         # type() rather than isinstance: isinstance would import lazy modules found here.
         if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu":
             meter.track(obj.untyped_storage())
-    with meter:
+
+
+class TensorPeak:
+    """Meters a block: afterwards `bytes` is the peak of live tensor bytes inside it.
+
+    CPU: tensors reachable from Python at entry (weights, optimizer state) plus every
+    tensor an op creates in the block, each storage once, until freed. CUDA:
+    `torch.cuda.max_memory_allocated` over the block (its peak statistics are reset).
+    This is what `estimate_memory` estimates; a process's RSS also holds Python, the
+    libraries, the allocator's cached pages and whatever the model load left behind.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.bytes = 0
+        self._meter: _LiveTensorBytes | None = None
+
+    def __enter__(self) -> TensorPeak:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        gc.collect()
+        self._meter = _LiveTensorBytes()
+        _track_live(self._meter)
+        self._meter.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
+            return
+        self._meter.__exit__(*exc)
+        self.bytes = self._meter.peak
+
+
+def measure_peak(fn: Callable[[], object], device: str = "cpu") -> int:
+    """Peak bytes of tensors alive while `fn()` runs, counting those alive before it
+    (`TensorPeak` around the call)."""
+    with TensorPeak(device) as peak:
         fn()
-    return meter.peak
+    return peak.bytes
+
+
+def process_overhead(device: str = "cpu") -> int:
+    """Bytes this process holds now beyond live tensors; 0 where it cannot tell.
+
+    CPU: resident set minus live tensor bytes (Python, torch and other libraries, freed
+    pages the allocator keeps, such as the fp32 copy a 4-bit load quantized away). CUDA:
+    what the caching allocator reserved beyond what is allocated (the CUDA context,
+    a few hundred MiB, is not visible to torch and not counted).
+    """
+    if torch.device(device).type == "cuda":
+        return max(int(torch.cuda.memory_reserved() - torch.cuda.memory_allocated()), 0)
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):  # not Linux
+        return 0
+    return max(rss - live_tensor_bytes(), 0)
 
 
 __all__ = [
     "Fit",
     "MemoryEstimate",
     "MemoryPlanError",
+    "TensorPeak",
     "check_fits",
     "estimate_memory",
     "format_bytes",
     "largest_fit",
+    "live_tensor_bytes",
     "measure_peak",
     "parse_memory",
+    "process_overhead",
 ]

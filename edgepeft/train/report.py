@@ -5,6 +5,8 @@
     at the end ──► loss_curves.png (train loss, eval loss)      plot_losses
                ──► summary.json + printed summary                write_summary, format_summary
     at start   ──► train_config.json                             write_json
+    first steps ─► PeakMeter: peak live tensors (what the memory planner estimates, printed
+                   beside its plan) and, apart, the process's peak RSS
 
 Files other than the streamed metrics.jsonl are written to a temporary name and
 renamed into place, so a reader never sees half a file.
@@ -12,16 +14,18 @@ renamed into place, so a reader never sees half a file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from edgepeft import atomic
+from edgepeft.train.memory import TensorPeak
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curves.png"
@@ -41,6 +45,43 @@ def write_json(path: str | os.PathLike, value: Any) -> Path:
 # ---------------------------------------------------------------- memory
 
 
+class PeakMeter:
+    """A run's peak memory, by what each number counts.
+
+    tensors: live tensor bytes, the measure `edgepeft.train.memory` plans: on CUDA the
+    allocator's peak over the run; on CPU `TensorPeak` over the first `METERED_STEPS`
+    steps of the session (the second runs with the optimizer state live; later steps
+    repeat the same shapes, so only a longer padded batch could go higher). rss: the
+    process's peak resident set: tensors plus Python, the libraries, the allocator's
+    cached pages and what loading the model left behind (`peak_rss`).
+    """
+
+    METERED_STEPS = 2
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.steps = 0
+        self._cpu_peak = 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """Around one optimizer step (forward, backward, update)."""
+        self.steps += 1
+        if self.device.type == "cuda" or self.steps > self.METERED_STEPS:
+            yield
+            return
+        with TensorPeak(self.device) as peak:
+            yield
+        self._cpu_peak = max(self._cpu_peak, peak.bytes)
+
+    def tensors(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return self._cpu_peak
+
+
 def memory_in_use(device: torch.device) -> int:
     """Bytes in use now: CUDA's peak allocation since the run began, or this process's RSS."""
     if device.type == "cuda":
@@ -49,13 +90,11 @@ def memory_in_use(device: torch.device) -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, AttributeError):  # not Linux
-        return peak_memory(device)
+        return peak_rss()
 
 
-def peak_memory(device: torch.device) -> int:
-    """Peak bytes: CUDA's max allocation, or this process's peak RSS (0 where unknown)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes (0 where unknown), on any device."""
     try:
         import resource
     except ImportError:  # Windows
@@ -170,7 +209,18 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"{summary['best_step']}"
         if best is not None
         else "  no validation",
-        f"  {summary['tokens_per_s']:,.0f} tokens/s, peak memory {format_bytes(summary['peak_memory_bytes'])}",
+        f"  {summary['tokens_per_s']:,.0f} tokens/s",
+        f"  {_peak_line(summary)}",
         f"  outputs in {summary['output_dir']}",
     ]
     return "\n".join(lines)
+
+
+def _peak_line(summary: Mapping[str, Any]) -> str:
+    """"peak live tensors 1.9 GiB (planned 2.0 GiB), process RSS 3.6 GiB"."""
+    planned = summary.get("planned_peak_bytes")
+    plan = f" (planned {format_bytes(planned)})" if planned else ""
+    return (
+        f"peak live tensors {format_bytes(summary['peak_tensor_bytes'])}{plan}, "
+        f"process RSS {format_bytes(summary['peak_rss_bytes'])}"
+    )
