@@ -17,15 +17,20 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import sys
-import tempfile
+import threading
 from pathlib import Path
 
 from edgepeft import __version__
+from edgepeft.atomic import staging_folder
 
 QUANT_CHOICES = ("none", "nf4", "fp4", "int8")
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 REPORT_FILE = "merge_report.json"
+TRAIN_MODULES = ("torch", "transformers", "bitsandbytes", "onnx", "matplotlib", "yaml", "tqdm")
+"""What `pip install 'edgepeft[train]'` adds; the bare install (plan, run, chat, eval of an
+export) needs none of it."""
 
 
 class UserError(Exception):
@@ -77,16 +82,11 @@ def _bnb_config(model, quant: str):
 
 def _write_atomically(out: Path, write) -> None:
     """Run write(staging_dir), then rename the staging folder to `out`; no partial output."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staging_folder(out) as staging:  # removed on failure and on SIGTERM / SIGINT
         write(staging)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -156,7 +156,7 @@ def _add_eval_parser(sub) -> None:
 
         adapter metadata ──► base quant ──► load_base(MODEL) ──► load_adapter per --adapter
             ──► evaluate (greedy) ──► table on stdout, --out report.json (atomic)
-        MODEL an export folder (manifest.json) ──► edgepeft.runtime.cli.eval_export: the
+        MODEL an export folder (edgepeft.json) ──► edgepeft.runtime.cli.eval_export: the
             same table through the device engine; --adapter NAME picks its loaded adapters
     """
     parser = sub.add_parser(
@@ -310,7 +310,7 @@ def _add_export_parser(sub) -> None:
 
         --recipe TOML (weights, block_size, accuracy_level, mode, max_context) < explicit flags
             ──► edgepeft.export.export ──► <out>/ (model.onnx + .data, tokenizer,
-            manifest.json, verify.json; one folder per adapter in merged mode)
+            edgepeft.json, genai_config.json, verify.json; one folder per adapter in merged mode)
     """
     parser = sub.add_parser(
         "export",
@@ -349,7 +349,9 @@ def _add_export_parser(sub) -> None:
         help="MatMulNBits compute type, 0-4 (default 4: int8 activations)",
     )
     parser.add_argument("--max-context", type=int, metavar="N", help="default: the model's limit")
-    parser.add_argument("--recipe", metavar="TOML", help="e.g. export/cpu-int4.toml")
+    parser.add_argument(
+        "--recipe", metavar="NAME|TOML", help="a shipped recipe (cpu-int4, ...) or a .toml file"
+    )
     parser.add_argument(
         "--graph",
         choices=("auto", "fused", "generic"),
@@ -426,6 +428,12 @@ def _add_verify_parser(sub) -> None:
         help="prompt to compare on (repeatable; default: drawn from the vocabulary, seed 0)",
     )
     parser.add_argument("--text", metavar="FILE", help="text file whose perplexity both sides report")
+    parser.add_argument(
+        "--files",
+        action="store_true",
+        help="only check every file's size and sha256 against the manifest (no PyTorch, no "
+        "base needed); exit 1 naming the first file that differs",
+    )
     parser.set_defaults(run=_run_verify)
 
 
@@ -434,6 +442,8 @@ def _run_verify(args: argparse.Namespace) -> int:
 
     if not Path(args.export_dir).is_dir():
         raise UserError(f"export folder {args.export_dir} does not exist")
+    if args.files:
+        return _verify_files(args.export_dir)
     if args.text is not None and not Path(args.text).is_file():
         raise UserError(f"--text {args.text} is not a file")
     report = verify(
@@ -444,6 +454,24 @@ def _run_verify(args: argparse.Namespace) -> int:
     )
     print(report)
     return 0 if report.passed else 1
+
+
+def _verify_files(export_dir: str) -> int:
+    """`edgepeft verify EXPORT_DIR --files`: every recorded file's size and sha256."""
+    from edgepeft.export.files import FileIntegrityError, check_export
+
+    try:
+        checked = check_export(export_dir, hashes=True)
+    except FileIntegrityError as e:
+        print(f"verify --files: FAILED: {e}", file=sys.stderr)
+        return 1
+    if checked == 0:
+        raise UserError(
+            f"{export_dir} records no file sizes or hashes (exported by an older edgepeft); "
+            "re-export it to check its files"
+        )
+    print(f"verify --files: {checked} file(s) of {export_dir} match their size and sha256")
+    return 0
 
 
 # ---------------------------------------------------------------- train
@@ -552,6 +580,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised so that `finally` blocks (staged outputs) run; like KeyboardInterrupt."""
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated
+
+
+def _interrupted(args: argparse.Namespace, signum: int) -> int:
+    """One line for an interrupted command; 128 + the signal, as shells report it."""
+    out = getattr(args, "out", None)
+    untouched = f", {out} was not written" if out and not Path(out).exists() else ""
+    name = signal.Signals(signum).name
+    print(
+        f"edgepeft {args.command}: interrupted ({name}); unfinished files were removed{untouched}",
+        file=sys.stderr,
+    )
+    return 128 + signum
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     try:
@@ -561,13 +609,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    # SIGTERM unwinds like Ctrl-C (staged outputs are removed on the way); signal() works
+    # only in the main thread, and a handler someone else set stays.
+    terminate = threading.current_thread() is threading.main_thread() and (
+        signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    )
+    if terminate:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.run(args)
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").split(".")[0]
+        if missing not in TRAIN_MODULES:
+            raise
+        print(
+            f"edgepeft {args.command}: error: this command needs {missing}, which this install "
+            "lacks; pip install 'edgepeft[train]'",
+            file=sys.stderr,
+        )
+        return 2
     except (UserError, OSError, ValueError, KeyError) as e:
         # KeyError's str() is the repr of its argument; print the message itself.
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"edgepeft {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return _interrupted(args, signal.SIGINT)
+    except Terminated:
+        return _interrupted(args, signal.SIGTERM)
+    finally:
+        if terminate:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

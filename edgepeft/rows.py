@@ -124,7 +124,7 @@ def load_rows(
             raise FileNotFoundError(f"training data {path} not found")
         report = DataReport(source=str(path))
         if path.suffix == ".txt":
-            numbered: Iterable[tuple[int, Any]] = _paragraphs(path)
+            numbered: Iterable[tuple[int, Any]] = _paragraphs(path, report, bad_rows)
         elif path.suffix == ".jsonl":
             numbered = _json_lines(path, report, bad_rows)
         else:
@@ -147,29 +147,63 @@ def load_rows(
     return rows, report
 
 
-def _paragraphs(path: Path) -> Iterable[tuple[int, dict]]:
-    start, lines = 0, []
-    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if text.strip():
+def _paragraphs(path: Path, report: DataReport, bad_rows: str) -> Iterable[tuple[int, dict]]:
+    """(first line, {"text"}) per paragraph; one with a line that is not UTF-8 is a bad row."""
+    start, lines, bad = 0, [], None
+    for number, text, problem in _lines(path):
+        if problem is not None or text.strip():
             start = start or number
             lines.append(text)
-        elif lines:
-            yield start, {"text": "\n".join(lines)}
-            start, lines = 0, []
+            if problem is not None and bad is None:
+                bad = (number, problem)
+            continue
+        if lines:
+            yield from _paragraph(start, lines, bad, report, bad_rows)
+        start, lines, bad = 0, [], None
     if lines:
+        yield from _paragraph(start, lines, bad, report, bad_rows)
+
+
+def _paragraph(start, lines, bad, report: DataReport, bad_rows: str) -> Iterable[tuple[int, dict]]:
+    if bad is None:
         yield start, {"text": "\n".join(lines)}
+        return
+    number, problem = bad
+    report.rows += 1
+    report.add_bad(number, f"{problem} (in the paragraph from line {start})", bad_rows)
 
 
 def _json_lines(path: Path, report: DataReport, bad_rows: str) -> Iterable[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
+    for number, text, problem in _lines(path):
+        if problem is not None:
+            report.rows += 1
+            report.add_bad(number, problem, bad_rows)
+            continue
+        if not text.strip():
+            continue
+        try:
+            yield number, json.loads(text)
+        except json.JSONDecodeError as e:
+            report.rows += 1
+            report.add_bad(number, f"invalid JSON ({e.msg} at column {e.colno})", bad_rows)
+
+
+def _lines(path: Path) -> Iterable[tuple[int, str, str | None]]:
+    """(line number, text without its line ending, why its bytes are not UTF-8 or None).
+
+    Decoded line by line, so one stray byte (a latin-1 row) costs its row, not the file.
+    """
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            raw = raw.removesuffix(b"\n").removesuffix(b"\r")
             try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as e:
-                report.rows += 1
-                report.add_bad(number, f"invalid JSON ({e.msg} at column {e.colno})", bad_rows)
+                yield number, raw.decode("utf-8"), None
+            except UnicodeDecodeError as e:
+                problem = (
+                    f"not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
+                    "line); save the file as UTF-8"
+                )
+                yield number, "", problem
 
 
 def _problem(value: Any) -> str | None:

@@ -213,8 +213,9 @@ def _reload(spec: dict) -> dict:
 def _engine_decode(spec: dict) -> dict:
     """Engine.generate greedy, batch 1; decode tok/s from its own prefill/decode split."""
     engine = _engine(Path(spec["separate"]), load=spec["adapter"] is not None)
-    engine.eos_token_ids = frozenset()  # EOS ignored, as og's min_length does: equal lengths
-    run = dict(adapter=spec["adapter"], max_new_tokens=spec["new_tokens"], return_result=True)
+    # Exactly new_tokens tokens, eos never sampled, as og's min_length does: equal lengths.
+    run = dict(adapter=spec["adapter"], max_new_tokens=spec["new_tokens"], ignore_eos=True,
+               return_result=True)  # fmt: skip
     engine.generate(PROMPT, **{**run, "max_new_tokens": 4})  # warm-up: arenas, prepacked weights
     rates, prefill = [], []
     for _ in range(spec["runs"]):

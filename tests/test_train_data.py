@@ -281,3 +281,53 @@ def test_no_usable_rows_and_unknown_files_are_clear_errors(tmp_path, tok):
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match=r"\.jsonl or \.txt"):
         load_rows(tmp_path / "data.csv")
+
+
+# ---------------------------------------------------------------- bytes that are not UTF-8
+
+
+GOOD = json.dumps({"prompt": "good", "completion": " row"}).encode()
+LATIN_1 = '{"prompt": "caf\xe9", "completion": " au lait"}'.encode("latin-1")
+
+
+def test_a_row_that_is_not_utf8_is_a_bad_row_with_file_and_line(tmp_path, tok):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\n".join([GOOD, LATIN_1, GOOD]) + b"\n")
+    rows, report = load_rows(path)
+    assert [r.line for r in rows] == [1, 3] and report.rows == 3
+    [bad] = report.bad
+    assert bad.line == 2 and "not UTF-8" in bad.reason and "0xe9" in bad.reason
+    assert f"{path}:2: not UTF-8" in str(report)
+    prepared = prepare_data(path, tok, TrainConfig(val_fraction=0.0))
+    assert len(prepared.train) == 2 and prepared.report.bad == [bad]
+    with pytest.raises(DataError, match=rf"{path}:2: not UTF-8"):
+        load_rows(path, bad_rows="error")
+
+
+def test_a_txt_paragraph_with_a_line_that_is_not_utf8_is_skipped_with_its_line(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"first paragraph\n\nsecond,\ncaf\xe9 here\n\nthird\n")
+    rows, report = load_rows(path)
+    assert [(r.line, r["text"]) for r in rows] == [(1, "first paragraph"), (6, "third")]
+    [bad] = report.bad
+    assert bad.line == 4 and "not UTF-8" in bad.reason and "paragraph from line 3" in bad.reason
+
+
+def test_a_file_with_no_usable_row_fails_naming_it_before_any_model_loads(tmp_path):
+    from edgepeft.train.data import check_data
+    from edgepeft.train.run_config import from_dict, run
+
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(LATIN_1 + b"\n" + LATIN_1 + b"\n")
+    with pytest.raises(ValueError, match=rf"no usable rows in {path}"):
+        check_data(str(path), TrainConfig())
+    config = from_dict(
+        {
+            "model": str(tmp_path / "no-such-model"),  # loading it would fail differently
+            "method": {"type": "lora", "r": 2},
+            "data": {"train": str(path)},
+            "output_dir": str(tmp_path / "out"),
+        }
+    )
+    with pytest.raises(ValueError, match=rf"{path}:1: not UTF-8"):
+        run(config, echo=lambda _text: None)

@@ -1,6 +1,7 @@
 """Next-token choice from logits, in numpy: greedy, or seeded sampling.
 
-    logits (B, V) ─ repetition penalty (tokens seen in the row) ─ / temperature
+    logits (B, V) ─ banned tokens (eos before min_new_tokens) ─ repetition penalty (tokens
+                  seen in the row) ─ / temperature
                   ─ top-k ─ top-p (nucleus) ─ softmax ─ draw with the request's Generator
 
 temperature = 0 is greedy: argmax of the (penalised) logits, the first index on ties, as
@@ -10,6 +11,7 @@ the penalty when positive, multiplied when negative, over prompt and generated t
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,9 +54,22 @@ class Sampler:
         self.config = config
         self.rng = np.random.default_rng(config.seed)
 
-    def __call__(self, logits: np.ndarray, seen: list[list[int]] | None = None) -> np.ndarray:
-        """Token per row (B,) int64 from logits (B, V); `seen`: each row's tokens so far."""
+    def __call__(
+        self,
+        logits: np.ndarray,
+        seen: list[list[int]] | None = None,
+        banned: Collection[int] = (),
+    ) -> np.ndarray:
+        """Token per row (B,) int64 from logits (B, V).
+
+        Args:
+            logits: (B, V), not changed.
+            seen: Each row's tokens so far (for the repetition penalty).
+            banned: Token ids no row may get this step (eos before min_new_tokens).
+        """
         c = self.config
+        if banned:
+            logits = _banned(logits, banned)
         if c.repetition_penalty != 1.0 and seen is not None:
             logits = _penalised(logits, seen, c.repetition_penalty)
         if c.greedy:
@@ -76,6 +91,13 @@ class Sampler:
             probs = np.where(before < c.top_p, probs, 0.0)
             probs /= probs.sum()
         return int(order[self.rng.choice(len(order), p=probs)])
+
+
+def _banned(logits: np.ndarray, banned: Collection[int]) -> np.ndarray:
+    out = logits.copy()  # the caller's array may be the graph's bound output buffer
+    idx = np.asarray([t for t in banned if 0 <= t < logits.shape[-1]], dtype=np.int64)
+    out[:, idx] = -np.inf
+    return out
 
 
 def _penalised(logits: np.ndarray, seen: list[list[int]], penalty: float) -> np.ndarray:

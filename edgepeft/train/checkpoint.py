@@ -8,9 +8,10 @@
                               metrics so far, scheduler state, optimizer structure (tensor
                               places marked {"__tensor__": key}), python/numpy RNG states
 
-Written to a temporary sibling folder and swapped in with os.replace; the previous
-checkpoint is set aside first and deleted last, and `read_checkpoint` falls back to
-it if a crash hit between the two renames. Restoring every RNG and the optimizer
+Written to a temporary sibling folder (edgepeft.atomic.staging_folder: removed if the
+write fails or is interrupted, or by the next save after a kill) and swapped in with
+os.replace; the previous checkpoint is set aside first and deleted last, and
+`read_checkpoint` falls back to it if a crash hit between the two renames. Restoring every RNG and the optimizer
 state exactly is what makes a resumed loss curve bit-identical on CPU.
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from edgepeft.atomic import temporary_sibling
+from edgepeft.atomic import staging_folder
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
@@ -167,16 +168,10 @@ def write_checkpoint(
         "progress": progress,
     }
     target = Path(output_dir) / CHECKPOINT_DIR
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = temporary_sibling(target)
-    staging.mkdir()  # unlike mkdtemp's 0700, the umask decides, as for the other outputs
-    try:
+    with staging_folder(target) as staging:  # a killed run's leftover staging goes first
         save_file(tensors, str(staging / TENSORS_FILE), metadata={"format": "pt"})
         (staging / STATE_FILE).write_text(json.dumps(state, allow_nan=True) + "\n")
         _swap_in(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

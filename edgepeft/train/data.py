@@ -314,6 +314,26 @@ class PreparedData:
     """The separate `val_data` file's report, when there is one."""
 
 
+def check_data(data, config) -> list[DataReport]:
+    """Read and check the rows of `data` (and config.val_data) before any model is loaded.
+
+    Needs no tokenizer, so a bad row (bad_rows="error") or a source with no usable row
+    stops a run in seconds; prepare_data reads the rows again and reports them in full.
+
+    Raises:
+        DataError: bad_rows="error" and a bad row (file:line).
+        ValueError: a source whose rows are all bad (its report names the file and lines).
+    """
+    sources = [data] if config.val_data is None else [data, config.val_data]
+    reports = []
+    for source in sources:
+        rows, report = load_rows(source, bad_rows=config.bad_rows)
+        if not rows:
+            raise ValueError(f"no usable rows in {report.source}.\n{report}")
+        reports.append(report)
+    return reports
+
+
 def prepare_data(data, tokenizer, config) -> PreparedData:
     """Load, split, tokenize and (optionally) pack the training and validation data.
 

@@ -5,9 +5,9 @@
         ──overrides "train.lr=1e-4" (TOML scalars; paths resolve against the cwd)──► dict
         ──check every key (unknown ones are named with the valid ones)──► RunConfig
     run(config)
-        distributed.init_from_env ──► load_base ──► add_adapter ──► memory plan (printed;
-        refused over max_memory) ──► run_config.json ──► edgepeft.train ──► evaluate (eval
-        set, rank 0) ──► eval.json
+        distributed.init_from_env ──► check_data (rows read, before any model) ──► load_base
+        ──► add_adapter ──► memory plan (printed; refused over max_memory) ──► run_config.json
+        ──► edgepeft.train ──► evaluate (eval set, rank 0) ──► eval.json
 
 A file looks like this (TOML; YAML with the same keys works too):
 
@@ -500,6 +500,7 @@ def run(
     from edgepeft.base import load_base
     from edgepeft.train import distributed
     from edgepeft.train.checkpoint import find_checkpoint
+    from edgepeft.train.data import check_data
     from edgepeft.train.loop import train
     from edgepeft.train.memory import check_fits, estimate_memory
     from edgepeft.train.report import write_json
@@ -509,6 +510,7 @@ def run(
     say = echo if ctx.is_main and not quiet else (lambda _text: None)
     out = config.output_dir
     _check_start(config, resume, find_checkpoint(out) is not None)
+    check_data(str(config.train_data), config.train)  # bad data fails before the model loads
 
     model, tokenizer = load_base(
         _base_folder(config, ctx), quant=config.quant, double_quant=config.double_quant,
