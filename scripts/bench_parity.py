@@ -280,7 +280,7 @@ def measure_row(mode, weights, model, tokenizer, adapter_dir, base_dir, rows, se
         top1_total=check.top1_total,
         greedy_match=check.greedy_match,
         greedy_prompts=check.greedy_prompts,
-        judged=check.judged,
+        judged=check.exact,  # held to the exact (relative |Δlogit|) criteria
         passed=check.passed,
         task_em_onnx=task_exact_match(graph, tokenizer, rows, 6),
         note=NOTES[(mode, weights)],

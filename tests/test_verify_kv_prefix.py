@@ -98,7 +98,7 @@ def test_separate_export_checks_kv_prefix_adapters_beside_lora(separate):
     assert [len(p) for p in report.prompt_tokens] == list(PROMPT_LENGTHS)
     for check in report.graphs:
         print(f"{check.name or '(base)'}: {check.max_abs_diff:.2e}, KL {check.mean_kl:.1e}")
-        assert check.judged and check.passed and check.batched
+        assert check.exact and check.passed and check.batched
         assert check.max_abs_diff <= FP32_TOL and check.top1_agree == check.top1_total
         assert check.top1_total == sum(PROMPT_LENGTHS) + 3 * (NEW_TOKENS - 1)
         assert check.greedy_match == check.row_greedy_match == 3
@@ -158,7 +158,7 @@ def test_generic_graph_with_a_kv_prefix_file(arch, tiny_dir, tmp_path):
             max_new_tokens=NEW_TOKENS,
         )
         print(f"generic {arch} {name}: {check.max_abs_diff:.2e}, batched {check.batched}")
-        assert check.judged and check.passed and check.max_abs_diff <= FP32_TOL
+        assert check.exact and check.passed and check.max_abs_diff <= FP32_TOL
         assert check.top1_agree == check.top1_total and check.greedy_match == 3
         # GPT-2's learned positions: a padded prompt-tuned row cannot be seeded, so each
         # prompt is compared alone; everything else runs as one left-padded batch.

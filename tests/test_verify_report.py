@@ -3,8 +3,8 @@
     fp32 llama        KL ~0, top-1 and continuations all equal; perplexity = exp(HF loss)
     prompts           drawn from the vocabulary with a fixed seed (no special tokens)
     separate nf4      base + each .onnx_adapter activated through onnxruntime.LoraAdapter,
-                      judged at 1e-3 (measured ~4e-7); a swapped adapter file fails, CLI exit 1
-    merged nf4        weights rounded again at export: reported, not judged
+                      judged exact (relative |Δ| measured ~4e-7); a swapped file fails, CLI exit 1
+    merged nf4        weights rounded again at export: judged on KL and top-1 ("nf4 requantized")
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from edgepeft.cli import main
 from edgepeft.config import LoraConfig
 from edgepeft.export.api import export
 from edgepeft.export.manifest import read_manifest
-from edgepeft.export.verify import GraphCheck, is_judged, verify
+from edgepeft.export.verify import CRITERIA, GraphCheck, criteria_key, verify
 
 TEXT = "the quick brown fox jumps over the lazy dog. SELECT name FROM users WHERE id = 1;"
 NF4_TOL = 1e-3
@@ -58,7 +58,7 @@ def adapters(tiny_dir, tmp_path_factory):
 def test_fp32_metrics_files_and_perplexity(fp32_llama, tiny_dir):
     report = verify(fp32_llama, text=TEXT)
     (check,) = report.graphs
-    assert check.judged and check.passed and report.passed
+    assert check.exact and check.passed and report.passed
     assert check.max_abs_diff <= 1e-4 and check.mean_kl < 1e-9
     assert check.top1_agree == check.top1_total == 7 + 4 + 9 + 3 * 7  # prefill + decode positions
     assert (check.greedy_match, check.greedy_prompts, check.greedy_tokens) == (3, 3, 8)
@@ -91,19 +91,27 @@ def test_default_prompts_are_drawn_from_the_vocabulary(fp32_llama):
 
 def test_judged_formats(fp32_llama):
     manifest = read_manifest(fp32_llama)
-    assert is_judged(manifest)
-    assert is_judged(replace(manifest, weights="nf4", base_quant="nf4"))
-    assert not is_judged(replace(manifest, weights="nf4", base_quant="none"))  # quantized at export
-    assert not is_judged(replace(manifest, weights="fp4", base_quant="nf4"))
-    assert not is_judged(replace(manifest, weights="int4"))
+    assert criteria_key(manifest) == "fp32"
+    assert criteria_key(replace(manifest, weights="nf4", base_quant="nf4")) == "nf4"
+    rounded = replace(manifest, weights="nf4", base_quant="none")  # quantized at export
+    assert criteria_key(rounded) == "nf4 requantized"
+    assert criteria_key(replace(manifest, weights="fp4", base_quant="nf4")) == "fp4 requantized"
+    assert criteria_key(replace(manifest, weights="int4")) == "int4"
+    assert set(CRITERIA) >= {"fp32", "fp16", "int8", "int4", "nf4", "fp4", "nf4 requantized"}
     check = GraphCheck(
-        name="", weights="fp32", prefill_max_abs_diff=2e-4, decode_max_abs_diff=0.0,
-        tokens_agree=3, tokens_total=3, tolerance=1e-4, judged=True, top1_agree=5, top1_total=5,
+        name="", weights="fp32", prefill_max_abs_diff=2e-3, decode_max_abs_diff=0.0,
+        tokens_agree=3, tokens_total=3, criteria="fp32", top1_agree=5, top1_total=5,
+        logit_scale=20.0,
     )
-    assert not check.passed  # above 1e-4
-    assert replace(check, prefill_max_abs_diff=1e-5).passed
-    assert not replace(check, prefill_max_abs_diff=1e-5, top1_agree=4).passed
-    assert replace(check, judged=False).passed
+    assert not check.passed  # 1e-4 of the logits' scale: above 5e-5
+    assert replace(check, logit_scale=100.0).passed  # the same |Δ| is 2e-5 of larger logits
+    assert not replace(check, logit_scale=100.0, top1_agree=4).passed
+    assert not replace(check, logit_scale=100.0, mean_kl=float("nan")).passed
+    int4 = replace(check, weights="int4", criteria="int4", prefill_max_abs_diff=2.0, mean_kl=0.1)
+    assert int4.passed and not replace(int4, top1_agree=2).passed  # 40% agree
+    assert "disagrees with the trained model on 60% of tokens" in replace(int4, top1_agree=2).failures[0]
+    assert not replace(int4, mean_kl=5.2).passed
+    assert not replace(int4, decode_max_abs_diff=float("inf")).passed
 
 
 def test_separate_nf4_checks_each_adapter_file(tiny_dir, adapters, tmp_path, capsys):
@@ -112,7 +120,7 @@ def test_separate_nf4_checks_each_adapter_file(tiny_dir, adapters, tmp_path, cap
     report = verify(out)
     assert [g.name for g in report.graphs] == ["", "sql", "chat"]
     for check in report.graphs:
-        assert check.weights == "nf4" and check.judged and check.passed
+        assert check.weights == "nf4" and check.exact and check.passed
         assert check.max_abs_diff <= NF4_TOL and check.top1_agree == check.top1_total
     assert report.graphs[1].adapter_file.endswith("sql.onnx_adapter")
 
@@ -129,15 +137,15 @@ def test_separate_nf4_checks_each_adapter_file(tiny_dir, adapters, tmp_path, cap
     assert "FAILED: sql nf4" in capsys.readouterr().out
 
 
-def test_merged_nf4_is_reported_not_judged(tiny_dir, adapters, tmp_path):
+def test_merged_nf4_is_judged_on_kl_and_top1(tiny_dir, adapters, tmp_path):
     out = tmp_path / "merged"
     export(tiny_dir("llama"), out, {"sql": adapters["sql"]}, weights="nf4", verify=False, quiet=True)
     report = verify(out)
     (check,) = report.graphs
     # The merged weight is rounded to NF4 again: measured ~0.1 on this model.
-    assert not check.judged and check.max_abs_diff > NF4_TOL
-    assert check.passed and report.passed
-    assert "reported, not judged" in str(report)
+    assert check.criteria == "nf4 requantized" and not check.exact
+    assert check.max_abs_diff > NF4_TOL and check.passed and report.passed
+    assert "nf4 requantized: mean KL <= 5e-01, top-1 >= 50%" in str(report)
     assert "| sql | nf4 |" in (out / "verify.md").read_text()
 
 

@@ -25,7 +25,9 @@ from edgepeft import __version__
 from edgepeft.adapters import METHODS, method_for
 from edgepeft.adapters.inject import add_adapter, delete_adapter, list_adapters, set_adapter
 from edgepeft.adapters.layer import adapter_modules
+from edgepeft.atomic import staging_folder
 from edgepeft.base import base_info, is_conv1d_origin
+from edgepeft.finite import check_finite_torch
 
 log = logging.getLogger("edgepeft")
 
@@ -91,15 +93,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
         "edgepeft_adapter_name": name,
     }
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staging_folder(directory) as staging:  # removed on failure and on SIGTERM / SIGINT
         (staging / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata=metadata)
         _move_into_place(staging, directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 
@@ -186,8 +183,10 @@ def load_adapter(
 
     Raises:
         AdapterMismatchError: wrong base, or a tensor whose name or shape does not fit.
+        NonFiniteError: a tensor holds NaN or inf (named, with the file).
     """
     config, tensors, metadata = read_adapter(directory)
+    check_finite_torch(tensors, adapter=name, file=Path(directory) / WEIGHTS_FILE)
     info = base_info(model)
     saved_fp = metadata.get("edgepeft_base_fingerprint")
     saved_base = metadata.get("base_model_name_or_path") or "unknown"

@@ -21,12 +21,14 @@
         ▼
     VerifyReport ─► verify.json + verify.md (a table) in the export dir
 
-Judged checks (`passed`; `edgepeft verify` exits 1 when one fails):
-    fp32                                   max |Δlogit| <= 1e-4 and 100% top-1
-    nf4 / fp4, exact (the base's own       max |Δlogit| <= 1e-3 and 100% top-1
-      bitsandbytes codes: base alone or      (against the bitsandbytes model)
+Every graph gets a verdict (`passed`; `edgepeft verify` exits 1 when one fails), by the row of
+CRITERIA for its weights (the report prints the rows it used):
+    fp32; nf4 / fp4 exact (the base's own     max |Δlogit| relative to the logits' scale, mean
+      bitsandbytes codes: base alone or       KL, and every top-1 and greedy token equal
       separate mode, base quantized alike)
-    fp16, int8, int4, merged nf4 / fp4     reported, not judged (weights rounded at export)
+    fp16, int8, int4; nf4 / fp4 requantized   mean KL and the share of top-1 tokens that agree
+      (merged mode: weights rounded again)    (weights rounded at export: logits move by design)
+NaN or inf in either side's logits, or in any metric, fails the graph and says where.
 
 Separate mode: each adapter listed in the manifest is checked against the base with that
 adapter loaded and active (edgepeft's hooks, which match HF peft to 0.0):
@@ -72,13 +74,46 @@ VERIFY_TABLE = "verify.md"
 ADAPTER_DIR = "adapters"
 ADAPTER_SUFFIX = ".onnx_adapter"
 
-# Expected max |logit diff| against the fp32 PyTorch model, per weight format. Measured on
-# the tiny random gpt2/llama (logits of order 1, default prompts): fp32 ~3e-7 (kernel order
-# only); fp16 storage ~4e-4; int8 RTN ~1.3e-2; int4 RTN ~0.14 (both with int8 activations,
-# accuracy_level 4, which alone accounts for ~8e-3); exact nf4/fp4 ~5e-6 against the
-# bitsandbytes model. Real models differ; the report states the measured numbers.
-TOLERANCES = {"fp32": 1e-4, "fp16": 5e-3, "int8": 1e-1, "int4": 1.0, "nf4": 1e-3, "fp4": 1e-3}
 BNB4 = ("nf4", "fp4")
+REQUANTIZED = " requantized"
+"""CRITERIA key suffix of nf4/fp4 graphs whose weights were rounded again (merged mode)."""
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """What a graph must meet against its PyTorch reference to pass (one row of CRITERIA)."""
+
+    max_relative_diff: float | None
+    """max |Δlogit| / max |reference logit| over the compared positions; None: not judged
+    (weights rounded at export move every logit by design; KL and top-1 judge those)."""
+    max_kl: float
+    """Mean KL(PyTorch || ORT) over positions, nats."""
+    min_top1: float
+    """Share of positions whose argmax agrees; 1.0 also requires every greedy token equal."""
+
+
+# The one table of verdicts. Measured (default prompts, 41 positions; "rel" = max |Δlogit| /
+# max |logit|), tiny random models of every architecture (logits of order 1) / the demo base
+# (logits ~14) / SmolLM2-135M-Instruct (30 layers, logits ~20-30):
+#   fp32          rel 3.5e-7 / 7e-7 / ~5e-6 (1.13e-4 absolute)          KL <= 3e-11
+#   nf4 exact     rel 5e-7 / 1.4e-6 / ~7e-5 (1.77e-3 absolute)          KL <= 8e-10
+#   fp16          rel 3.5e-4 - 1.5e-3, KL <= 3e-6, top-1 >= 40/41
+#   int8          KL 4e-6 - 8e-4, top-1 39/41 - 41/41
+#   int4          KL 5e-4 - 7e-2, top-1 28/41 (tiny gemma2) - 36/41 (demo); a broken SmolLM2
+#                 int4 graph: KL 5.2, top-1 5/41
+# Exact graphs: the relative bound sits ~10x (fp32) and ~4x (nf4) above the 30-layer model
+# and below fp16 storage (3.5e-4: an fp16 cast inside an fp32 graph fails). Rounded graphs:
+# the bounds pass every healthy export measured and fail a model that answers garbage.
+CRITERIA: dict[str, Criteria] = {
+    "fp32": Criteria(max_relative_diff=5e-5, max_kl=1e-6, min_top1=1.0),
+    "nf4": Criteria(max_relative_diff=3e-4, max_kl=1e-5, min_top1=1.0),
+    "fp4": Criteria(max_relative_diff=3e-4, max_kl=1e-5, min_top1=1.0),
+    "fp16": Criteria(max_relative_diff=None, max_kl=5e-3, min_top1=0.9),
+    "int8": Criteria(max_relative_diff=None, max_kl=5e-2, min_top1=0.8),
+    "int4": Criteria(max_relative_diff=None, max_kl=0.5, min_top1=0.5),
+    "nf4" + REQUANTIZED: Criteria(max_relative_diff=None, max_kl=0.5, min_top1=0.5),
+    "fp4" + REQUANTIZED: Criteria(max_relative_diff=None, max_kl=0.5, min_top1=0.5),
+}
 _PROMPT_LENGTHS = (7, 4, 9)
 REFERENCE_PER_PROMPT = "per-prompt-batch1-unpadded"
 
@@ -95,14 +130,17 @@ class GraphCheck:
     tokens_agree: int
     """Greedy tokens equal under teacher forcing (each step fed the reference's token)."""
     tokens_total: int
-    tolerance: float
-    judged: bool = False
-    """Whether `passed` applies the tolerance (fp32; exact nf4/fp4), or numbers are reported."""
+    criteria: str
+    """The CRITERIA row this graph is judged by (`criteria_key`)."""
     mean_kl: float = 0.0
     """Mean over real positions of KL(softmax(PyTorch) || softmax(ORT)), nats."""
     top1_agree: int = 0
     """Positions (prefill and decode, padding excluded) whose argmax is the same."""
     top1_total: int = 0
+    logit_scale: float | None = None
+    """max |logit| of the reference over the compared positions (None in older files)."""
+    non_finite: str = ""
+    """Where NaN/inf logits were found ("" when none)."""
     greedy_match: int = 0
     """Prompts whose free-running greedy continuation is identical on both sides."""
     greedy_prompts: int = 0
@@ -129,14 +167,42 @@ class GraphCheck:
 
     @classmethod
     def from_dict(cls, data: dict) -> GraphCheck:
-        """Read a verify.json entry; fields a file lacks (older edgepeft) take their defaults."""
+        """Read a verify.json entry; fields a file lacks (older edgepeft) take their defaults.
+
+        Files from before CRITERIA name no row: exact graphs were those marked `judged`.
+        """
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known["reference_tokens"] = tuple(tuple(r) for r in known.get("reference_tokens", ()))
+        if "criteria" not in known:
+            rounded = data["weights"] in BNB4 and not data.get("judged", False)
+            known["criteria"] = data["weights"] + (REQUANTIZED if rounded else "")
         return cls(**known)
 
     @property
     def max_abs_diff(self) -> float:
-        return max(self.prefill_max_abs_diff, self.decode_max_abs_diff)
+        return float(np.max([self.prefill_max_abs_diff, self.decode_max_abs_diff]))  # NaN stays
+
+    @property
+    def relative_max_diff(self) -> float | None:
+        """max |Δlogit| / max |reference logit|: float rounding grows with the logits' size.
+
+        The largest |logit| rather than the RMS: rounding in a dot product scales with its
+        largest terms, which the largest logits (those that decide top-1) track; the RMS over
+        the vocabulary is set by the mass of small logits and any constant offset, so it moves
+        with vocabulary size and says little about the logits that matter.
+        """
+        if self.logit_scale is None:
+            return None
+        return self.max_abs_diff / self.logit_scale if self.logit_scale > 0 else math.inf
+
+    @property
+    def thresholds(self) -> Criteria:
+        return CRITERIA[self.criteria]
+
+    @property
+    def exact(self) -> bool:
+        """Whether the graph holds the reference's own weights (judged on the logits)."""
+        return self.thresholds.max_relative_diff is not None
 
     @property
     def greedy_equal(self) -> bool:
@@ -147,23 +213,81 @@ class GraphCheck:
         return self.top1_agree == self.top1_total
 
     @property
-    def within_tolerance(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
+    def top1_share(self) -> float:
+        return self.top1_agree / self.top1_total if self.top1_total else 1.0
+
+    def metrics(self) -> dict[str, float | None]:
+        """Every measured number, by name (each must be finite)."""
+        return {
+            "prefill max |Δlogit|": self.prefill_max_abs_diff,
+            "decode max |Δlogit|": self.decode_max_abs_diff,
+            "logit scale": self.logit_scale,
+            "mean KL": self.mean_kl,
+            "PyTorch perplexity": self.perplexity_torch,
+            "onnxruntime perplexity": self.perplexity_ort,
+            "prefill max |Δlogit| vs dequantized": self.dequant_prefill_max_abs_diff,
+            "decode max |Δlogit| vs dequantized": self.dequant_decode_max_abs_diff,
+        }
+
+    @property
+    def failures(self) -> tuple[str, ...]:
+        """Why the graph fails, one phrase per criterion it misses (empty: it passes)."""
+        c, out = self.thresholds, []
+        if self.non_finite:
+            out.append(f"NaN/inf in {self.non_finite}")
+        bad = [k for k, v in self.metrics().items() if v is not None and not math.isfinite(v)]
+        if bad:
+            out.append(f"non-finite {', '.join(bad)}")
+        if out:  # every other number follows from the NaN
+            return tuple(out)
+        relative = self.relative_max_diff
+        if c.max_relative_diff is not None and relative is not None:
+            if not relative <= c.max_relative_diff:  # `not <=`: NaN fails
+                out.append(
+                    f"max |Δlogit| {self.max_abs_diff:.2e} is {relative:.1e} of the largest "
+                    f"logit ({self.logit_scale:.3g}), above {c.max_relative_diff:.0e}"
+                )
+        if not self.mean_kl <= c.max_kl:
+            out.append(f"mean KL {self.mean_kl:.3g} nats, above {c.max_kl:.0e}")
+        if self.top1_share < c.min_top1:
+            must = "every one must" if c.min_top1 == 1.0 else f"at least {c.min_top1:.0%} must"
+            out.append(
+                f"the device model disagrees with the trained model on "
+                f"{1 - self.top1_share:.0%} of tokens (top-1 {self.top1_agree}/{self.top1_total}; "
+                f"{must} agree)"
+            )
+        if c.min_top1 == 1.0 and not self.greedy_equal:
+            out.append(f"teacher-forced greedy tokens {self.tokens_agree}/{self.tokens_total}")
+        return tuple(out)
 
     @property
     def passed(self) -> bool:
-        """Judged graphs must be within tolerance with every top-1 equal; others pass."""
-        return not self.judged or (self.within_tolerance and self.top1_equal and self.greedy_equal)
+        return not self.failures
 
     def to_dict(self) -> dict:
         return {
             **asdict(self),
             "max_abs_diff": self.max_abs_diff,
+            "relative_max_diff": self.relative_max_diff,
+            "thresholds": asdict(self.thresholds),
+            "exact": self.exact,
             "greedy_equal": self.greedy_equal,
             "top1_equal": self.top1_equal,
-            "within_tolerance": self.within_tolerance,
+            "failures": list(self.failures),
             "passed": self.passed,
         }
+
+
+def _criteria_line(key: str) -> str:
+    c = CRITERIA[key]
+    logits = (
+        f"max |Δlogit| <= {c.max_relative_diff:.0e} x max |logit|, "
+        if c.max_relative_diff is not None
+        else ""
+    )
+    exact = c.min_top1 == 1.0
+    top1 = "every top-1 and greedy token equal" if exact else f"top-1 >= {c.min_top1:.0%}"
+    return f"{key}: {logits}mean KL <= {c.max_kl:.0e}, {top1}"
 
 
 @dataclass(frozen=True)
@@ -208,7 +332,19 @@ class VerifyReport:
         if self.passed:
             return "PASSED"
         failed = ", ".join(f"{g.name or '(base)'} {g.weights}" for g in self.graphs if not g.passed)
-        return f"FAILED: {failed} above tolerance or top-1 disagreeing"
+        return f"FAILED: {failed}"
+
+    def failure_lines(self) -> list[str]:
+        """One line per failing graph: what it misses, loudly."""
+        return [
+            f"FAIL {g.name or '(base)'} {g.weights}: " + "; ".join(g.failures)
+            for g in self.graphs
+            if not g.passed
+        ]
+
+    def criteria_lines(self) -> list[str]:
+        """The CRITERIA rows the graphs were judged by, in order of first use."""
+        return [_criteria_line(k) for k in dict.fromkeys(g.criteria for g in self.graphs)]
 
     def __str__(self) -> str:
         def num(x: float | None) -> str:
@@ -216,18 +352,19 @@ class VerifyReport:
 
         lines = [
             f"verify {self.export_dir}: {self.prompts} prompts, {self.max_new_tokens} new tokens",
-            f"  {'graph':<12} {'weights':<7} {'prefill':>9} {'decode':>9} {'tol':>8} {'KL':>9} "
-            f"{'top-1':>9} {'greedy':>7} {'cont.':>5}  {'vs dequantized (prefill/decode)'}",
+            f"  {'graph':<12} {'weights':<7} {'prefill':>9} {'decode':>9} {'relative':>9} "
+            f"{'KL':>9} {'top-1':>9} {'greedy':>7} {'cont.':>5} {'result':<6} "
+            "vs dequantized (prefill/decode)",
         ]
         for g in self.graphs:
             lines.append(
                 f"  {g.name or '-':<12} {g.weights:<7} {num(g.prefill_max_abs_diff):>9} "
-                f"{num(g.decode_max_abs_diff):>9} {num(g.tolerance):>8} {num(g.mean_kl):>9} "
-                f"{g.top1_agree:>4}/{g.top1_total:<4} {g.tokens_agree:>3}/{g.tokens_total:<3} "
-                f"{g.greedy_match:>2}/{g.greedy_prompts:<2}  "
+                f"{num(g.decode_max_abs_diff):>9} {num(g.relative_max_diff):>9} "
+                f"{num(g.mean_kl):>9} {g.top1_agree:>4}/{g.top1_total:<4} "
+                f"{g.tokens_agree:>3}/{g.tokens_total:<3} "
+                f"{g.greedy_match:>2}/{g.greedy_prompts:<2} "
+                f"{'pass' if g.passed else 'FAIL':<6} "
                 f"{num(g.dequant_prefill_max_abs_diff)} / {num(g.dequant_decode_max_abs_diff)}"
-                + ("" if g.judged else "  (reported, not judged)")
-                + ("" if g.within_tolerance or not g.judged else "  (above tolerance)")
                 + ("" if g.batched else "  (each prompt alone, unpadded)")
                 + (
                     ""
@@ -237,11 +374,17 @@ class VerifyReport:
             )
         for name, why in self.skipped.items():
             lines.append(f"  {name:<12} skipped: {why}")
-        lines.append("  max |logit diff| vs the PyTorch model; " + self._verdict())
+        lines.append(
+            "  max |logit diff| vs the PyTorch model; relative: that / the reference's max |logit|."
+            " Judged by:"
+        )
+        lines += [f"    {line}" for line in self.criteria_lines()]
+        lines += [f"  {line}" for line in self.failure_lines()]
+        lines.append("  " + self._verdict())
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
-        """verify.md: one row per graph / adapter."""
+        """verify.md: one row per graph / adapter, the criteria used, what failed."""
 
         def num(x: float | None) -> str:
             return "–" if x is None else f"{x:.2e}"
@@ -252,21 +395,25 @@ class VerifyReport:
             f"{self.prompts} prompts, {self.max_new_tokens} greedy tokens each; logits against "
             "the PyTorch model in fp32. **" + self._verdict() + "**",
             "",
-            "| adapter | weights | max \\|Δlogit\\| | tolerance | mean KL | top-1 | greedy "
-            "(teacher-forced) | continuations equal | ppl PyTorch | ppl ORT | result |",
+            *[f"- **{line}**" for line in self.failure_lines()],
+            *([""] if not self.passed else []),
+            "| adapter | weights | max \\|Δlogit\\| | relative to max \\|logit\\| | mean KL "
+            "| top-1 | greedy (teacher-forced) | continuations equal | ppl PyTorch | ppl ORT | result |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for g in self.graphs:
-            result = ("pass" if g.passed else "**FAIL**") if g.judged else "reported"
             rows.append(
                 f"| {g.name or '(base)'} | {g.weights} | {num(g.max_abs_diff)} | "
-                f"{num(g.tolerance) if g.judged else '–'} | {num(g.mean_kl)} | "
+                f"{num(g.relative_max_diff)} | {num(g.mean_kl)} | "
                 f"{g.top1_agree}/{g.top1_total} | {g.tokens_agree}/{g.tokens_total} | "
                 f"{g.greedy_match}/{g.greedy_prompts} × {g.greedy_tokens} tok | "
-                f"{_ppl(g.perplexity_torch)} | {_ppl(g.perplexity_ort)} | {result} |"
+                f"{_ppl(g.perplexity_torch)} | {_ppl(g.perplexity_ort)} | "
+                f"{'pass' if g.passed else '**FAIL**'} |"
             )
         for name, why in self.skipped.items():
             rows.append(f"| {name} | – | – | – | – | – | – | – | – | – | skipped: {why} |")
+        rows += ["", "Judged by (edgepeft.export.verify.CRITERIA):", ""]
+        rows += [f"- {line}" for line in self.criteria_lines()]
         return "\n".join(rows) + "\n"
 
 
@@ -516,12 +663,41 @@ def _max_diff(runs: list[_Pass], against=None) -> tuple[float, float]:
 
     `against`: per pass, other reference outputs to compare ORT's with (default: pass.want).
     """
-    prefill = decode = 0.0
+    prefill, decode = [0.0], [0.0]
     for i, run in enumerate(runs):
         want = run.want if against is None else against[i]
         diffs = [float(np.abs(a - b).max()) for a, b in _real_positions(run.got, want)]
-        prefill, decode = max(prefill, diffs[0]), max(decode, *diffs[1:], 0.0)
-    return prefill, decode
+        prefill.append(diffs[0])
+        decode.extend(diffs[1:])
+    return float(np.max(prefill)), float(np.max(decode))  # np.max keeps a NaN; max() may not
+
+
+def _logit_scale(runs: list[_Pass]) -> float:
+    """max |logit| of the reference over the compared positions (finite values only)."""
+    scale = 0.0
+    for run in runs:
+        for _, b in _real_positions(run.got, run.want):
+            finite = np.abs(b[np.isfinite(b)])
+            scale = max(scale, float(finite.max()) if finite.size else 0.0)
+    return scale
+
+
+def _non_finite(runs: list[_Pass], batched: bool) -> str:
+    """Where the first NaN/inf logit of a real position is, on either side ("" if none)."""
+    sides = (
+        ("got", "onnxruntime's logits"),
+        ("want", "PyTorch's logits (the reference itself: its base or adapter holds NaN/inf)"),
+    )
+    for attr, side in sides:
+        for i, run in enumerate(runs):
+            for step, (logits, mask) in enumerate(getattr(run, attr)):
+                real = mask[:, -logits.shape[1] :].astype(bool)  # (B, T)
+                bad = ~np.isfinite(logits).all(-1) & real  # (B, T)
+                if bad.any():
+                    row = int(np.flatnonzero(bad.any(-1))[0])
+                    where = "the prefill" if step == 0 else f"decode step {step}"
+                    return f"{side} at {where}, prompt {row if batched else i}"
+    return ""
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -584,12 +760,14 @@ def _export_weights(path: Path, contract) -> dict[str, np.ndarray] | None:
     return weights
 
 
-def is_judged(manifest: Manifest) -> bool:
-    """fp32 always; nf4/fp4 when the graph holds the base's own codes (base alone or separate)."""
-    if manifest.weights == "fp32":
-        return True
+def criteria_key(manifest: Manifest) -> str:
+    """The CRITERIA row of a graph: its weights, "nf4 requantized" where nf4/fp4 codes are not
+    the base's own (quantized at export, or merged: the merged weights rounded again)."""
+    if manifest.weights not in BNB4:
+        return manifest.weights
     merged_adapter = bool(manifest.adapters) and manifest.mode == "merged"
-    return manifest.weights in BNB4 and manifest.base_quant == manifest.weights and not merged_adapter
+    exact = manifest.base_quant == manifest.weights and not merged_adapter
+    return manifest.weights + ("" if exact else REQUANTIZED)
 
 
 def check_graph(
@@ -638,6 +816,7 @@ def check_graph(
     batches = [(ids, mask)] if batched else _unpadded_rows(ids, mask)
     runs = [_pass(reference, ort_side, b_ids, b_mask, steps) for b_ids, b_mask in batches]
     prefill, decode = _max_diff(runs)
+    scale, non_finite = _logit_scale(runs), _non_finite(runs, batched)
     kl, top1_agree, top1_total = _kl_and_top1(runs)
     agree = sum(
         int((a == b).sum()) for r in runs for a, b in zip(r.ort_tokens, r.tokens, strict=True)
@@ -670,11 +849,12 @@ def check_graph(
         decode_max_abs_diff=decode,
         tokens_agree=agree,
         tokens_total=ids.shape[0] * max_new_tokens,
-        tolerance=TOLERANCES[manifest.weights],
-        judged=is_judged(manifest),
+        criteria=criteria_key(manifest),
         mean_kl=kl,
         top1_agree=top1_agree,
         top1_total=top1_total,
+        logit_scale=scale,
+        non_finite=non_finite,
         greedy_match=greedy_match,
         greedy_prompts=ids.shape[0],
         greedy_tokens=max_new_tokens,
@@ -783,7 +963,7 @@ def verify(
         text: A string (or token ids) whose perplexity both sides report; optional.
 
     Returns:
-        The report; `passed` is False when a judged check (fp32, exact nf4/fp4) fails.
+        The report; `passed` is False when a graph misses its CRITERIA row (or shows NaN/inf).
     """
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
@@ -837,12 +1017,13 @@ def verify(
 
 
 __all__ = [
+    "CRITERIA",
+    "Criteria",
     "GraphCheck",
-    "TOLERANCES",
     "VerifyReport",
     "adapter_file",
     "check_graph",
-    "is_judged",
+    "criteria_key",
     "is_kv_prefix_file",
     "load_reference",
     "read_report",
