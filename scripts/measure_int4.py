@@ -1,0 +1,403 @@
+"""Int4 weight quality on a real model: ppl, KL and top-1 against fp32, per quantizer setting.
+
+    SmolLM2-135M-Instruct, fp32 (scripts/real_model.py, cached)
+      ├─ "gguf":     as shipped; its linear weights sit exactly on Q4_1's grid (block 32,
+      │              scale + min), which flatters any quantizer able to express that grid
+      └─ "off-grid": the same function, weights off that grid: seeded per-channel scales
+                     moved between each linear's input columns and the norm / linear that
+                     feeds them (`off_grid`); its fp32 ppl is printed beside the original's
+    per setting (edgepeft/export/weights.py quantize_nbits: method, symmetric, zero points,
+    block size, with or without the mixed-precision rule `mixed_bits`):
+      every 2-D weight W (linears and the tied embedding / lm_head table)
+        ─► dequantize_packed(quantize_nbits(W)) in the fp32 model (what MatMulNBits computes)
+    ─► logits on a text: "docs", prose topics of Python's documentation (stdlib pydoc_data),
+       or "declaration", the Declaration of Independence (1776, public domain; archaic
+       English that int4 rounding hurts several times more than modern prose)
+    ─► ppl change, KL(fp32 || quantized) and top-1 agreement per token, bits per weight and
+       the weights' size in MB (codes + fp32 scales + zero points + fp32 norms)
+
+    python scripts/measure_int4.py                  # the table (~10 min on 2 cores)
+    python scripts/measure_int4.py --sensitivity    # KL with one layer / one kind quantized
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from real_model import smollm2_dir  # noqa: E402
+
+from edgepeft.export.weights import dequantize_packed, mixed_bits, quantize_nbits  # noqa: E402
+
+OFF_GRID_SPREAD = 0.3
+"""Log-std of the per-channel scales that move the weights off the GGUF's grid."""
+OFF_GRID_SEED = 0
+
+DOCS_TOPICS = ("naming", "execmodel", "exceptions", "class", "import", "assignment")
+"""Prose-heavy topics of Python's own documentation (stdlib pydoc_data.topics, PSF licence):
+on every Python install, plain modern technical English."""
+
+DECLARATION = """\
+When in the Course of human events, it becomes necessary for one people to dissolve the \
+political bands which have connected them with another, and to assume among the powers of the \
+earth, the separate and equal station to which the Laws of Nature and of Nature's God entitle \
+them, a decent respect to the opinions of mankind requires that they should declare the causes \
+which impel them to the separation.
+
+We hold these truths to be self-evident, that all men are created equal, that they are endowed \
+by their Creator with certain unalienable Rights, that among these are Life, Liberty and the \
+pursuit of Happiness. That to secure these rights, Governments are instituted among Men, \
+deriving their just powers from the consent of the governed, That whenever any Form of \
+Government becomes destructive of these ends, it is the Right of the People to alter or to \
+abolish it, and to institute new Government, laying its foundation on such principles and \
+organizing its powers in such form, as to them shall seem most likely to effect their Safety \
+and Happiness. Prudence, indeed, will dictate that Governments long established should not be \
+changed for light and transient causes; and accordingly all experience hath shewn, that \
+mankind are more disposed to suffer, while evils are sufferable, than to right themselves by \
+abolishing the forms to which they are accustomed. But when a long train of abuses and \
+usurpations, pursuing invariably the same Object evinces a design to reduce them under \
+absolute Despotism, it is their right, it is their duty, to throw off such Government, and to \
+provide new Guards for their future security. Such has been the patient sufferance of these \
+Colonies; and such is now the necessity which constrains them to alter their former Systems of \
+Government. The history of the present King of Great Britain is a history of repeated injuries \
+and usurpations, all having in direct object the establishment of an absolute Tyranny over \
+these States. To prove this, let Facts be submitted to a candid world.
+
+He has refused his Assent to Laws, the most wholesome and necessary for the public good.
+
+He has forbidden his Governors to pass Laws of immediate and pressing importance, unless \
+suspended in their operation till his Assent should be obtained; and when so suspended, he has \
+utterly neglected to attend to them.
+
+He has refused to pass other Laws for the accommodation of large districts of people, unless \
+those people would relinquish the right of Representation in the Legislature, a right \
+inestimable to them and formidable to tyrants only.
+
+He has called together legislative bodies at places unusual, uncomfortable, and distant from \
+the depository of their public Records, for the sole purpose of fatiguing them into compliance \
+with his measures.
+
+He has dissolved Representative Houses repeatedly, for opposing with manly firmness his \
+invasions on the rights of the people.
+
+He has refused for a long time, after such dissolutions, to cause others to be elected; whereby \
+the Legislative powers, incapable of Annihilation, have returned to the People at large for \
+their exercise; the State remaining in the mean time exposed to all the dangers of invasion \
+from without, and convulsions within.
+
+He has endeavoured to prevent the population of these States; for that purpose obstructing the \
+Laws for Naturalization of Foreigners; refusing to pass others to encourage their migrations \
+hither, and raising the conditions of new Appropriations of Lands.
+
+He has obstructed the Administration of Justice, by refusing his Assent to Laws for \
+establishing Judiciary powers.
+
+He has made Judges dependent on his Will alone, for the tenure of their offices, and the amount \
+and payment of their salaries.
+
+He has erected a multitude of New Offices, and sent hither swarms of Officers to harrass our \
+people, and eat out their substance.
+
+He has kept among us, in times of peace, Standing Armies without the Consent of our \
+legislatures.
+
+He has affected to render the Military independent of and superior to the Civil power.
+
+He has combined with others to subject us to a jurisdiction foreign to our constitution, and \
+unacknowledged by our laws; giving his Assent to their Acts of pretended Legislation: For \
+Quartering large bodies of armed troops among us: For protecting them, by a mock Trial, from \
+punishment for any Murders which they should commit on the Inhabitants of these States: For \
+cutting off our Trade with all parts of the world: For imposing Taxes on us without our \
+Consent: For depriving us in many cases, of the benefits of Trial by Jury: For transporting us \
+beyond Seas to be tried for pretended offences: For abolishing the free System of English Laws \
+in a neighbouring Province, establishing therein an Arbitrary government, and enlarging its \
+Boundaries so as to render it at once an example and fit instrument for introducing the same \
+absolute rule into these Colonies: For taking away our Charters, abolishing our most valuable \
+Laws, and altering fundamentally the Forms of our Governments: For suspending our own \
+Legislatures, and declaring themselves invested with power to legislate for us in all cases \
+whatsoever.
+
+He has abdicated Government here, by declaring us out of his Protection and waging War against \
+us.
+
+He has plundered our seas, ravaged our Coasts, burnt our towns, and destroyed the lives of our \
+people.
+
+He is at this time transporting large Armies of foreign Mercenaries to compleat the works of \
+death, desolation and tyranny, already begun with circumstances of Cruelty and perfidy scarcely \
+paralleled in the most barbarous ages, and totally unworthy the Head of a civilized nation.
+
+He has constrained our fellow Citizens taken Captive on the high Seas to bear Arms against \
+their Country, to become the executioners of their friends and Brethren, or to fall themselves \
+by their Hands.
+
+In every stage of these Oppressions We have Petitioned for Redress in the most humble terms: \
+Our repeated Petitions have been answered only by repeated injury. A Prince whose character is \
+thus marked by every act which may define a Tyrant, is unfit to be the ruler of a free people.
+
+Nor have We been wanting in attentions to our Brittish brethren. We have warned them from time \
+to time of attempts by their legislature to extend an unwarrantable jurisdiction over us. We \
+have reminded them of the circumstances of our emigration and settlement here. We have appealed \
+to their native justice and magnanimity, and we have conjured them by the ties of our common \
+kindred to disavow these usurpations, which, would inevitably interrupt our connections and \
+correspondence. They too have been deaf to the voice of justice and of consanguinity. We must, \
+therefore, acquiesce in the necessity, which denounces our Separation, and hold them, as we \
+hold the rest of mankind, Enemies in War, in Peace Friends.
+"""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way of quantizing every 2-D weight of the model."""
+
+    label: str
+    method: str = "rtn"
+    symmetric: bool = True
+    float_zero_points: bool = False
+    block_size: int = 32
+    mixed: bool = False
+    """int8 (block 32, RTN) where `mixed_bits` says so, int4 elsewhere."""
+
+
+SETTINGS = [
+    Setting("rtn-sym b32 (today)"),
+    Setting("rtn-asym b32", symmetric=False),
+    Setting("search-sym b32", method="search"),
+    Setting("search-asym b32", method="search", symmetric=False),
+    Setting("search-asym-fz b32", method="search", symmetric=False, float_zero_points=True),
+    Setting("rtn-asym b64", symmetric=False, block_size=64),
+    Setting("search-asym b64", method="search", symmetric=False, block_size=64),
+    Setting(
+        "search-asym-fz b64", method="search", symmetric=False, float_zero_points=True,
+        block_size=64,
+    ),
+    Setting("rtn-asym b128", symmetric=False, block_size=128),
+    Setting("search-asym b128", method="search", symmetric=False, block_size=128),
+    Setting("rtn-sym b32 mixed", mixed=True),
+    Setting("search-asym b32 mixed", method="search", symmetric=False, mixed=True),
+    Setting("search-asym b64 mixed", method="search", symmetric=False, block_size=64, mixed=True),
+    Setting(
+        "search-asym-fz b64 mixed", method="search", symmetric=False, float_zero_points=True,
+        block_size=64, mixed=True,
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Quality:
+    """One quantized model against its fp32 original on the same tokens."""
+
+    ppl: float
+    ppl_change: float
+    """ppl / fp32 ppl - 1."""
+    kl: float
+    """Mean over tokens of KL(fp32 || quantized), nats."""
+    top1: float
+    """Share of tokens whose most likely next token is unchanged."""
+
+
+def weight_matrices(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Every 2-D parameter: the linears and the (tied) embedding table, once each."""
+    return {name: p for name, p in model.named_parameters() if p.ndim == 2}
+
+
+def off_grid(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Move every linear weight off Q4_1's grid without changing the function, in place.
+
+    Per-channel scales c = exp(OFF_GRID_SPREAD * N(0, 1)) are moved between a weight's
+    input columns and what feeds them: the RMSNorm weight before q/k/v and gate/up, v's
+    rows before o (each attention head reads its kv head's channels), up's rows before
+    down. Within a block of 32 columns the scales differ, so no block stays on a 16-level
+    grid; in exact arithmetic the logits are unchanged. (Noise of a fraction of a step
+    would also leave the grid, but costs the fp32 model as much as a second int4 rounding.)
+    """
+
+    def scales(n: int) -> torch.Tensor:
+        return torch.exp(OFF_GRID_SPREAD * torch.randn(n, generator=generator))
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            c = scales(attn.q_proj.in_features)  # (hidden,)
+            layer.input_layernorm.weight.mul_(c)
+            for linear in (attn.q_proj, attn.k_proj, attn.v_proj):
+                linear.weight.div_(c)
+            c = scales(mlp.up_proj.in_features)
+            layer.post_attention_layernorm.weight.mul_(c)
+            for linear in (mlp.gate_proj, mlp.up_proj):
+                linear.weight.div_(c)
+            c = scales(attn.v_proj.out_features)  # (n_kv * head_dim,)
+            attn.v_proj.weight.mul_(c[:, None])
+            head_dim = attn.head_dim
+            per_head = c.reshape(-1, 1, head_dim)  # (n_kv, 1, head_dim)
+            groups = attn.o_proj.in_features // attn.v_proj.out_features  # q heads per kv head
+            attn.o_proj.weight.div_(per_head.expand(-1, groups, -1).reshape(-1))
+            c = scales(mlp.up_proj.out_features)  # (intermediate,)
+            mlp.up_proj.weight.mul_(c[:, None])
+            mlp.down_proj.weight.div_(c)
+
+
+def quantized(
+    name: str, weight: np.ndarray, setting: Setting, num_layers: int
+) -> tuple[np.ndarray, int]:
+    """The dequantized weight and its stored bytes (codes + fp32 scales + zero points)."""
+    bits = mixed_bits(name, num_layers) if setting.mixed else 4
+    if bits == 8:
+        packed = quantize_nbits(weight, 8, 32, symmetric=True)
+    else:
+        packed = quantize_nbits(
+            weight,
+            4,
+            setting.block_size,
+            symmetric=setting.symmetric,
+            method=setting.method,
+            float_zero_points=setting.float_zero_points,
+        )
+    size = packed.codes.nbytes + packed.scales.nbytes
+    size += 0 if packed.zero_points is None else packed.zero_points.nbytes
+    return dequantize_packed(packed), size
+
+
+def log_probs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """(T, V) next-token log-probabilities."""
+    with torch.no_grad():
+        return torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+
+
+def compare(reference: torch.Tensor, test: torch.Tensor, ids: torch.Tensor) -> Quality:
+    targets = ids[0, 1:]
+    ppl = float(torch.exp(-test[:-1].gather(1, targets[:, None]).mean()))
+    ref_ppl = float(torch.exp(-reference[:-1].gather(1, targets[:, None]).mean()))
+    kl = float((reference.exp() * (reference - test)).sum(-1).mean())
+    top1 = float((reference.argmax(-1) == test.argmax(-1)).float().mean())
+    return Quality(ppl, ppl / ref_ppl - 1, kl, top1)
+
+
+class Bench:
+    """One fp32 model whose weights are swapped per setting; the originals kept aside."""
+
+    def __init__(self, model: torch.nn.Module, ids: torch.Tensor):
+        self.model, self.ids = model, ids
+        self.params = weight_matrices(model)
+        self.original = {n: p.detach().clone() for n, p in self.params.items()}
+        self.num_layers = model.config.num_hidden_layers
+        self.other_bytes = sum(
+            p.numel() * 4 for n, p in model.named_parameters() if n not in self.params
+        )
+        self.reference = log_probs(model, ids)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(self.original[name])
+
+    def run(self, setting: Setting, names: list[str] | None = None) -> tuple[Quality, float]:
+        """Quality with `names` (default all 2-D weights) quantized; and bits per weight."""
+        size = count = 0
+        with torch.no_grad():
+            for name in names or self.params:
+                weight = self.original[name].numpy()
+                rounded, nbytes = quantized(name, weight, setting, self.num_layers)
+                self.params[name].copy_(torch.from_numpy(rounded))
+                size, count = size + nbytes, count + weight.size
+        quality = compare(self.reference, log_probs(self.model, self.ids), self.ids)
+        self.restore()
+        return quality, 8 * size / count
+
+
+def text(name: str) -> str:
+    """"docs": DOCS_TOPICS of Python's documentation; "declaration": DECLARATION."""
+    if name == "declaration":
+        return DECLARATION
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[t] for t in DOCS_TOPICS)
+
+
+def load(
+    off: bool, tokens: int, text_name: str = "docs"
+) -> tuple[torch.nn.Module, torch.Tensor, float]:
+    """The model (off-grid copy when `off`), the text's first `tokens` ids, its fp32 ppl."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer(text(text_name))["input_ids"][:tokens]])  # (1, T)
+    if off:
+        off_grid(model, torch.Generator().manual_seed(OFF_GRID_SEED))
+    lp = log_probs(model, ids)
+    ppl = float(torch.exp(-lp[:-1].gather(1, ids[0, 1:, None]).mean()))
+    return model, ids, ppl
+
+
+def table(args: argparse.Namespace) -> None:
+    settings = [s for s in SETTINGS if re.search(args.only, s.label)]
+    for copy in args.copies:
+        model, ids, ppl = load(copy == "off-grid", args.tokens, args.text)
+        bench = Bench(model, ids)
+        print(f"\n### {copy}: fp32 ppl {ppl:.3f} on {ids.shape[1]} tokens\n")
+        print("| setting | ppl vs fp32 | KL | top-1 | bits/weight | MB |")
+        print("|---|---|---|---|---|---|")
+        for setting in settings:
+            started = time.perf_counter()
+            q, bpw = bench.run(setting)
+            count = sum(p.numel() for p in bench.params.values())
+            mb = (count * bpw / 8 + bench.other_bytes) / 1e6
+            print(
+                f"| {setting.label} | {100 * q.ppl_change:+.1f}% | {q.kl:.4f} | "
+                f"{100 * q.top1:.1f}% | {bpw:.3f} | {mb:.1f} |"
+                f"  <!-- {time.perf_counter() - started:.0f} s -->",
+                flush=True,
+            )
+
+
+def sensitivity(args: argparse.Namespace) -> None:
+    """KL with only one layer, or only one kind of tensor, quantized (search-asym b32)."""
+    setting = Setting("probe", method="search", symmetric=False, block_size=args.block)
+    model, ids, _ = load(True, args.tokens, args.text)
+    bench = Bench(model, ids)
+    names = list(bench.params)
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        layer = re.search(r"layers\.(\d+)\.", name)
+        kind = name.split(".")[-2]
+        groups.setdefault(f"kind {kind}", []).append(name)
+        groups.setdefault(f"layer {int(layer[1]):02d}" if layer else "table", []).append(name)
+    print("| quantized alone | KL | top-1 | ppl vs fp32 |")
+    print("|---|---|---|---|")
+    for group, members in sorted(groups.items()):
+        q, _ = bench.run(setting, members)
+        print(f"| {group} | {q.kl:.4f} | {100 * q.top1:.1f}% | {100 * q.ppl_change:+.2f}% |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens of the text scored")
+    parser.add_argument(
+        "--text", choices=["docs", "declaration"], default="docs", help="the text scored"
+    )
+    parser.add_argument(
+        "--copies", nargs="+", choices=["gguf", "off-grid"], default=["gguf", "off-grid"]
+    )
+    parser.add_argument("--only", default="", help="regex: run only the settings it matches")
+    parser.add_argument("--sensitivity", action="store_true", help="per layer / kind KL")
+    parser.add_argument("--block", type=int, default=32, help="block size of --sensitivity")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    (sensitivity if args.sensitivity else table)(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
