@@ -409,14 +409,15 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_verify_parser(sub) -> None:
-    """`edgepeft verify EXPORT_DIR`: the export against PyTorch; exit 1 if a judged check
-    (fp32, exact nf4/fp4) fails."""
+    """`edgepeft verify EXPORT_DIR`: the export against PyTorch; exit 1 if any check fails
+    (every weight format is judged, see verify.CRITERIA)."""
     parser = sub.add_parser(
         "verify",
         help="check an exported folder against PyTorch (logits, greedy tokens)",
         description="Reload the export's base (and merged adapters) in PyTorch, run fixed prompts "
         "through both, print max |logit diff|, KL, top-1 and greedy agreement, and write "
-        "verify.json and verify.md. Exit code 1 when a judged check (fp32, exact nf4/fp4) fails.",
+        "verify.json and verify.md. Exit code 1 when a check fails (every weight format is "
+        "judged; the report prints the criteria).",
     )
     parser.add_argument("export_dir", metavar="EXPORT_DIR", help="folder written by edgepeft export")
     parser.add_argument("--max-new-tokens", type=int, default=8, metavar="N", help="default: 8")

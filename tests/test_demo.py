@@ -107,7 +107,7 @@ def test_quick_demo_trains_exports_and_switches_adapters(tmp_path, capsys):
     report = json.loads((out / "demo_report.json").read_text())
 
     export = out / "export"
-    assert (export / "model.onnx").is_file() and (export / "manifest.json").is_file()
+    assert (export / "model.onnx").is_file() and (export / "edgepeft.json").is_file()
     assert len(list((export / "adapters").iterdir())) >= 2  # one file per adapter (+ sidecars)
     for adapter in report["adapters"]:
         assert Path(adapter["loss_plot"]).is_file()

@@ -1,7 +1,7 @@
 """export(): base alone, merged adapters over an NF4 base, manifest, recipes, atomic writes, CLI.
 
-    tiny folder ──export(...)──► out/ model.onnx(.data), tokenizer, manifest.json, verify.json
-    LoRA (init="random") over NF4 ──merged──► out/sql/ ... ; out/manifest.json lists the graphs
+    tiny folder ──export(...)──► out/ model.onnx(.data), tokenizer, edgepeft.json, verify.json
+    LoRA (init="random") over NF4 ──merged──► out/sql/ ... ; out/edgepeft.json lists the graphs
         ORT logits vs merge(model, "sql", quant="none") in PyTorch: <= 1e-4
     a failing adapter half way: no out/, no staging folder left
     `edgepeft export` then `edgepeft verify`: exit 0, table printed, verify.json written
@@ -59,7 +59,7 @@ def test_base_alone(tiny_dir, tmp_path):
     out = tmp_path / "out"
     result = export(tiny_dir("gpt2"), out, weights="fp32", quiet=True)
     assert result.graphs == {"": out}
-    for name in ("model.onnx", "model.onnx.data", "manifest.json", "verify.json", "tokenizer.json"):
+    for name in ("model.onnx", "model.onnx.data", "edgepeft.json", "verify.json", "tokenizer.json"):
         assert (out / name).is_file(), name
     m = read_manifest(out)
     assert isinstance(m, Manifest)

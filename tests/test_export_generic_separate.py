@@ -138,7 +138,7 @@ def _active(path):
 
 
 def test_verify_passes_for_every_adapter(gpt2):
-    manifest = json.loads((gpt2.out / "manifest.json").read_text())
+    manifest = json.loads((gpt2.out / "edgepeft.json").read_text())
     assert (manifest["graph"], manifest["mode"], manifest["model_type"]) == ("generic", "separate", "gpt2")
     assert [a["name"] for a in manifest["adapters"]] == NAMES
     report = gpt2.report
@@ -208,7 +208,7 @@ def test_int4_equals_pytorch_with_the_graphs_own_weights(gpt2, tmp_path):
     out = tmp_path / "int4"
     api.export(gpt2.base_dir, out, {k: gpt2.folders[k] for k in names}, weights="int4",
                mode="separate", quant="none", accuracy_level=0, verify=False, quiet=True)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "edgepeft.json").read_text())
     assert manifest["op_counts"]["MatMulNBits"] == 9  # 8 linear layers and lm_head
     weights = matmul_nbits_weights(onnx.load(str(out / "model.onnx")))
     session = _session(out / "model.onnx")
@@ -262,7 +262,7 @@ def test_llama_forced_through_the_generic_graph(tiny_dir, tmp_path):
         bare, folders, out, weights="fp32", block_size=32, accuracy_level=0, max_context=None,
         tokenizer=tokenizer, base_fingerprint=fingerprint(bare), graph="generic",
     )
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "edgepeft.json").read_text())
     assert manifest["graph"] == "generic" and manifest["op_counts"].get("GroupQueryAttention") is None
     inputs = optional_graph_inputs(out / "model.onnx")
     assert "model.layers.0.self_attn.q_proj.lora_A" in inputs  # one slot per module: no packing

@@ -183,7 +183,7 @@ def exported(tiny_dir, tmp_path_factory):
 
 
 def _manifest(folder):
-    return json.loads((folder / "manifest.json").read_text())
+    return json.loads((folder / "edgepeft.json").read_text())
 
 
 # Sibling projections the base graph keeps packed, with one adapter branch each (none of

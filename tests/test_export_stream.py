@@ -114,8 +114,8 @@ def test_streamed_nf4_base_with_merged_and_separate_adapters(folders, tmp_path):
     for name in merged:
         assert _same_graph(streamed.graphs[name], loaded.graphs[name]), name
         assert streamed.manifest.graphs == loaded.manifest.graphs
-    assert [json.loads((streamed.graphs[n] / "manifest.json").read_text())["adapters"] for n in merged] == [
-        json.loads((loaded.graphs[n] / "manifest.json").read_text())["adapters"] for n in merged
+    assert [json.loads((streamed.graphs[n] / "edgepeft.json").read_text())["adapters"] for n in merged] == [
+        json.loads((loaded.graphs[n] / "edgepeft.json").read_text())["adapters"] for n in merged
     ]  # the merged fingerprints too
     separate = _both(folder, tmp_path / "sep", adapters={"lora": lora, "ia3": ia3}, weights="int4", mode="separate")
     assert _same_graph(*separate)

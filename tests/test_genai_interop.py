@@ -31,7 +31,7 @@ from edgepeft.config import IA3Config, LoraConfig
 from edgepeft.export.api import export
 from edgepeft.export.genai import GENAI_CONFIG_FILE, genai_config, write_genai_config
 from edgepeft.export.graph_info import input_names
-from edgepeft.export.manifest import read_manifest
+from edgepeft.export.manifest import MANIFEST_FILE, read_manifest
 from edgepeft.tiny import TINY_CONFIGS
 
 og = pytest.importorskip("onnxruntime_genai")
@@ -146,7 +146,7 @@ def test_genai_config_describes_the_graph(tiny_dir, tmp_path, arch):
 
 
 def test_genai_config_needs_an_export_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="manifest.json"):
+    with pytest.raises(FileNotFoundError, match=MANIFEST_FILE):
         write_genai_config(tmp_path)
 
 
@@ -156,8 +156,7 @@ def test_genai_config_needs_an_export_folder(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])  # gpt2: the generic graph
 def test_base_export_runs_in_genai(tiny_dir, tmp_path, arch):
     out = tmp_path / "out"
-    export(tiny_dir(arch), out, weights="fp32", verify=False, quiet=True)
-    write_genai_config(out)
+    export(tiny_dir(arch), out, weights="fp32", verify=False, quiet=True)  # writes genai_config
     reference = torch_greedy(with_adapter(tiny_dir(arch), None))
     assert og_greedy(out) == reference
     assert ort_greedy(out) == reference
@@ -168,8 +167,7 @@ def test_merged_lora_export_runs_in_genai(tiny_dir, tmp_path):
     adapter = random_adapter(folder, tmp_path / "sql", LoraConfig(r=8, init="random", target_modules="all-linear"), 1)
     out = tmp_path / "out"
     export(folder, out, adapters=[adapter], weights="fp32", verify=False, quiet=True)
-    (written,) = write_genai_config(out)  # one per graph folder of the merged set
-    assert written == out / "sql" / GENAI_CONFIG_FILE
+    assert (out / "sql" / GENAI_CONFIG_FILE).is_file()  # one per graph folder of the merged set
     reference = torch_greedy(with_adapter(folder, adapter))
     assert reference != torch_greedy(with_adapter(folder, None))  # the adapter matters
     assert og_greedy(out / "sql") == reference
@@ -184,7 +182,6 @@ def test_separate_adapters_switch_in_genai(tiny_dir, tmp_path):
     ]
     out = tmp_path / "out"
     export(folder, out, adapters=adapters, weights="fp32", mode="separate", verify=False, quiet=True)
-    write_genai_config(out)
     base = torch_greedy(with_adapter(folder, None))
     assert og_greedy(out) == base  # no adapter active: the base graph alone
     for adapter in adapters:
@@ -193,6 +190,22 @@ def test_separate_adapters_switch_in_genai(tiny_dir, tmp_path):
         reference = torch_greedy(with_adapter(folder, adapter))
         assert reference != base
         assert og_greedy(out, files[0]) == ort_greedy(out, files[0]) == reference
+
+
+def test_cli_export_opens_in_genai_as_it_is(tiny_dir, tmp_path):
+    """`edgepeft export` output, untouched: og.Model opens it, greedy tokens == the Engine's."""
+    from edgepeft.cli import main
+    from edgepeft.runtime import Engine
+
+    out = tmp_path / "out"
+    assert main(["export", "--base", str(tiny_dir("llama")), "--out", str(out), "--no-verify"]) == 0
+    assert not (out / "manifest.json").exists()  # genai would take it for an ORT model package
+    engine = Engine(out, verify_files=True)  # genai_config.json is recorded with the rest
+    result = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, return_result=True)
+    tokens = og_greedy(out)
+    # the Engine stops at eos; og's min_length forbids it until the last step
+    assert tokens[: len(result.token_ids)] == result.token_ids
+    assert result.finish_reason == "eos" or len(result.token_ids) == NEW_TOKENS
 
 
 # ---------------------------------------------------------------- the benchmark script

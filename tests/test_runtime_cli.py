@@ -23,6 +23,7 @@ from edgepeft.base import load_base
 from edgepeft.cli import main
 from edgepeft.config import LoraConfig
 from edgepeft.export import api
+from edgepeft.export.files import record_files
 from edgepeft.runtime import Engine
 from edgepeft.runtime.cli import Conversation
 
@@ -135,6 +136,7 @@ def test_chat_without_a_template_continues_plain_text(out, engine, tmp_path, mon
     plain = tmp_path / "plain"
     shutil.copytree(out, plain)
     (plain / "chat_template.jinja").unlink()
+    record_files(plain)  # removed on purpose: no longer a file of the export
     code, stdout, err = chat(monkeypatch, capsys, plain, ["hello", "how are you"], "--adapter", "sql")
     assert code == 0 and err.count("has no chat template") == 1
     conversation = Conversation(templated=False)

@@ -334,6 +334,8 @@ def test_stream_holds_back_split_characters(engine):
 def test_chat_messages_use_the_exported_template(separate, tmp_path):
     from transformers import AutoTokenizer
 
+    from edgepeft.export.files import record_files
+
     with pytest.raises(ValueError, match="no chat template"):
         Engine(separate.out, load_adapters=False).generate([{"role": "user", "content": "hi"}])
     folder = tmp_path / "chat"
@@ -344,6 +346,7 @@ def test_chat_messages_use_the_exported_template(separate, tmp_path):
         "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    record_files(folder)  # changed on purpose: its new size and sha256 recorded
     engine = Engine(folder)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the fox"}]
     hf = AutoTokenizer.from_pretrained(folder)
@@ -359,9 +362,9 @@ def test_chat_messages_use_the_exported_template(separate, tmp_path):
 def test_context_limit_errors_or_truncates(separate, tmp_path):
     folder = tmp_path / "short"
     shutil.copytree(separate.out, folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = json.loads((folder / "edgepeft.json").read_text())
     manifest["max_context"] = 16
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "edgepeft.json").write_text(json.dumps(manifest))
     engine = Engine(folder)
     long_prompt = list(range(3, 3 + 14))  # token ids
     assert len(engine.generate(long_prompt, max_new_tokens=10, return_result=True).token_ids) <= 3

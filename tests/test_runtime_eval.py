@@ -28,6 +28,7 @@ from edgepeft.base import load_base
 from edgepeft.cli import main
 from edgepeft.config import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from edgepeft.export import api
+from edgepeft.export.files import record_files
 from edgepeft.runtime import Engine
 from edgepeft.runtime.evaluate import evaluate as engine_evaluate
 from edgepeft.train.evaluate import evaluate as torch_evaluate
@@ -121,6 +122,7 @@ def test_bad_requests_name_what_is_there(engine, exported, tmp_path):
     plain = tmp_path / "plain"
     shutil.copytree(exported[2], plain)
     (plain / "chat_template.jinja").unlink()
+    record_files(plain)  # removed on purpose: no longer a file of the export
     with pytest.raises(ValueError, match=r"<rows>:6: a 'messages' row needs the export's chat template"):
         engine_evaluate(plain, ROWS, progress=False)
 

@@ -318,7 +318,7 @@ def format_result(result: DemoResult) -> str:
               f"median; loading an adapter file into the running engine: {loads}",
               f"Decode: {result.decode_tok_s:.0f} tok/s (batch 1, this machine)", "",
               result.verify_text, "",  # fmt: skip
-              f"Artifacts: {result.export_dir} (model.onnx, adapters/, manifest.json)",
+              f"Artifacts: {result.export_dir} (model.onnx, adapters/, edgepeft.json)",
               f"Reports:   {result.out_dir / REPORT_FILE}, {result.export_dir / 'verify.md'}",
               "Loss plots: " + ", ".join(a.loss_plot for a in result.adapters),
               f"Total: {result.seconds:.0f}s"]  # fmt: skip

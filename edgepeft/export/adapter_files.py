@@ -9,7 +9,8 @@
             model.layers.0.self_attn.o_proj.lora_B     (r, out), alpha / r folded in
             model.layers.0.self_attn.qkv_proj.lora_A   (in, rq+rk+rv)   packed siblings
             model.layers.0.self_attn.qkv_proj.lora_B   (rq+rk+rv, q+k+v) block diagonal
-            edgepeft.base_fingerprint.<16 hex digits>  (1,) the guard, see below
+            edgepeft.base_fingerprint.<16 hex digits>  (1,) the guard, see below; its
+                                                       value: the tensors' checksum
     out/adapters/sql.json            sidecar: kind, targets, rank and scaling per module,
                                      packed inputs and their modules, base fingerprint,
                                      sha256 of the .onnx_adapter
@@ -26,6 +27,12 @@ has an (unused) optional input named after its own fingerprint, so even plain
 onnxruntime, with no edgepeft code on the device, refuses an adapter made for another
 base ("Invalid input name: edgepeft.base_fingerprint.<the adapter's base>");
 `load_adapter_file` refuses it first, naming both fingerprints.
+
+The guard's value (the graph never reads it) is a checksum of the file's other tensors:
+24 bits of `files.tensors_sha256` over them, an integer below 2**24 (exact in float32).
+`check_adapter_file` recomputes it, so a file corrupted in transit is caught even when it
+was copied without its sidecar (which holds the whole file's sha256). 0: a file written
+before edgepeft stored it (not checked).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepeft.atomic import atomic_path
+from edgepeft.export.files import tensors_sha256
 from edgepeft.export.manifest import write_json
 
 ADAPTER_DIR = "adapters"
@@ -82,6 +90,11 @@ def fingerprint_input(base_fingerprint: str) -> str:
 def model_version(base_fingerprint: str) -> int:
     """AdapterFormat's int32 model_version: the fingerprint's first 7 hex digits."""
     return int(base_fingerprint[:7], 16)
+
+
+def tensors_checksum(tensors: Mapping[str, np.ndarray]) -> int:
+    """The guard's value for these tensors: in [1, 2**24), so exact as a float32 (0: none)."""
+    return int(tensors_sha256(tensors)[:6], 16) or 1
 
 
 def optional_graph_inputs(model_path: str | os.PathLike) -> dict[str, GraphInput]:
@@ -193,6 +206,9 @@ def write_adapter_file(
             f"{base_fingerprint}, or not in separate mode"
         )
     values = _checked(name, {**tensors, guard: np.zeros(1, np.float32)}, graph_inputs)
+    if values[guard].dtype == np.float32:  # 24-bit integers are exact in it
+        checksum = tensors_checksum({k: v for k, v in values.items() if k != guard})
+        values[guard] = np.array([checksum], np.float32)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}{SUFFIX}"
@@ -264,7 +280,8 @@ def check_adapter_file(path: str | os.PathLike, base: str | os.PathLike) -> str:
 
     Raises:
         AdapterBaseMismatchError: Another base; the message names both fingerprints.
-        ValueError: The sidecar's sha256 does not match the file (changed since export).
+        ValueError: The tensors do not match the checksum stored in the file, or the
+            sidecar's sha256 does not match the file (changed since export).
     """
     path = Path(path)
     found = adapter_fingerprint(path)
@@ -275,6 +292,7 @@ def check_adapter_file(path: str | os.PathLike, base: str | os.PathLike) -> str:
             f"base fingerprint {want}. Export the adapter against this base (it must be trained "
             "on it), or use the base graph it was exported with"
         )
+    check_tensors(path)
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():
         recorded = json.loads(sidecar.read_text()).get("sha256")
@@ -284,6 +302,28 @@ def check_adapter_file(path: str | os.PathLike, base: str | os.PathLike) -> str:
                 "export; re-export it"
             )
     return found
+
+
+def check_tensors(path: str | os.PathLike) -> None:
+    """Raise unless the file's tensors match the checksum its guard parameter holds.
+
+    Raises:
+        ValueError: names the file and both checksums; the file changed since export.
+    """
+    import onnxruntime as ort
+
+    parameters = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+    guard = next(k for k in parameters if k.startswith(GUARD_PREFIX))
+    recorded = int(parameters[guard].numpy().reshape(-1)[0])
+    if recorded == 0:  # written before edgepeft stored the checksum
+        return
+    found = tensors_checksum({k: v.numpy() for k, v in parameters.items() if k != guard})
+    if found != recorded:
+        raise ValueError(
+            f"{path}: its tensors have checksum {found:06x}, the file recorded {recorded:06x} "
+            "when it was exported: it was corrupted since (copy it again from the original "
+            "export, or re-export the adapter)"
+        )
 
 
 def load_adapter_file(path: str | os.PathLike, base: str | os.PathLike):
@@ -307,8 +347,10 @@ __all__ = [
     "AdapterFile",
     "adapter_fingerprint",
     "check_adapter_file",
+    "check_tensors",
     "fingerprint_input",
     "load_adapter_file",
     "optional_graph_inputs",
+    "tensors_checksum",
     "write_adapter_file",
 ]

@@ -10,13 +10,15 @@
         └─ "separate"   ─► edgepeft.export.separate.export_separate (hook, below)
     graph: model_type in FUSED_MODEL_TYPES ─► export_fused (contrib ops), else (or when the
            fused builder raises NotImplementedError) ─► export_generic (torch.onnx trace)
-    each graph folder: model.onnx + .data, tokenizer files, manifest.json, verify.json
-    all of it is written in .<out>.XXXX/ beside out/ and renamed into place at the end
+    each graph folder: model.onnx + .data, tokenizer files, edgepeft.json, verify.json,
+        genai_config.json; last, every file's size and sha256 into edgepeft.json (finish.py)
+    all of it is written in .<out>.<pid>.XXXX.tmp/ beside out/ and renamed into place at
+    the end (edgepeft.atomic.staging_folder: removed on failure, SIGTERM, SIGINT)
 
 Separate-mode hook: a module `edgepeft/export/separate.py` defining
 `export_separate(model, adapters: dict[str, Path], out_dir: Path, *, weights, block_size,
 accuracy_level, max_context, tokenizer, base_fingerprint, progress) -> None` that writes
-the whole folder (graph, adapter files, manifest.json) into `out_dir` (the staging
+the whole folder (graph, adapter files, edgepeft.json) into `out_dir` (the staging
 folder); until it exists, mode="separate" raises ValueError.
 """
 
@@ -26,11 +28,12 @@ import copy
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from edgepeft.atomic import staging_folder
+from edgepeft.export.finish import finish_graph_folder
 from edgepeft.export.graph_info import WEIGHT_FORMATS
 from edgepeft.export.manifest import (
     AdapterEntry,
@@ -52,6 +55,8 @@ RECIPE_KEYS = {
     "providers": list,
 }
 _DEFAULTS = {"weights": "int4", "mode": "merged", "block_size": 32, "accuracy_level": 4}
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "data" / "recipes"
+"""The recipes shipped inside the package (package data: the wheel holds them)."""
 
 Progress = Callable[[str], None]
 
@@ -81,8 +86,34 @@ class ExportResult:
 # ---------------------------------------------------------------- options
 
 
-def load_recipe(path: str | os.PathLike) -> dict:
-    """Export options from a TOML recipe; unknown keys and wrong types are errors.
+def recipe_path(recipe: str | os.PathLike) -> Path:
+    """The TOML file a recipe names, looked for in this order:
+
+    1. a file at that path ("my-recipe.toml", "~/recipes/gpu.toml");
+    2. a recipe shipped in the package (RECIPES_DIR) by name: "cpu-int4" or "cpu-int4.toml";
+    3. the repository's old spelling "export/cpu-int4.toml" (the recipes lived in export/
+       before they shipped in the package): the shipped recipe of that name.
+
+    Raises:
+        FileNotFoundError: none of these (the message lists the shipped names).
+    """
+    path = Path(recipe).expanduser()
+    if path.is_file():
+        return path
+    if len(path.parts) == 1 or path.parent.name == "export":
+        shipped = RECIPES_DIR / f"{path.name.removesuffix('.toml')}.toml"
+        if shipped.is_file():
+            return shipped
+    names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
+    raise FileNotFoundError(
+        f"recipe {recipe} not found: no such file, and no shipped recipe of that name "
+        f"(shipped recipes: {names}); pass a name or the path of a .toml file"
+    )
+
+
+def load_recipe(recipe: str | os.PathLike) -> dict:
+    """Export options from a TOML recipe (a name or a path, found by `recipe_path`);
+    unknown keys and wrong types are errors.
 
     Keys: weights, block_size, accuracy_level, mode, max_context, and providers (the
     onnxruntime execution providers the runtime should try, recorded in the manifest).
@@ -92,9 +123,7 @@ def load_recipe(path: str | os.PathLike) -> dict:
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} not found (recipes ship in the repo's export/ folder)")
+    path = recipe_path(recipe)
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
@@ -324,6 +353,8 @@ def _export_one(
         write_report(folder, report)  # named for where it will live
         manifest = replace(manifest, verify=report.graphs[0].to_dict())
         write_manifest(folder, manifest)
+    # graph metadata, genai_config.json, every file's size and sha256 (finish.py)
+    manifest = finish_graph_folder(folder, config=model.config, progress=say)
     return manifest, report
 
 
@@ -365,8 +396,9 @@ def export(
         block_size: int4/int8 block size (default 32).
         accuracy_level: MatMulNBits compute type (default 4: int8 activations).
         max_context: Longest sequence the runtime should allow (default: the model's).
-        recipe: TOML file whose keys (weights, block_size, accuracy_level, mode,
-            max_context) replace the defaults; explicit arguments win over it.
+        recipe: A shipped recipe's name ("cpu-int4") or a TOML file (`recipe_path`) whose
+            keys (weights, block_size, accuracy_level, mode, max_context) replace the
+            defaults; explicit arguments win over it.
         verify: Compare every graph with PyTorch and store the numbers (verify.json,
             manifest "verify").
         graph: "auto" (fused where the architecture has a fused builder), "fused"
@@ -428,9 +460,8 @@ def export(
         base_quant, base_name = info.quant, info.name_or_path
     base_fp = fingerprint(model)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    # Removed if the export fails or is interrupted; a killed export's is removed here.
+    with staging_folder(out) as staging:
         common = dict(
             options=options,
             graph=graph,
@@ -471,6 +502,7 @@ def export(
                 report = replace(report, export_dir=str(out))
                 write_report(staging, report)
                 reports.append(report)
+            finish_graph_folder(staging, config=model.config, progress=say)
         elif not folders:
             _, report = _export_one(model, staging, final=out, adapters=[], **common)
             reports.append(report)
@@ -520,9 +552,6 @@ def export(
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     say(f"wrote {out}")
     return ExportResult(out_dir=out, graphs=graphs, manifest=read_manifest(out), verify=report)
 
@@ -538,4 +567,4 @@ def _combined(reports: list, out: Path):
     )
 
 
-__all__ = ["ExportResult", "export", "load_recipe"]
+__all__ = ["RECIPES_DIR", "ExportResult", "export", "load_recipe", "recipe_path"]

@@ -1,13 +1,15 @@
 """genai_config.json for an export folder, so onnxruntime-genai can load and run it.
 
-    out/manifest.json ──► model type, I/O names, layers, KV heads, head_dim, vocab,
+    out/edgepeft.json ──► model type, I/O names, layers, KV heads, head_dim, vocab,
                           context, eos / bos / pad
     out/model.onnx (graph only, no weights read) ──► attention heads (GroupQueryAttention's
                           num_heads), hidden size (the embedding table's width)
-        └─ neither in the graph (generic export) ──► the base's config.json
+        └─ neither in the graph (generic export) ──► the base's config (given, or its
+                          config.json)
     ──► out/genai_config.json                      og.Model(out) reads it
 
-A merged set (one graph per adapter) gets one file in each graph folder. Separate-mode
+`edgepeft export` writes it into every graph folder (fused and generic graphs alike: both
+keep the decoder contract of graph_info.py); a merged set gets one file in each graph folder. Separate-mode
 exports need nothing more here: onnxruntime-genai feeds an `.onnx_adapter` file's tensors
 as the graph inputs they are named after (`og.Adapters(model).load(file, name)`).
 
@@ -50,14 +52,21 @@ def _graph_facts(model_path: Path) -> dict[str, int]:
     return facts
 
 
-def _config_facts(base: str) -> dict[str, int]:
-    """The same facts from the base model's config.json (folder or hub cache), if readable."""
+def _base_config(base: str):
+    """The base model's config (folder or hub cache), or None where it is not readable."""
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(base).get_text_config()
+        return AutoConfig.from_pretrained(base)
     except (OSError, ValueError):
+        return None
+
+
+def _config_facts(config) -> dict[str, int]:
+    """The same facts from a transformers config (None: none)."""
+    if config is None:
         return {}
+    config = config.get_text_config()
     facts = {}
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
@@ -68,13 +77,17 @@ def _config_facts(base: str) -> dict[str, int]:
     return facts
 
 
-def genai_config(folder: str | os.PathLike, *, intra_op_threads: int | None = None) -> dict:
+def genai_config(
+    folder: str | os.PathLike, *, intra_op_threads: int | None = None, config=None
+) -> dict:
     """The genai_config.json document for the single-graph export in `folder`.
 
     Args:
-        folder: An export folder holding one graph (manifest.json + model.onnx).
+        folder: An export folder holding one graph (edgepeft.json + model.onnx).
         intra_op_threads: onnxruntime intra-op threads for the decoder session (default:
             onnxruntime's choice).
+        config: The base's transformers config, where the graph does not show its attention
+            heads or hidden size (default: read from the manifest's `base`).
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -82,7 +95,8 @@ def genai_config(folder: str | os.PathLike, *, intra_op_threads: int | None = No
         raise ValueError(f"{folder} holds a set of graphs; use write_genai_config on it")
     facts = _graph_facts(folder / manifest.model_file)
     if len(facts) < 2:
-        facts = {**_config_facts(manifest.base), **facts}
+        config = config if config is not None else _base_config(manifest.base)
+        facts = {**_config_facts(config), **facts}
     missing = sorted({"num_attention_heads", "hidden_size"} - set(facts))
     if missing:
         raise ValueError(
@@ -151,13 +165,17 @@ def genai_config(folder: str | os.PathLike, *, intra_op_threads: int | None = No
 
 
 def write_genai_config(
-    export_dir: str | os.PathLike, *, intra_op_threads: int | None = None
+    export_dir: str | os.PathLike, *, intra_op_threads: int | None = None, config=None
 ) -> list[Path]:
     """Write genai_config.json beside every graph of an export folder.
+
+    `edgepeft export` already wrote one; call this to change `intra_op_threads` (the
+    manifest's file records are updated with it).
 
     Args:
         export_dir: A folder written by `edgepeft.export` (one graph, or a merged set).
         intra_op_threads: onnxruntime intra-op threads recorded in the session options.
+        config: As `genai_config`.
 
     Returns:
         The files written: one for a single graph, one per graph folder for a merged set.
@@ -169,12 +187,15 @@ def write_genai_config(
         if isinstance(manifest, ExportIndex)
         else [export_dir]
     )
-    return [
-        write_json(
-            folder / GENAI_CONFIG_FILE, genai_config(folder, intra_op_threads=intra_op_threads)
-        )
-        for folder in folders
-    ]
+    from edgepeft.export.files import record_files
+
+    written = []
+    for folder in folders:
+        document = genai_config(folder, intra_op_threads=intra_op_threads, config=config)
+        written.append(write_json(folder / GENAI_CONFIG_FILE, document))
+        if read_manifest(folder).files is not None:  # keep the recorded sha256 true
+            record_files(folder)
+    return written
 
 
 __all__ = ["GENAI_CONFIG_FILE", "genai_config", "write_genai_config"]

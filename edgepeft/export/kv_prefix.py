@@ -60,6 +60,9 @@ from pathlib import Path
 import numpy as np
 
 from edgepeft.atomic import atomic_path
+from edgepeft.export.files import tensors_sha256
+from edgepeft.finite import check_finite
+from edgepeft.kv_cache_keyword import output_cache
 
 KIND = "kv_prefix"
 KV_PREFIX_PEFT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING")
@@ -168,7 +171,7 @@ def _prompt_keys_values(model, module, name: str) -> list[tuple]:
     finally:
         for m, active in zip(modules, before, strict=True):
             m.active = active
-    pairs = [(layer.keys.float(), layer.values.float()) for layer in out.past_key_values.layers]
+    pairs = [(layer.keys.float(), layer.values.float()) for layer in output_cache(out).layers]
     if any(keys.shape[2] != n for keys, _ in pairs):
         raise NotImplementedError(
             f"adapter {name!r}: a layer cached fewer than its {n} virtual tokens (a sliding "
@@ -298,6 +301,8 @@ def write_kv_prefix_file(
         "layout": LAYOUT,
     }
     arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+    # checked at every read: a file copied without the export's manifest is still checked
+    metadata["tensors_sha256"] = tensors_sha256(arrays)
     with atomic_path(out_path) as tmp:
         save_file(arrays, str(tmp), metadata=metadata)
     return Path(out_path)
@@ -326,6 +331,14 @@ def read_kv_prefix_file(path: str | os.PathLike, expected_fingerprint: str) -> K
                 f"{expected_fingerprint!r}; export the adapter against this base"
             )
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    recorded = meta.get("tensors_sha256")  # absent in files written before it was stored
+    if recorded is not None and tensors_sha256(tensors) != recorded:
+        raise ValueError(
+            f"KV prefix {path}: its tensors have sha256 {tensors_sha256(tensors)}, the file "
+            f"recorded {recorded} when it was exported: it was corrupted since (copy it again "
+            "from the original export, or re-export the adapter)"
+        )
+    check_finite(tensors, adapter=meta.get("adapter") or path.name, file=path)
     return KVPrefix.from_tensors(tensors, meta)
 
 
@@ -357,6 +370,7 @@ def export_kv_prefix(
     tensors = kv_prefix_tensors(model, adapter_name)
     base_fp = fingerprint(model)
     path = kv_prefix_path(out_dir, adapter_name)
+    check_finite(tensors, adapter=adapter_name, file=f"{path} (not written)")
     write_kv_prefix_file(path, tensors, base_fp, {"adapter": adapter_name, "method": plan.method})
     return {
         "name": adapter_name,

@@ -1,13 +1,19 @@
-"""manifest.json: what an export folder holds, for the runtime and for `verify`.
+"""edgepeft.json: what an export folder holds, for the runtime and for `verify`.
 
     one graph                              merged set (one graph per adapter)
     out/                                   out/
-      manifest.json   Manifest               manifest.json   ExportIndex: name -> folder
-      model.onnx, model.onnx.data            sql/  manifest.json, model.onnx, ... (one graph)
-      tokenizer files, verify.json           chat/ ...
-                                             verify.json     every graph's check
+      edgepeft.json   Manifest               edgepeft.json   ExportIndex: name -> folder
+      model.onnx, model.onnx.data            sql/  edgepeft.json, model.onnx, ... (one graph)
+      genai_config.json (onnxruntime-genai)  chat/ ...
+      tokenizer files, verify.json           verify.json     every graph's check
 
-Plain JSON (no pickles), written atomically; `read_manifest` checks the format.
+Plain JSON (no pickles), written atomically; `read_manifest` checks the format. The name is
+ours alone: onnxruntime-genai takes a folder holding a `manifest.json` (and no
+genai_config.json) for an ORT model package. Older exports named it manifest.json;
+`read_manifest` still reads those (LEGACY_MANIFEST_FILE).
+
+A graph's Manifest records the size and sha256 of every file the graph needs (`files`,
+see files.py), checked when the runtime opens the folder.
 """
 
 from __future__ import annotations
@@ -19,8 +25,13 @@ from pathlib import Path
 
 from edgepeft import __version__, atomic
 
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = "edgepeft.json"
+LEGACY_MANIFEST_FILE = "manifest.json"
+"""What MANIFEST_FILE was called before; read (never written) so old exports still open."""
 FORMAT = "edgepeft-onnx"
+GRAPH_METADATA_PREFIX = "edgepeft."
+"""model.onnx metadata_props keys: edgepeft.weights, .max_context, .base_fingerprint
+(export/finish.py writes them, runtime/contract.py compares the manifest with them)."""
 FORMAT_VERSION = 1
 
 
@@ -82,6 +93,9 @@ class Manifest:
     """onnxruntime execution providers the recipe asks the runtime to try, in order."""
     verify: dict | None = None
     """GraphCheck.to_dict() of the check run at export time, or None."""
+    files: dict[str, dict] | None = None
+    """relative path -> {"size", "sha256"} of every file the graph needs (files.py); None in
+    exports written before edgepeft recorded them."""
     model_file: str = "model.onnx"
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -147,15 +161,28 @@ def write_json(path: Path, document: dict) -> Path:
 
 
 def write_manifest(folder: Path, manifest: Manifest | ExportIndex) -> Path:
-    return write_json(Path(folder) / MANIFEST_FILE, manifest.to_dict())
+    """Write folder/edgepeft.json; an old-named manifest.json there goes (it would be stale)."""
+    path = write_json(Path(folder) / MANIFEST_FILE, manifest.to_dict())
+    (Path(folder) / LEGACY_MANIFEST_FILE).unlink(missing_ok=True)
+    return path
+
+
+def manifest_path(folder: str | os.PathLike) -> Path | None:
+    """folder/edgepeft.json, else an older export's folder/manifest.json, else None."""
+    for name in (MANIFEST_FILE, LEGACY_MANIFEST_FILE):
+        path = Path(folder) / name
+        if path.is_file():
+            return path
+    return None
 
 
 def read_manifest(folder: str | os.PathLike) -> Manifest | ExportIndex:
     """The manifest of an export folder: a Manifest (one graph) or an ExportIndex (a set)."""
-    path = Path(folder) / MANIFEST_FILE
-    if not path.is_file():
+    path = manifest_path(folder)
+    if path is None:
         raise FileNotFoundError(
-            f"{path} not found: is {folder} a folder written by `edgepeft export`?"
+            f"{Path(folder) / MANIFEST_FILE} not found: is {folder} a folder written by "
+            "`edgepeft export`?"
         )
     try:
         data = json.loads(path.read_text())

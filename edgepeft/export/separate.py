@@ -13,7 +13,7 @@
         ▼
     per adapter: pack_tensors ─► write_adapter_file (every tensor a graph input)   out/adapters/
         ▼
-    manifest.json (mode "separate", one AdapterEntry per file), tokenizer files
+    edgepeft.json (mode "separate", one AdapterEntry per file), tokenizer files
 
 What a file holds, per kind and module (graph input names in adapter_slots.py; a packed
 q/k/v or gate/up projection holds its modules' values side by side, see packed_adapters.py):
@@ -66,6 +66,7 @@ from edgepeft.export.adapter_slots import (
     lora_inputs,
 )
 from edgepeft.export.packed_adapters import pack_slots, pack_tensors, packed_layout
+from edgepeft.finite import check_finite
 
 SEPARATE_PEFT_TYPES = ("LORA", "IA3", "BOTTLENECK")
 Progress = Callable[[str], None]
@@ -154,6 +155,8 @@ def adapter_tensors(model: nn.Module, name: str, source: str = "") -> AdapterTen
         slots[path] = slot
     if not slots:
         raise ValueError(f"adapter {name!r} adapts no module of this model")
+    # Values trained to NaN/inf in memory never reached load_adapter's check.
+    check_finite(tensors, adapter=name, file=source or "the model's adapter (in memory)")
     return AdapterTensors(
         name=name,
         kind=kind,
@@ -273,7 +276,7 @@ def export_separate(
     lora_everywhere: bool = False,
     graph: str = "auto",
 ) -> None:
-    """Write the base graph, one .onnx_adapter (+ sidecar) per adapter, and manifest.json.
+    """Write the base graph, one .onnx_adapter (+ sidecar) per adapter, and edgepeft.json.
 
     Args:
         model: The base (loaded, no adapters); adapters are loaded onto it one at a time
@@ -369,7 +372,7 @@ def export_adapter(
 ):
     """Add an adapter to an existing separate-mode export, without a new base graph.
 
-        export_dir/manifest.json ─► base (folder + quant) ─► load_base, fingerprint checked
+        export_dir/edgepeft.json ─► base (folder + quant) ─► load_base, fingerprint checked
         adapter_dir ─► load_adapter (its recorded base checked) ─► tensors, packed as the
         graph packs them ─► adapters/<name>.onnx_adapter + .json ─► manifest entry
 
@@ -398,6 +401,7 @@ def export_adapter(
     from edgepeft.adapters.peft_format import load_adapter
     from edgepeft.base import fingerprint, load_base
     from edgepeft.export.adapter_files import AdapterBaseMismatchError
+    from edgepeft.export.files import record_files
     from edgepeft.export.kv_prefix import KV_PREFIX_PEFT_TYPES, export_kv_prefix
     from edgepeft.export.manifest import AdapterEntry, Manifest, read_manifest, write_manifest
     from edgepeft.export.packed_adapters import graph_layout
@@ -462,6 +466,8 @@ def export_adapter(
             stale = export_dir / old.file
             for path in (stale, stale.with_suffix(".json")):
                 path.unlink(missing_ok=True)
+    if manifest.files is not None:  # the new file's size and sha256 (and the stale gone)
+        record_files(export_dir)
     say(f"added adapter {name!r} to {export_dir}")
     return entry
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepeft.export import adapter_files, kv_prefix
+from edgepeft.finite import NonFiniteError, check_finite
 from edgepeft.runtime.errors import (
     AdapterBaseMismatchError,
     AdapterLoadError,
@@ -95,7 +96,8 @@ def read_adapter(
 
     Raises:
         AdapterBaseMismatchError: made for another base; names both fingerprints.
-        AdapterLoadError: unreadable, truncated or altered file, or a tensor the graph lacks.
+        AdapterLoadError: unreadable, truncated or altered file, a tensor the graph lacks,
+            or a tensor holding NaN/inf (named).
         FileNotFoundError: no such file.
     """
     path = Path(path)
@@ -137,6 +139,12 @@ def _read_onnx_adapter(
             + ", which this graph has no input for; export the adapter against this base graph "
             "(with the same targets, or lora_everywhere=True)"
         )
+    # One NaN would reach every logit (numpy has no bfloat16: those values are not checked).
+    readable = {k: v.numpy() for k, v in parameters.items() if v.data_type() != "tensor(bfloat16)"}
+    try:
+        check_finite(readable, adapter=name, file=path)
+    except NonFiniteError as e:
+        raise AdapterLoadError(str(e)) from e
     sidecar = _sidecar(path)
     ranks = [r for r in (sidecar.get("ranks") or {}).values() if isinstance(r, int)]
     info = AdapterInfo(

@@ -41,6 +41,8 @@ def add_parser(commands) -> None:
     run.add_argument("--stream", action="store_true", help="print text as it is generated")
     run.add_argument("--stop", action="append", default=None, metavar="TEXT",
                      help="stop before this text (repeatable)")
+    run.add_argument("--ignore-eos", action="store_true",
+                     help="generate exactly --max-new-tokens tokens (eos does not end it)")
     run.set_defaults(run=_run)
 
     chat = commands.add_parser(
@@ -73,7 +75,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, metavar="S", help="seed for sampling")
     parser.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads")
     parser.add_argument("--device", metavar="PROFILE",
-                        help="device profile (devices/*.toml name or path): providers, threads")
+                        help="device profile (name or .toml path): providers, threads")
 
 
 # ---------------------------------------------------------------- shared
@@ -129,7 +131,7 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 def _run(args: argparse.Namespace) -> int:
     engine, adapter = _open(args)
-    options = dict(adapter=adapter, stop=args.stop, **_sampling(args))
+    options = dict(adapter=adapter, stop=args.stop, ignore_eos=args.ignore_eos, **_sampling(args))
     if args.stream:
         for piece in engine.stream(args.prompt, **options):
             print(piece, end="", flush=True)
@@ -254,14 +256,16 @@ def _command(engine, conversation: Conversation, adapter: str | None, command: s
 
 
 def is_export_folder(path: str | Path) -> bool:
-    """True for a folder `edgepeft export` wrote (manifest.json of format edgepeft-onnx)."""
+    """True for a folder `edgepeft export` wrote (a manifest of format edgepeft-onnx)."""
     import json
 
-    manifest = Path(path).expanduser() / "manifest.json"
-    if not manifest.is_file():
+    from edgepeft.export.manifest import FORMAT, manifest_path
+
+    manifest = manifest_path(Path(path).expanduser())
+    if manifest is None:
         return False
     try:
-        return json.loads(manifest.read_text()).get("format") == "edgepeft-onnx"
+        return json.loads(manifest.read_text()).get("format") == FORMAT
     except (ValueError, OSError):
         return False
 

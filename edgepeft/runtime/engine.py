@@ -1,12 +1,14 @@
 """Engine: one base graph in one InferenceSession, adapters chosen per request.
 
-    Engine("out/")                       manifest.json ─► session (providers, threads)
+    Engine("out/")                       edgepeft.json ─► file sizes (+ sha256: verify_files)
+                                         ─► session (providers, threads) ─► manifest vs graph
         │                                adapters listed in the manifest ─► loaded, checked
         ├─ load_adapter(path, name) / unload_adapter(name) / adapters()
         ├─ generate(prompt | [prompts] | messages, adapter=name, ...) ─► str | [str]
         │      prompts ─► ids (chat.py) ─► prepare(adapter, batch): a free Slot and its
         │      IOBinding for the adapter (kv_cache.py) ─► prefill + decode steps (decode.py)
         │      ─► sampling.py picks tokens ─► stop at eos / stop strings / max_new_tokens
+        │      (eos and stop strings not before min_new_tokens; ignore_eos: max_new_tokens)
         ├─ stream(...) ─► text pieces as they are decoded
         └─ memory() ─► base, adapter and KV cache bytes
 
@@ -25,9 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepeft.export.manifest import ExportIndex, read_manifest
+from edgepeft.export.files import check_files, split_records
+from edgepeft.export.manifest import ExportIndex, manifest_path, read_manifest
+from edgepeft.finite import check_finite_logits
 from edgepeft.runtime.adapters import AdapterInfo, AdapterRegistry, LoadedAdapter, read_adapter
 from edgepeft.runtime.chat import IncrementalDecoder, TextCodec
+from edgepeft.runtime.contract import check_manifest
 from edgepeft.runtime.decode import fused_steps, generic_steps
 from edgepeft.runtime.errors import ContextLengthError
 from edgepeft.runtime.kv_cache import CacheSpec, Slot, SlotPool
@@ -93,6 +98,15 @@ class Engine:
         device: A device profile (name, path or DeviceProfile) giving providers and threads.
         load_adapters: Load the adapters the manifest lists (a broken file is logged and
             skipped, see `load_errors`).
+        verify_files: Also check the sha256 of every file the manifest records (reads them
+            all); their sizes are always checked, and the manifest against the graph. A
+            listed adapter whose file fails is skipped like any broken one (`load_errors`).
+
+    Raises:
+        FileIntegrityError: a file of the graph (model.onnx, its data, tokenizer files,
+            genai_config.json) is missing or has another size (or sha256); names the file,
+            both values and what to do.
+        ManifestGraphMismatchError: a manifest field contradicts the graph (named).
     """
 
     def __init__(
@@ -103,6 +117,7 @@ class Engine:
         device=None,
         *,
         load_adapters: bool = True,
+        verify_files: bool = False,
     ):
         import onnxruntime as ort
 
@@ -116,12 +131,17 @@ class Engine:
                 f"graphs: {names}. Export with mode='separate' to switch adapters in one engine"
             )
         self.manifest = manifest
+        listed = {entry.name: entry.file for entry in manifest.adapters if entry.file}
+        graph_files, adapter_files = split_records(manifest.files or {}, listed)
+        # before onnxruntime reads a truncated file; each adapter's when it is loaded
+        check_files(self.export_dir, graph_files, hashes=verify_files)
         device_providers, device_threads = device_settings(device)
         requested = providers or device_providers or manifest.providers
         chosen = choose_providers(requested, ort.get_available_providers())
         self.session = create_session(
             self.export_dir / manifest.model_file, chosen, threads or device_threads
         )
+        check_manifest(manifest, self.session, str(manifest_path(self.export_dir)))
         self.providers: list[str] = list(self.session.get_providers())
         self.graph_inputs = frozenset(i.name for i in self.session.get_overridable_initializers())
         self.spec = CacheSpec(
@@ -140,14 +160,13 @@ class Engine:
         self.pad_token_id = manifest.pad_token_id if manifest.pad_token_id is not None else 0
         self.load_errors: dict[str, str] = {}
         if load_adapters:
-            for entry in manifest.adapters:
-                if not entry.file:
-                    continue
+            for name, file in listed.items():
                 try:
-                    self.load_adapter(self.export_dir / entry.file, entry.name)
+                    check_files(self.export_dir, adapter_files[name], hashes=verify_files)
+                    self.load_adapter(self.export_dir / file, name)
                 except (ValueError, OSError) as e:
-                    self.load_errors[entry.name] = str(e)
-                    LOG.error("adapter %r not loaded: %s", entry.name, e)
+                    self.load_errors[name] = str(e)
+                    LOG.error("adapter %r not loaded: %s", name, e)
 
     # ------------------------------------------------------------ adapters
 
@@ -251,6 +270,8 @@ class Engine:
         *,
         truncate: bool = False,
         return_result: bool = False,
+        min_new_tokens: int = 0,
+        ignore_eos: bool = False,
     ):
         """Continue a prompt (or a batch of prompts, sharing one adapter).
 
@@ -265,6 +286,10 @@ class Engine:
             seed: Seeds sampling (reproducible per request).
             truncate: Keep a too-long prompt's last tokens instead of raising.
             return_result: Return GenerationResult(s) (text, token ids, timings).
+            min_new_tokens: Neither eos (never sampled before then) nor a stop string ends
+                a prompt's continuation before this many tokens.
+            ignore_eos: min_new_tokens = max_new_tokens: exactly max_new_tokens tokens
+                (fewer only at max_context), as decode benchmarks need.
 
         Returns:
             str, or a list of str for a batch (GenerationResult(s) with return_result).
@@ -277,6 +302,7 @@ class Engine:
             _sampling(temperature, top_k, top_p, repetition_penalty, seed),
             _stops(stop),
             truncate,
+            min_new=_min_new(min_new_tokens, max_new_tokens, ignore_eos),
         )
         out = results if return_result else [r.text for r in results]
         return out if batched else out[0]
@@ -294,6 +320,8 @@ class Engine:
         seed: int | None = None,
         *,
         truncate: bool = False,
+        min_new_tokens: int = 0,
+        ignore_eos: bool = False,
     ) -> Iterator[str]:
         """Yield the continuation of one prompt in text pieces as tokens are decoded.
 
@@ -306,8 +334,11 @@ class Engine:
             raise ValueError("stream() takes one prompt; use generate() for a batch")
         stops = _stops(stop)
         sampling = _sampling(temperature, top_k, top_p, repetition_penalty, seed)
+        min_new = _min_new(min_new_tokens, max_new_tokens, ignore_eos)
         sent = 0
-        run = self._run(prompts, adapter, max_new_tokens, sampling, stops, truncate, True)
+        run = self._run(
+            prompts, adapter, max_new_tokens, sampling, stops, truncate, True, min_new=min_new
+        )
         for text, final in run:
             text = text[0] if not final else text[0].text
             safe = len(text) if final else len(text) - _held_back(text, stops)
@@ -317,18 +348,23 @@ class Engine:
             if final:
                 return
 
-    def _generate(self, prompts, adapter, max_new_tokens, sampling, stops, truncate):
-        run = self._run(prompts, adapter, max_new_tokens, sampling, stops, truncate, bool(stops))
+    def _generate(self, prompts, adapter, max_new_tokens, sampling, stops, truncate, min_new=0):
+        run = self._run(
+            prompts, adapter, max_new_tokens, sampling, stops, truncate, bool(stops), min_new=min_new
+        )
         for value, final in run:
             if final:
                 return value
         raise AssertionError("generation ended without a result")
 
-    def _run(self, prompts, adapter_name, max_new_tokens, sampling, stops, truncate, incremental):
+    def _run(
+        self, prompts, adapter_name, max_new_tokens, sampling, stops, truncate, incremental, min_new=0
+    ):
         """Yields (texts so far, False) after every token, then (results, True).
 
         `incremental`: decode text token by token (streaming, stop strings); else the text
         is decoded once at the end (the hot loop then only samples and runs the graph).
+        `min_new`: tokens before which eos is not sampled and no stop string ends a row.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -344,6 +380,7 @@ class Engine:
         batch, length = input_ids.shape
         room = (self.spec.max_context or 1 << 62) - n_virtual - length + 1
         new_tokens = min(max_new_tokens, room)
+        min_new = min(min_new, new_tokens)
         sampler = Sampler(sampling)
         seen = [list(r) for r in rows] if sampling.repetition_penalty != 1.0 else None
         need = n_virtual + length + new_tokens - 1  # cache positions the request fills
@@ -364,6 +401,7 @@ class Engine:
             ]
             generated: list[list[int]] = [[] for _ in rows]
             texts = [""] * batch
+            floors = [0] * batch  # a stop string must end past this character of the text
             reasons: list[str | None] = [None] * batch
             start = time.perf_counter()
             try:
@@ -371,7 +409,12 @@ class Engine:
                 prefill_ms = (time.perf_counter() - start) * 1000
                 decode_start = time.perf_counter()
                 for step in range(new_tokens):
-                    tokens = sampler(logits, seen)
+                    # Non-finite logits would sample token 0 and answer '' without a word.
+                    active = [r is None for r in reasons]
+                    check_finite_logits(logits[active], adapter=adapter_name, step=step)
+                    # Every unfinished row has `step` tokens: eos is held back for all alike.
+                    banned = self.eos_token_ids if step < min_new else ()
+                    tokens = sampler(logits, seen, banned)
                     for b in range(batch):
                         if reasons[b] is not None:
                             continue
@@ -384,7 +427,10 @@ class Engine:
                             seen[b].append(token)
                         if decoders[b] is not None:
                             texts[b] += decoders[b].push(token)
-                            hit = _first_stop(texts[b], stops)
+                            if len(generated[b]) < min_new:
+                                floors[b] = len(texts[b])
+                                continue
+                            hit = _first_stop(texts[b], stops, floors[b])
                             if hit is not None:
                                 texts[b], reasons[b] = texts[b][:hit], "stop"
                     if all(r is not None for r in reasons) or step == new_tokens - 1:
@@ -494,6 +540,16 @@ def _sampling(temperature, top_k, top_p, repetition_penalty, seed) -> SamplingCo
     )
 
 
+def _min_new(min_new_tokens: int, max_new_tokens: int, ignore_eos: bool) -> int:
+    if ignore_eos:
+        return max_new_tokens
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(
+            f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}"
+        )
+    return min_new_tokens
+
+
 def _stops(stop) -> tuple[str, ...]:
     if stop is None:
         return ()
@@ -503,8 +559,9 @@ def _stops(stop) -> tuple[str, ...]:
     return stops
 
 
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+def _first_stop(text: str, stops: tuple[str, ...], after: int = 0) -> int | None:
+    """Where the first stop string that ends past character `after` of `text` starts."""
+    hits = [i for i in (text.find(s, max(after - len(s) + 1, 0)) for s in stops) if i >= 0]
     return min(hits) if hits else None
 
 
