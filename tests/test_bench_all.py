@@ -3,16 +3,12 @@ reported in BENCHMARKS.md, plots drawn from the tables, peers listed; bench_trai
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from script_loader import SCRIPTS, load_script
 
 from edgepeft.cli import main as cli
-
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 _OK_SCRIPT = '''
 import argparse, json
@@ -29,17 +25,9 @@ json.dump({"ours": 607, "peer": 238}, open(a.json, "w"))
 _BOOM_SCRIPT = 'import sys\nprint("loading the model")\nprint("KeyError: boom", file=sys.stderr)\nsys.exit(3)\n'
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench():
-    return _load("bench")
+    return load_script("bench")
 
 
 def test_ok_failed_and_missing_benchmarks_are_all_in_the_file(bench, tmp_path):
@@ -97,7 +85,7 @@ def test_edgepeft_bench_runs_the_repository_script(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bench_train_takes_the_common_flags(tmp_path):
-    bench_train = _load("bench_train")
+    bench_train = load_script("bench_train")
     before = bench_train.benchmarks_md.BENCHMARKS.read_text() if bench_train.benchmarks_md.BENCHMARKS.exists() else None
     out, numbers = tmp_path / "train.md", tmp_path / "train.json"
     markdown = bench_train.main(["--quick", "--output", str(out), "--json", str(numbers)])

@@ -3,25 +3,14 @@ the table says what the JSON says; the exact rows are exact against the training
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+from script_loader import SCRIPTS, load_script
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("onnxruntime")
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _table_rows(markdown: str) -> list[list[str]]:
@@ -36,7 +25,7 @@ def _table_rows(markdown: str) -> list[list[str]]:
 
 
 def test_quick_run_table_and_json(tmp_path):
-    bench = _load("bench_parity")
+    bench = load_script("bench_parity")
     repo = SCRIPTS.parent / "BENCHMARKS.md"
     before = repo.read_text() if repo.exists() else None
     output, numbers = tmp_path / "parity.md", tmp_path / "parity.json"

@@ -3,27 +3,15 @@ number in its tables agrees with the others (ratios from the values beside them)
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from script_loader import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load("bench_train")
+    return load_script("bench_train")
 
 
 def _table(markdown: str, header_start: str) -> list[list[str]]:

@@ -8,27 +8,18 @@ whose own report gives the planned peak, the live-tensor peak and the process RS
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 pytestmark = pytest.mark.real
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load("bench_train")  # puts scripts/ on sys.path, so real_model imports too
+    return load_script("bench_train")  # puts scripts/ on sys.path, so real_model imports too
 
 
 @pytest.fixture(scope="module")

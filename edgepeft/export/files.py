@@ -20,11 +20,19 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from edgepeft.export.manifest import LEGACY_MANIFEST_FILE, MANIFEST_FILE
+from edgepeft.export.manifest import (
+    LEGACY_MANIFEST_FILE,
+    MANIFEST_FILE,
+    Manifest,
+    graph_folders,
+    read_manifest,
+    write_manifest,
+)
 
 # verify.py's VERIFY_FILE / VERIFY_TABLE (not imported: verify.py needs torch)
 UNRECORDED = frozenset({MANIFEST_FILE, LEGACY_MANIFEST_FILE, "verify.json", "verify.md"})
@@ -91,9 +99,6 @@ def split_records(
 
 def record_files(folder: str | os.PathLike):
     """Rewrite the graph manifest in `folder` with the records of its files; returns it."""
-    from dataclasses import replace
-
-    from edgepeft.export.manifest import Manifest, read_manifest, write_manifest
 
     manifest = read_manifest(folder)
     if not isinstance(manifest, Manifest):
@@ -154,17 +159,8 @@ def check_export(export_dir: str | os.PathLike, *, hashes: bool = True) -> int:
     Returns:
         How many files were checked (0 for an export that records none).
     """
-    from edgepeft.export.manifest import ExportIndex, read_manifest
-
-    export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir)
-    folders = (
-        [export_dir / folder for folder in manifest.graphs.values()]
-        if isinstance(manifest, ExportIndex)
-        else [export_dir]
-    )
     checked = 0
-    for folder in folders:
+    for folder in graph_folders(export_dir):
         records = read_manifest(folder).files
         if records is not None:
             checked += check_files(folder, records, hashes=hashes)

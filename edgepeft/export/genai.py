@@ -22,8 +22,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from edgepeft.export.files import record_files
 from edgepeft.export.graph_info import input_names, output_names
-from edgepeft.export.manifest import ExportIndex, Manifest, read_manifest, write_json
+from edgepeft.export.manifest import (
+    Manifest,
+    graph_folders,
+    read_manifest,
+    write_json,
+)
 
 GENAI_CONFIG_FILE = "genai_config.json"
 # Types declared as themselves (onnxruntime-genai 0.18 runs each with this I/O; checked on
@@ -180,17 +186,8 @@ def write_genai_config(
     Returns:
         The files written: one for a single graph, one per graph folder for a merged set.
     """
-    export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir)
-    folders = (
-        [export_dir / folder for folder in manifest.graphs.values()]
-        if isinstance(manifest, ExportIndex)
-        else [export_dir]
-    )
-    from edgepeft.export.files import record_files
-
     written = []
-    for folder in folders:
+    for folder in graph_folders(export_dir):
         document = genai_config(folder, intra_op_threads=intra_op_threads, config=config)
         written.append(write_json(folder / GENAI_CONFIG_FILE, document))
         if read_manifest(folder).files is not None:  # keep the recorded sha256 true

@@ -198,3 +198,12 @@ def read_manifest(folder: str | os.PathLike) -> Manifest | ExportIndex:
     if data.get("kind") == "merged-set":
         return ExportIndex.from_dict(data)
     return Manifest.from_dict(data)
+
+
+def graph_folders(export_dir: str | os.PathLike) -> list[Path]:
+    """The folders holding one graph each: the export itself, or every folder of a merged set."""
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    if isinstance(manifest, ExportIndex):
+        return [export_dir / folder for folder in manifest.graphs.values()]
+    return [export_dir]
