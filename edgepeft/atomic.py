@@ -1,6 +1,6 @@
 """Write a file so that readers see the old version or the new one, never half of either.
 
-    with atomic_path("out/manifest.json") as tmp:    # a hidden, unused sibling name
+    with atomic_path("out/edgepeft.json") as tmp:    # a hidden, unused sibling name
         write(tmp)                                   # any writer: json, safetensors, ORT, savefig
     # renamed onto the target when the block succeeds; removed when it raises
 
