@@ -348,6 +348,18 @@ def _add_export_parser(sub) -> None:
         metavar="N",
         help="MatMulNBits compute type, 0-4 (default 4: int8 activations)",
     )
+    parser.add_argument(
+        "--int4-method",
+        choices=("search", "rtn"),
+        help="int4 rounding (default search: fitted scales, uint8 zero points; "
+        "rtn: symmetric round-to-nearest, the old format)",
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="int4: store tied embedding/lm_head, v_proj and some down_proj in int8 (default on)",
+    )
     parser.add_argument("--max-context", type=int, metavar="N", help="default: the model's limit")
     parser.add_argument(
         "--recipe", metavar="NAME|TOML", help="a shipped recipe (cpu-int4, ...) or a .toml file"
@@ -393,6 +405,8 @@ def _run_export(args: argparse.Namespace) -> int:
         quant=args.quant,
         block_size=args.block_size,
         accuracy_level=args.accuracy_level,
+        int4_method=args.int4_method,
+        mixed_precision=args.mixed_precision,
         max_context=args.max_context,
         recipe=args.recipe,
         verify=not args.no_verify,

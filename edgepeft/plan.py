@@ -33,10 +33,11 @@ import argparse
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from edgepeft.devices import DeviceProfile, format_size, load_profile
+from edgepeft.export.weights import DEFAULT_QUANTIZATION, WeightQuantization, weight_quantization
 
 FORMATS = ("int4", "int8", "nf4", "fp16", "fp32")
 """Columns of the plan; fp4 is the size of nf4."""
@@ -130,13 +131,18 @@ class ModelShape:
 
     def linears(self) -> list[tuple[int, int, bool]]:
         """(out, in, bias) of one decoder layer's projections, packed as the fused graph packs."""
+        return [(n, k, bias) for _, n, k, bias in self.named_linears()]
+
+    def named_linears(self) -> list[tuple[str, int, int, bool]]:
+        """`linears` with each projection's module name within a layer, as the fused graph
+        names it (mixed precision picks bits by name)."""
         h, i = self.hidden, self.intermediate
-        mlp_in = [(2 * i, h, self.mlp_bias)] if self.gated_mlp else [(i, h, self.mlp_bias)]
+        mlp_in = ("mlp.gate_up_proj", 2 * i) if self.gated_mlp else ("mlp.up_proj", i)
         return [
-            (self.q_width + 2 * self.kv_width, h, self.qkv_bias),  # q;k;v
-            (h, self.q_width, self.o_bias),  # o_proj
-            *mlp_in,  # gate;up
-            (h, i, self.mlp_bias),  # down_proj
+            ("self_attn.qkv_proj", self.q_width + 2 * self.kv_width, h, self.qkv_bias),
+            ("self_attn.o_proj", h, self.q_width, self.o_bias),
+            (mlp_in[0], mlp_in[1], h, self.mlp_bias),
+            ("mlp.down_proj", h, i, self.mlp_bias),
         ]
 
     def lora_parameters(self, rank: int) -> int:
@@ -290,55 +296,58 @@ class Part:
     """Bytes of each initializer in it (for the data file's alignment)."""
 
 
-def _nbits_bytes(n: int, k: int, bits: int, block: int) -> tuple[int, int]:
-    """(codes + scales, scales) of one (n, k) MatMulNBits weight, fp32 scales per block."""
+def _nbits_tensors(n: int, k: int, bits: int, block: int, quantization: WeightQuantization) -> list[int]:
+    """[codes, scales(, zero points)] bytes of one (n, k) MatMulNBits weight, fp32 scales."""
     blocks = math.ceil(k / block)
-    codes = n * blocks * (block * bits // 8)
-    scales = n * blocks * 4
-    return codes + scales, scales
+    tensors = [n * blocks * (block * bits // 8), n * blocks * 4]
+    zero_points = quantization.zero_point_bytes(n, blocks, bits, float_bytes=4)
+    return tensors + ([zero_points] if zero_points else [])
 
 
-def _matrix(n: int, k: int, fmt: str, block: int) -> tuple[int, int]:
-    """(bytes, scales) of one (out=n, in=k) weight in `fmt`, as the fused graph stores it."""
+def _tensors(
+    n: int, k: int, fmt: str, block: int, bits: int, quantization: WeightQuantization
+) -> list[int]:
+    """Initializer sizes of one (out=n, in=k) weight in `fmt`, as the fused graph stores it:
+    codes and scales (MatMulNBits, `bits` per code, zero points if any; MatMulBnb4) or one."""
     if fmt in _NBITS:
-        return _nbits_bytes(n, k, _NBITS[fmt], block)
-    if fmt in ("nf4", "fp4"):
-        return n * k // 2 + 4 * math.ceil(n * k / BNB4_BLOCK), 0
-    return n * k * (2 if fmt == "fp16" else 4), 0
-
-
-def _tensors(n: int, k: int, fmt: str, block: int) -> list[int]:
-    """Initializer sizes of one weight: codes and scales (MatMulNBits / MatMulBnb4) or one."""
-    size, scales = _matrix(n, k, fmt, block)
-    if fmt in _NBITS:
-        return [size - scales, scales]
+        return _nbits_tensors(n, k, bits, block, quantization)
     if fmt in ("nf4", "fp4"):
         absmax = 4 * math.ceil(n * k / BNB4_BLOCK)
-        return [size - absmax, absmax]
-    return [size]
+        return [n * k // 2, absmax]
+    return [n * k * (2 if fmt == "fp16" else 4)]
 
 
-def weight_parts(shape: ModelShape, fmt: str, block_size: int = 32) -> list[Part]:
-    """The export's initializers by group, in bytes, for weights `fmt` (see export/fused.py)."""
+def weight_parts(
+    shape: ModelShape,
+    fmt: str,
+    block_size: int = 32,
+    quantization: WeightQuantization = DEFAULT_QUANTIZATION,
+) -> list[Part]:
+    """The export's initializers by group, in bytes, for weights `fmt` (see export/fused.py);
+    int4/int8 weights quantized by `quantization` (the export's int4_method and
+    mixed_precision: the bits of each tensor and whether it has zero points)."""
     if fmt not in (*FORMATS, "fp4"):
         raise ValueError(f"weights must be one of {FORMATS + ('fp4',)}, got {fmt!r}")
     dtype = 2 if fmt == "fp16" else 4  # activations, norms, biases, embeddings
-    layer, layer_scales, small = [], 0, []
-    for n, k, has_bias in shape.linears():
-        layer += _tensors(n, k, fmt, block_size)
-        layer_scales += _matrix(n, k, fmt, block_size)[1]
-        small += [n * dtype] if has_bias else []
     quantized = fmt in _NBITS
-    parts = [
-        Part("decoder linears", sum(layer) * shape.layers, layer_scales * shape.layers, quantized,
-             tensors=tuple(layer) * shape.layers)
-    ]  # fmt: skip
+    layers, layer_scales, small = [], 0, []
+    for i in range(shape.layers):
+        for module, n, k, has_bias in shape.named_linears():
+            bits = quantization.bits(fmt, f"model.layers.{i}.{module}", shape.layers) if quantized else 0
+            tensors = _tensors(n, k, fmt, block_size, bits, quantization)
+            layers += tensors
+            layer_scales += tensors[1] if quantized else 0
+            small += [n * dtype] if has_bias and i == 0 else []
+    parts = [Part("decoder linears", sum(layers), layer_scales, quantized, tensors=tuple(layers))]
     v, h = shape.vocab, shape.hidden
     if quantized:
-        size, scales = _nbits_bytes(v, h, _NBITS[fmt], block_size)
+        # The table takes uint8 zero points even when float ones are asked for (the lookup
+        # op reads only those).
+        table = replace(quantization, float_zero_points=False)
+        tensors = _nbits_tensors(v, h, quantization.bits(fmt, "lm_head", shape.layers), block_size, table)
         # Tied: one quantized table, lm_head's, that the lookup also reads row by row.
-        parts.append(Part("lm_head", size, scales, True, lookup_rows=v if shape.tied else 0,
-                          tensors=(size - scales, scales)))  # fmt: skip
+        parts.append(Part("lm_head", sum(tensors), tensors[1], True,
+                          lookup_rows=v if shape.tied else 0, tensors=tuple(tensors)))  # fmt: skip
         if not shape.tied:
             parts.append(Part("embeddings", v * h * dtype, lookup_rows=v, tensors=(v * h * dtype,)))
     elif shape.tied:  # lm_head multiplies with the embedding table itself
@@ -358,15 +367,25 @@ def weight_parts(shape: ModelShape, fmt: str, block_size: int = 32) -> list[Part
     return parts
 
 
-def file_bytes(shape: ModelShape, fmt: str, block_size: int = 32) -> int:
+def file_bytes(
+    shape: ModelShape,
+    fmt: str,
+    block_size: int = 32,
+    quantization: WeightQuantization = DEFAULT_QUANTIZATION,
+) -> int:
     """Bytes of the export's initializers (model.onnx.data, with the few kept in model.onnx)."""
-    return sum(p.file_bytes for p in weight_parts(shape, fmt, block_size))
+    return sum(p.file_bytes for p in weight_parts(shape, fmt, block_size, quantization))
 
 
-def data_file_bytes(shape: ModelShape, fmt: str, block_size: int = 32) -> int:
+def data_file_bytes(
+    shape: ModelShape,
+    fmt: str,
+    block_size: int = 32,
+    quantization: WeightQuantization = DEFAULT_QUANTIZATION,
+) -> int:
     """Size of model.onnx.data: initializers of EXTERNAL_THRESHOLD bytes or more, each at an
     ALIGNMENT-aligned offset (export/onnx_graph.py); the last one's padding is counted too."""
-    sizes = [t for p in weight_parts(shape, fmt, block_size) for t in p.tensors]
+    sizes = [t for p in weight_parts(shape, fmt, block_size, quantization) for t in p.tensors]
     return sum(-(-t // ALIGNMENT) * ALIGNMENT for t in sizes if t >= EXTERNAL_THRESHOLD)
 
 
@@ -424,6 +443,12 @@ class Recipe:
     mode: str
     max_context: int | None
     providers: tuple[str, ...]
+    int4_method: str = "search"
+    mixed_precision: bool = True
+
+    @property
+    def quantization(self) -> WeightQuantization:
+        return weight_quantization(self.int4_method, self.mixed_precision)
 
     @property
     def accelerator(self) -> str:
@@ -530,6 +555,19 @@ def _resident(part: Part, accelerator: str, tokens: int) -> int:
     return part.file_bytes
 
 
+def _largest_linear(
+    shape: ModelShape, fmt: str, block_size: int, quantization: WeightQuantization
+) -> int:
+    """Bytes of the largest decoder weight as stored (its bits as the export picks them)."""
+    sizes = [
+        sum(_tensors(n, k, fmt, block_size, quantization.bits(fmt, f"model.layers.{i}.{m}", shape.layers),
+                     quantization))
+        for i in range(shape.layers)
+        for m, n, k, _ in shape.named_linears()
+    ]  # fmt: skip
+    return max(sizes, default=0)
+
+
 def plan_format(
     shape: ModelShape,
     device: DeviceProfile,
@@ -541,15 +579,17 @@ def plan_format(
     rank: int = 16,
     block_size: int = 32,
     accelerator: str | None = None,
+    quantization: WeightQuantization = DEFAULT_QUANTIZATION,
 ) -> FormatPlan:
-    """Memory and decode speed of `shape` exported with weights `fmt` on `device`."""
+    """Memory and decode speed of `shape` exported with weights `fmt` on `device`
+    (int4/int8 quantized by `quantization`, the export's default unless given)."""
     if context < 1 or prefill < 1 or adapters < 0 or rank < 1:
         raise ValueError(
             f"context ({context}), prefill ({prefill}) and rank ({rank}) must be >= 1, "
             f"adapters ({adapters}) >= 0"
         )
     accelerator = accelerator or device.accelerator
-    parts = weight_parts(shape, fmt, block_size)
+    parts = weight_parts(shape, fmt, block_size, quantization)
     resident = sum(_resident(p, accelerator, context) for p in parts)
     capacity = _capacity(shape, context)
     kv_position = _kv_position_bytes(shape, fmt)
@@ -562,7 +602,7 @@ def plan_format(
         # The largest MatMulNBits weight: its mapped file pages and its packed copy at once.
         load_peak = max(
             [p.file_bytes for p in parts if p.quantized and p.name == "lm_head"]
-            + [max((_matrix(n, k, fmt, block_size)[0] for n, k, _ in shape.linears()), default=0)]
+            + [_largest_linear(shape, fmt, block_size, quantization)]
         ) if fmt in _NBITS else 0  # fmt: skip
     total = device.runtime_overhead + resident + adapter_total + max(kv + activations, load_peak)
     # One decode step reads every weight it multiplies with (packed, as held), one embedding
@@ -582,7 +622,7 @@ def plan_format(
         weights=fmt,
         block_size=block_size if fmt in _NBITS else (BNB4_BLOCK if fmt in ("nf4", "fp4") else 0),
         file_bytes=sum(p.file_bytes for p in parts),
-        data_file_bytes=data_file_bytes(shape, fmt, block_size),
+        data_file_bytes=data_file_bytes(shape, fmt, block_size, quantization),
         weights_resident=resident,
         kv_cache=kv,
         activations=activations,
@@ -619,6 +659,8 @@ def shipped_recipes(folder: str | os.PathLike | None = None) -> list[Recipe]:
                 mode=data.get("mode", "merged"),
                 max_context=data.get("max_context"),
                 providers=tuple(data.get("providers", ["CPUExecutionProvider"])),
+                int4_method=data.get("int4_method", DEFAULT_QUANTIZATION.method),
+                mixed_precision=data.get("mixed_precision", DEFAULT_QUANTIZATION.mixed),
             )
         )
     return recipes
@@ -664,7 +706,7 @@ def recommend(
             return plan_format(
                 shape, device, recipe.weights, context=length, prefill=prefill,
                 adapters=adapters, rank=rank, block_size=recipe.block_size,
-                accelerator=recipe.accelerator,
+                accelerator=recipe.accelerator, quantization=recipe.quantization,
             )  # fmt: skip
 
         longest = _largest_context(lambda n, plan_at=plan_at: plan_at(n).fits, 1, cap)
@@ -679,6 +721,7 @@ def recommend(
     fitted = plan_format(
         shape, device, recipe.weights, context=longest, prefill=prefill, adapters=adapters,
         rank=rank, block_size=recipe.block_size, accelerator=recipe.accelerator,
+        quantization=recipe.quantization,
     )  # fmt: skip
     return Recommendation(
         recipe, longest, fitted, f"the requested context {context} does not fit; {longest} does"

@@ -106,6 +106,7 @@ QUICK_MEMORY = Shape("tiny llama", dict(model_type="llama", **_TINY, tie_word_em
 BUILDER = "builder int4"
 BUILDER_LORA = "builder int4, LoRA baked in"
 FUSED = "edgepeft fused int4, no adapter"
+DEFAULT = "edgepeft fused int4, default recipe (search + int8 mix)"
 SEPARATE_OFF = "edgepeft separate int4, no adapter active"
 SEPARATE_ON = "edgepeft separate int4, LoRA r=16 active (switchable)"
 MERGED = "edgepeft merged int4 (LoRA folded in)"
@@ -113,7 +114,7 @@ GENERIC = "edgepeft generic int4 (torch.onnx)"
 TORCH = "PyTorch eager fp32"
 OG_BUILDER = "onnxruntime-genai generator loop, builder int4"
 OG_FUSED = "onnxruntime-genai generator loop, edgepeft fused int4"
-ORDER = (FUSED, SEPARATE_ON, SEPARATE_OFF, MERGED, GENERIC, BUILDER, BUILDER_LORA, TORCH,
+ORDER = (FUSED, DEFAULT, SEPARATE_ON, SEPARATE_OFF, MERGED, GENERIC, BUILDER, BUILDER_LORA, TORCH,
          OG_BUILDER, OG_FUSED)
 
 
@@ -176,6 +177,10 @@ def _export(spec: dict) -> dict:
         spec["out"],
         adapters={ADAPTER: spec["adapter"]} if spec.get("adapter") else None,
         weights="int4",
+        # RTN everywhere but the "default" row: the same format as the builder's, so the
+        # rows compare graphs, not quantizers (bench_quality.py compares those).
+        int4_method=spec.get("int4_method", "rtn"),
+        mixed_precision=spec.get("mixed_precision", False),
         mode=spec.get("mode", "merged"),
         graph=spec.get("graph", "auto"),
         verify=False,
@@ -395,6 +400,7 @@ def _edgepeft_exports(shape: Shape, work: Path, quick: bool, result: ShapeResult
     graphs: dict[str, tuple[Path, Path | None] | str] = {}
     exports = {
         "fused": ({}, [FUSED]),
+        "default": ({"int4_method": "search", "mixed_precision": True}, [DEFAULT]),
         "merged": ({"adapter": str(adapter), "mode": "merged"}, [MERGED]),
         "generic": ({"graph": "generic"}, [GENERIC]),
     }
@@ -553,7 +559,9 @@ def markdown(results: list[ShapeResult], memory: dict, quick: bool, seconds: flo
         "onnxruntime InferenceSession (IO binding, the KV cache kept as OrtValues); "
         "the onnxruntime-genai rows use its own generator loop instead. Decode tok/s = "
         "(new tokens - 1) / time after prefill, median of the runs; each contender in a fresh "
-        "process. int4 everywhere is symmetric RTN, block 32, accuracy_level 4 (int8 activations), "
+        "process. int4 is symmetric RTN (`int4_method=\"rtn\"`, no mixed precision) in every row but "
+        "the default-recipe one (fitted asymmetric blocks, int8 for the table, q|k|v and some "
+        "down_proj: larger, so slower), block 32, accuracy_level 4 (int8 activations), "
         f"the builder's CPU default. The LoRA is r={LORA_RANK} on every linear layer but lm_head "
         "(random, non-zero B), made with edgepeft and saved in PEFT format; the builder bakes it in "
         "with `--extra_options adapter_path=` (its own LoRA MatMuls beside the base ones).",

@@ -63,7 +63,7 @@ def _prepare(spec: dict) -> dict:
     import bench_export
 
     made = bench_export._make_model({"config": spec["config"], "folder": spec["folder"]})
-    exported = bench_export._export({"folder": spec["folder"], "out": spec["out"]})
+    exported = bench_export._export({"folder": spec["folder"], "out": spec["out"], "int4_method": "search", "mixed_precision": True})
     return {**made, **exported}
 
 

@@ -435,7 +435,7 @@ def markdown(shape: Shape, r: dict, quick: bool, seconds: float) -> str:
         f"({built['params'] / 1e6:,.1f}M parameters; hidden {c['hidden_size']}, "
         f"{c['num_hidden_layers']} layers, {c['num_attention_heads']} heads / "
         f"{c['num_key_value_heads']} KV heads, vocab {c['vocab_size']:,}; random weights), "
-        f"fused int4 graphs (RTN, block 32), {THREADS} intra-op threads, CPU. "
+        f"fused int4 graphs (the default recipe: fitted asymmetric blocks, int8 mix; block 32), {THREADS} intra-op threads, CPU. "
         f"{len(ADAPTERS)} random LoRA adapters r={LORA_RANK} on every linear layer but lm_head, "
         "exported once as a separate-mode base with one `.onnx_adapter` each, and once merged "
         f"({len(ADAPTERS)} graphs, one adapter folded into each). Every measurement runs in a "

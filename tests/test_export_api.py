@@ -200,3 +200,23 @@ def test_cli_export_then_verify(tiny_dir, tmp_path, capsys):
     assert document["passed"] and document["graphs"][0]["tokens_agree"] == 24
     assert main(argv) == 2  # out exists, no --overwrite
     assert "already exists" in capsys.readouterr().err
+
+
+def test_manifest_records_the_int4_recipe_in_every_mode(tiny_dir, tmp_path):
+    """merged and separate int4 exports record how their weights were quantized; fp32 and a
+    manifest written before the field existed read as None (symmetric RTN, for old int4)."""
+    adapter = lora_folder(tiny_dir, tmp_path, arch="llama")
+    base = tiny_dir("llama")
+    separate = export(base, tmp_path / "sep", {"sql": adapter}, mode="separate", verify=False,
+                      quiet=True, int4_method="rtn")  # fmt: skip
+    m = read_manifest(tmp_path / "sep")
+    assert (m.mode, m.quantization["method"], m.quantization["mixed"]) == ("separate", "rtn", True)
+    assert "lm_head" in m.quantization["int8_tensors"] and separate.manifest == m
+    merged = export(base, tmp_path / "merged", {"sql": adapter}, verify=False, quiet=True)
+    graph = read_manifest(merged.graphs["sql"])
+    assert graph.quantization["method"] == "search" and not graph.quantization["symmetric"]
+    export(base, tmp_path / "fp32", weights="fp32", verify=False, quiet=True)
+    assert read_manifest(tmp_path / "fp32").quantization is None
+    old = json.loads((tmp_path / "fp32" / "edgepeft.json").read_text())
+    del old["quantization"]
+    assert Manifest.from_dict(old).quantization is None

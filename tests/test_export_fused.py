@@ -13,7 +13,13 @@ from onnx import numpy_helper
 from edgepeft.export.fused import FUSED_MODEL_TYPES, export_fused
 from edgepeft.export.graph_info import input_names, output_names
 from edgepeft.export.onnx_graph import GraphBuilder
-from edgepeft.export.weights import dequantize_nbits, dequantize_packed, quantize_nbits
+from edgepeft.export.weights import (
+    RTN,
+    dequantize_nbits,
+    dequantize_packed,
+    mixed_bits,
+    quantize_nbits,
+)
 from edgepeft.tiny import TINY_VOCAB, tiny_model
 
 ort = pytest.importorskip("onnxruntime")
@@ -269,11 +275,12 @@ def _with_onnx_weights(model, info):
             attrs = {a.name: a.i for a in node.attribute}
             name = node.input[1].rsplit(".weight.q", 1)[0]  # "<module>.weight.q4" -> "<module>"
             assert node.input[2] == f"{name}.weight.scales"
+            zero_points = node.input[3] if len(node.input) > 3 and node.input[3] else None
             w = torch.from_numpy(
                 dequantize_nbits(
                     inits[node.input[1]],
                     inits[node.input[2]],
-                    None,
+                    inits[zero_points] if zero_points else None,
                     attrs["bits"],
                     attrs["block_size"],
                     attrs["K"],
@@ -312,6 +319,76 @@ def test_int4_matches_pytorch_on_the_packed_weights(arch, tmp_path):
     diff = _max_diff(_run_ort(info, ids, mask, steps), _run_torch(ref, ids, mask, steps), mask)
     print(f"{arch} int4 (accuracy_level 0): max |ORT - torch(dequantized)| = {diff:.2e}")
     assert diff <= 1e-3
+
+
+def _module_weight(model, name: str) -> np.ndarray:
+    """The fp32 (out, in) weight the graph's projection `name` holds (packed: concatenated)."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if leaf in ("qkv_proj", "gate_up_proj") and not hasattr(parent, leaf):
+        parts = ("q_proj", "k_proj", "v_proj") if leaf == "qkv_proj" else ("gate_proj", "up_proj")
+        return torch.cat([getattr(parent, p).weight for p in parts]).detach().numpy()
+    return model.get_submodule(name).weight.detach().numpy()
+
+
+def _nbits_nodes(info) -> dict[str, onnx.NodeProto]:
+    """module name -> its MatMulNBits node."""
+    graph = onnx.load(str(info.path), load_external_data=False).graph
+    return {
+        n.input[1].rsplit(".weight.q", 1)[0]: n for n in graph.node if n.op_type == "MatMulNBits"
+    }
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "qwen2"])
+def test_default_int4_has_zero_points_and_int8_where_mixed_bits_says(arch, tmp_path):
+    """The default recipe: int4 "search" with uint8 zero points, int8 (symmetric, no zero
+    points) for the tensors `mixed_bits` names (a packed q|k|v: int8 when v_proj is); ORT
+    equals PyTorch on the graph's own dequantized weights. Three layers: layer 2's
+    down_proj is one of mixed_bits' int8."""
+    model = tiny_model(arch, num_hidden_layers=3)
+    info = export_fused(model, tmp_path, "int4", accuracy_level=0)
+    nodes = _nbits_nodes(info)
+    bits = {name: {a.name: a.i for a in n.attribute}["bits"] for name, n in nodes.items()}
+    for name, node in nodes.items():
+        parent, _, leaf = name.rpartition(".")
+        members = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+        expected = max(mixed_bits(f"{parent}.{m}", 3) for m in members.get(leaf, (leaf,)))
+        assert bits[name] == expected, name
+        has_zero_points = len(node.input) > 3 and node.input[3] == f"{name}.weight.zero_points"
+        assert has_zero_points == (expected == 4), name
+    assert bits["model.layers.2.mlp.down_proj"] == 8 and bits["model.layers.1.mlp.down_proj"] == 4
+    assert len(nodes) == 3 * 4 + 1  # packing as in every format
+    assert info.quantization["int8_tensors"] == sorted(n for n, b in bits.items() if b == 8)
+    assert info.quantization["int4_tensors"] == sum(b == 4 for b in bits.values())
+    ref = _with_onnx_weights(model, info)
+    ids, mask, steps = _batch()
+    diff = _max_diff(_run_ort(info, ids, mask, steps), _run_torch(ref, ids, mask, steps), mask)
+    print(f"{arch} int4 default recipe: max |ORT - torch(dequantized)| = {diff:.2e}")
+    assert diff <= 1e-3
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_rtn_recipe_is_the_symmetric_rtn_format(tied, tmp_path):
+    """weights.RTN (--int4-method rtn --no-mixed-precision) stores what the exporter always
+    stored: every projection packed, int4, symmetric RTN bytes, no zero points."""
+    model = tiny_model("llama", num_hidden_layers=3, tie_word_embeddings=tied)
+    info = export_fused(model, tmp_path, "int4", quantization=RTN)
+    inits = _initializers(info)
+    nodes = _nbits_nodes(info)
+    assert len(nodes) == 3 * 4 + 1
+    for name, node in nodes.items():
+        assert len(node.input) == 3 and {a.name: a.i for a in node.attribute}["bits"] == 4
+        expected = quantize_nbits(_module_weight(model, name), 4, 32, symmetric=True)
+        np.testing.assert_array_equal(inits[f"{name}.weight.q4"], expected.codes)
+        np.testing.assert_array_equal(inits[f"{name}.weight.scales"], expected.scales)
+    assert info.quantization == {
+        "method": "rtn",
+        "symmetric": True,
+        "mixed": False,
+        "float_zero_points": False,
+        "int8_tensors": [],
+        "int4_tensors": len(nodes),
+    }
 
 
 @pytest.mark.parametrize(("weights", "block_size"), [("int8", 32), ("int4", 64)])

@@ -27,6 +27,7 @@ from edgepeft.export.generic import (
     quantize_matmuls,
 )
 from edgepeft.export.graph_info import DATA_FILE, input_names
+from edgepeft.export.weights import mixed_bits
 from edgepeft.tiny import TINY_VOCAB, tiny_model
 
 FP32_TOL = 1e-4
@@ -132,7 +133,19 @@ def test_quantized_graph_computes_with_its_dequantized_weights(weights, bits, tm
     proto = onnx.load(str(info.path))
     assert info.op_counts["MatMulNBits"] == 15
     nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
-    assert all(helper.get_attribute_value(a) == bits for n in nodes for a in n.attribute if a.name == "bits")
+    # int8: every weight; int4 (the default recipe, mixed): int8 where mixed_bits says
+    weights_of = [n.input[1].rsplit(".", 1)[0] for n in nodes]
+    int8 = set(info.quantization["int8_tensors"])
+    if bits == 8:
+        assert int8 == set(weights_of) and info.quantization["int4_tensors"] == 0
+    else:
+        assert int8 == {w for w in weights_of if mixed_bits(w, info.num_layers) == 8}
+        assert int8 and info.quantization["int4_tensors"] == len(nodes) - len(int8)
+    for n in nodes:
+        weight = n.input[1].rsplit(".", 1)[0]
+        stored = next(helper.get_attribute_value(a) for a in n.attribute if a.name == "bits")
+        assert stored == (8 if weight in int8 else 4)
+        assert (n.input[3:4] == [f"{weight}.zero_points"]) == (stored == 4)
     ids, mask = left_padded()
     logits, _ = ort_run(session(info.path), info, ids, mask, empty_past(info, 3))
 

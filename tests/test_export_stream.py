@@ -30,7 +30,12 @@ from edgepeft.config import IA3Config, LoraConfig
 from edgepeft.export.api import export
 from edgepeft.export.fused import export_fused
 from edgepeft.export.stream import Checkpoint, skeleton
-from edgepeft.export.weights import dequantize_nbits
+from edgepeft.export.weights import (
+    DEFAULT_QUANTIZATION,
+    RTN,
+    WeightQuantization,
+    dequantize_nbits,
+)
 from edgepeft.tiny import tiny_model, tiny_tokenizer
 
 
@@ -154,20 +159,45 @@ def test_truncated_checkpoint_names_the_file(tmp_path, folders):
             checkpoint.read(key)
 
 
-@pytest.mark.parametrize("weights, block_size", [("int4", 32), ("int4", 128), ("int8", 32)])
-def test_tied_embedding_is_stored_once_quantized(tmp_path, weights, block_size):
-    """The lookup returns exactly the dequantized lm_head rows; no fp32 table is stored."""
+UNMIXED = WeightQuantization(mixed=False)
+"""search with uint8 zero points on every tensor, the tied table included."""
+
+
+@pytest.mark.parametrize(
+    "weights, block_size, recipe",
+    [
+        ("int4", 32, RTN),
+        ("int4", 128, RTN),
+        ("int8", 32, RTN),
+        ("int4", 32, UNMIXED),
+        ("int4", 128, UNMIXED),
+        ("int4", 32, DEFAULT_QUANTIZATION),  # the table in int8
+    ],
+    ids=["int4-32-rtn", "int4-128-rtn", "int8-32", "int4-32-zp", "int4-128-zp", "int4-32-mixed"],
+)
+def test_tied_embedding_is_stored_once_quantized(tmp_path, weights, block_size, recipe):
+    """The lookup returns exactly the dequantized lm_head rows (zero points included: both
+    ops read the same packed uint8 tensor); no fp32 table is stored."""
     model = tiny_model("llama", tie_word_embeddings=True)
-    info = export_fused(model, tmp_path, weights, block_size=block_size, accuracy_level=0)
+    info = export_fused(
+        model, tmp_path, weights, block_size=block_size, accuracy_level=0, quantization=recipe
+    )
     proto = onnx.load(str(info.path))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
     assert "model.embed_tokens.weight" not in inits
-    bits = 4 if weights == "int4" else 8
+    bits = 4 if weights == "int4" and not recipe.mixed else 8
     head = next(n for n in proto.graph.node if n.name == "lm_head/MatMulNBits")
     gather = next(n for n in proto.graph.node if n.op_type == "GatherBlockQuantized")
     assert head.input[1] == f"lm_head.weight.q{bits}" and head.input[2] == "lm_head.weight.scales"
+    zero_points = "lm_head.weight.zero_points" if bits == 4 and not recipe.symmetric else None
+    assert list(head.input[3:]) == list(gather.input[3:]) == ([zero_points] if zero_points else [])
     rows = dequantize_nbits(
-        inits[head.input[1]], inits[head.input[2]], None, bits, block_size, model.config.hidden_size
+        inits[head.input[1]],
+        inits[head.input[2]],
+        inits[zero_points] if zero_points else None,
+        bits,
+        block_size,
+        model.config.hidden_size,
     )
     lookup = "model.embed_tokens/Slice/output_0" if 64 % block_size else gather.output[0]
     proto.graph.output.append(onnx.helper.make_tensor_value_info(lookup, onnx.TensorProto.FLOAT, None))
@@ -179,7 +209,9 @@ def test_tied_embedding_is_stored_once_quantized(tmp_path, weights, block_size):
             feeds[f"past_key_values.{i}.{kind}"] = np.zeros((2, 2, 0, 16), np.float32)
     got = session.run([lookup], feeds)[0]
     np.testing.assert_array_equal(got, rows[ids])
-    untied = export_fused(tiny_model("llama"), tmp_path / "untied", weights, block_size=block_size)
+    untied = export_fused(
+        tiny_model("llama"), tmp_path / "untied", weights, block_size=block_size, quantization=recipe
+    )
     assert info.path.with_suffix(".onnx.data").stat().st_size < untied.path.with_suffix(
         ".onnx.data"
     ).stat().st_size  # the fp32 table is gone, one quantized table serves both

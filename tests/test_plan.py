@@ -61,6 +61,24 @@ def test_planned_bytes_equal_the_exported_initializers(exports):
         assert planner.data_file_bytes(shape, fmt) == pytest.approx(data, rel=0.03), (model_type, fmt)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method, mixed", [("rtn", False), ("search", False), ("rtn", True)])
+def test_planned_bytes_follow_the_int4_method_and_mixed_precision(tmp_path, method, mixed):
+    """Zero points (search) and int8 tensors (mixed, packed q|k|v at v_proj's bits) are
+    sized as the export writes them."""
+    from edgepeft.export.api import export
+    from edgepeft.export.weights import weight_quantization
+
+    model = tiny_model("llama", num_hidden_layers=9)  # down_proj bits vary by layer
+    export(model, tmp_path / "int4", weights="int4", int4_method=method, mixed_precision=mixed,
+           verify=False, quiet=True)  # fmt: skip
+    recipe = weight_quantization(method, mixed)
+    shape = planner.model_shape(model.config)
+    held = _initializer_bytes(tmp_path / "int4" / "model.onnx")
+    assert planner.file_bytes(shape, "int4", quantization=recipe) == pytest.approx(held, rel=1e-3)
+    assert planner.file_bytes(shape, "int4", quantization=recipe) != planner.file_bytes(shape, "int4")
+
+
 def test_fused_families_match_the_exporter():
     from edgepeft.export import fused, onnx_graph
 

@@ -57,3 +57,41 @@ def test_export_uses_the_recipe_and_flags_override_it(tiny_dir, tmp_path, capsys
     m = read_manifest(tmp_path / "b")
     assert (m.weights, m.block_size, m.accuracy_level) == ("int8", 16, 4)  # level from the recipe
     capsys.readouterr()
+
+
+def test_int4_recipe_keys_are_checked(tmp_path):
+    """int4_method / mixed_precision: typed like the other keys, the method one of METHODS."""
+    from edgepeft.export.api import export
+
+    (tmp_path / "ok.toml").write_text('int4_method = "rtn"\nmixed_precision = false\n')
+    assert load_recipe(tmp_path / "ok.toml") == {"int4_method": "rtn", "mixed_precision": False}
+    (tmp_path / "typed.toml").write_text('mixed_precision = "yes"\n')
+    with pytest.raises(ValueError, match=r"typed.toml: mixed_precision must be a bool, got 'yes'"):
+        load_recipe(tmp_path / "typed.toml")
+    (tmp_path / "bool.toml").write_text("block_size = true\n")
+    with pytest.raises(ValueError, match="block_size must be a int, got True"):
+        load_recipe(tmp_path / "bool.toml")
+    (tmp_path / "method.toml").write_text('int4_method = "gptq"\n')
+    with pytest.raises(ValueError, match=r"int4_method must be one of \('rtn', 'search'\).*'gptq'"):
+        export("unused", tmp_path / "out", recipe=tmp_path / "method.toml")
+
+
+def test_cli_int4_flags_reach_the_manifest(tiny_dir, tmp_path, capsys):
+    """Default: search, asymmetric, mixed; --int4-method rtn --no-mixed-precision: the old
+    symmetric RTN format (no zero points, no int8 tensor), recorded in the manifest."""
+    base = str(tiny_dir("llama"))
+    assert main(["export", "--base", base, "--out", str(tmp_path / "a"), "--no-verify", "--quiet"]) == 0
+    m = read_manifest(tmp_path / "a")
+    assert (m.quantization["method"], m.quantization["symmetric"], m.quantization["mixed"]) == (
+        "search",
+        False,
+        True,
+    )
+    assert "lm_head" in m.quantization["int8_tensors"]
+    assert main(["export", "--base", base, "--out", str(tmp_path / "b"), "--int4-method", "rtn",
+                 "--no-mixed-precision", "--no-verify", "--quiet"]) == 0  # fmt: skip
+    m = read_manifest(tmp_path / "b")
+    assert m.quantization["method"] == "rtn" and m.quantization["symmetric"]
+    assert not m.quantization["mixed"] and m.quantization["int8_tensors"] == []
+    assert m.quantization["int4_tensors"] == 4 * m.num_layers + 1
+    capsys.readouterr()

@@ -43,6 +43,7 @@ from edgepeft.export.manifest import (
     read_manifest,
     write_manifest,
 )
+from edgepeft.export.weights import METHODS, WeightQuantization, weight_quantization
 
 MODES = ("merged", "separate")
 GRAPHS = ("auto", "fused", "generic")
@@ -53,8 +54,17 @@ RECIPE_KEYS = {
     "mode": str,
     "max_context": int,
     "providers": list,
+    "int4_method": str,
+    "mixed_precision": bool,
 }
-_DEFAULTS = {"weights": "int4", "mode": "merged", "block_size": 32, "accuracy_level": 4}
+_DEFAULTS = {
+    "weights": "int4",
+    "mode": "merged",
+    "block_size": 32,
+    "accuracy_level": 4,
+    "int4_method": "search",
+    "mixed_precision": True,
+}
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "data" / "recipes"
 """The recipes shipped inside the package (package data: the wheel holds them)."""
 
@@ -115,8 +125,9 @@ def load_recipe(recipe: str | os.PathLike) -> dict:
     """Export options from a TOML recipe (a name or a path, found by `recipe_path`);
     unknown keys and wrong types are errors.
 
-    Keys: weights, block_size, accuracy_level, mode, max_context, and providers (the
-    onnxruntime execution providers the runtime should try, recorded in the manifest).
+    Keys: weights, block_size, accuracy_level, mode, max_context, providers (the
+    onnxruntime execution providers the runtime should try, recorded in the manifest),
+    int4_method ("search" or "rtn") and mixed_precision (true / false), see `quantization`.
     """
     try:
         import tomllib
@@ -132,7 +143,8 @@ def load_recipe(recipe: str | os.PathLike) -> dict:
     if unknown:
         raise ValueError(f"recipe {path}: unknown key(s) {unknown}; known: {sorted(RECIPE_KEYS)}")
     for key, value in data.items():
-        if not isinstance(value, RECIPE_KEYS[key]) or isinstance(value, bool):
+        kind = RECIPE_KEYS[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ValueError(
                 f"recipe {path}: {key} must be a {RECIPE_KEYS[key].__name__}, got {value!r}"
             )
@@ -153,7 +165,17 @@ def _options(recipe, **given) -> dict:
         raise ValueError(f"mode must be one of {MODES}, got {options['mode']!r}")
     if options.get("max_context") is not None and options["max_context"] < 1:
         raise ValueError(f"max_context must be positive, got {options['max_context']}")
+    if options["int4_method"] not in METHODS:
+        raise ValueError(
+            f"int4_method must be one of {METHODS} (recipe key or --int4-method), "
+            f"got {options['int4_method']!r}"
+        )
     return options
+
+
+def quantization_of(options: dict) -> WeightQuantization:
+    """The int4/int8 recipe the export options ask for (int4_method, mixed_precision)."""
+    return weight_quantization(options["int4_method"], options["mixed_precision"])
 
 
 def _adapter_folders(adapters) -> dict[str, Path]:
@@ -260,7 +282,11 @@ def _build_graph(model, folder: Path, options: dict, graph: str, say: Progress):
     """Write model.onnx(.data) into `folder` with the fused or the generic builder."""
     from edgepeft.export.generic import export_generic
 
-    kwargs = dict(block_size=options["block_size"], accuracy_level=options["accuracy_level"])
+    kwargs = dict(
+        block_size=options["block_size"],
+        accuracy_level=options["accuracy_level"],
+        quantization=quantization_of(options),
+    )
     model_type = getattr(model.config, "model_type", None)
     if graph != "generic":
         from edgepeft.export import fused
@@ -371,6 +397,8 @@ def export(
     quant: str | None = None,
     block_size: int | None = None,
     accuracy_level: int | None = None,
+    int4_method: str | None = None,
+    mixed_precision: bool | None = None,
     max_context: int | None = None,
     recipe: str | os.PathLike | None = None,
     verify: bool = True,
@@ -395,9 +423,15 @@ def export(
             quantization, else "none". The graph is built from the dequantized weights.
         block_size: int4/int8 block size (default 32).
         accuracy_level: MatMulNBits compute type (default 4: int8 activations).
+        int4_method: "search" (default: each block's scale and zero point fitted to its
+            error, asymmetric, uint8 zero points) or "rtn" (symmetric round-to-nearest,
+            no zero points: the exporter's format before search became the default).
+        mixed_precision: int4 exports store the tensors `weights.mixed_bits` names (tied
+            embedding / lm_head, v_proj, some down_proj) in int8 (default True).
         max_context: Longest sequence the runtime should allow (default: the model's).
         recipe: A shipped recipe's name ("cpu-int4") or a TOML file (`recipe_path`) whose
-            keys (weights, block_size, accuracy_level, mode, max_context) replace the
+            keys (weights, block_size, accuracy_level, mode, max_context, int4_method,
+            mixed_precision) replace the
             defaults; explicit arguments win over it.
         verify: Compare every graph with PyTorch and store the numbers (verify.json,
             manifest "verify").
@@ -426,6 +460,8 @@ def export(
         mode=mode,
         block_size=block_size,
         accuracy_level=accuracy_level,
+        int4_method=int4_method,
+        mixed_precision=mixed_precision,
         max_context=max_context,
     )
     if graph not in GRAPHS:
@@ -489,6 +525,7 @@ def export(
                 progress=say,
                 lora_everywhere=lora_everywhere,
                 graph=graph,
+                quantization=quantization_of(options),
             )
             graphs[""] = out
             if verify:

@@ -41,7 +41,8 @@ columns in both. Limits: rotary caches hold min(max_position_embeddings, 32768) 
 token over a non-empty past only at batch size 1 (chunked prefill).
 
 Weights: "fp32", "fp16" (weights, activations and KV in fp16, logits cast to fp32), "int8" /
-"int4" (MatMulNBits, symmetric RTN; norms and untied embeddings stay fp32, a tied table is
+"int4" (MatMulNBits; by default int4 "search" with uint8 zero points and int8 where
+`weights.mixed_bits` says, or plain symmetric RTN: `weights.WeightQuantization`; norms and untied embeddings stay fp32, a tied table is
 stored once, quantized, for lookup and lm_head), "nf4" / "fp4" (MatMulBnb4
 over bitsandbytes' own codes, fp32 activations; lm_head stays fp32). See weights.py, bnb4.py.
 """
@@ -51,7 +52,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,14 @@ from edgepeft.base import dequantized_weight, is_linear_like
 from edgepeft.export import bnb4
 from edgepeft.export.graph_info import WEIGHT_FORMATS
 from edgepeft.export.onnx_graph import GraphBuilder
-from edgepeft.export.weights import BITS, check_block_size, quantize_nbits
+from edgepeft.export.weights import (
+    BITS,
+    DEFAULT_QUANTIZATION,
+    PackedNBits,
+    WeightQuantization,
+    check_block_size,
+    quantization_record,
+)
 
 log = logging.getLogger("edgepeft")
 
@@ -114,6 +122,8 @@ class GraphInfo:
     weights: str
     """"fp32" | "fp16" | "int8" | "int4" | "nf4" | "fp4"."""
     op_counts: dict[str, int]
+    quantization: dict | None = None
+    """int4/int8: `weights.quantization_record` (the recipe, which tensors are int8); else None."""
 
 
 # ---------------------------------------------------------------- the one projection emitter
@@ -134,6 +144,8 @@ class _Emitter:
         accuracy_level: int,
         lora_targets: frozenset[str],
         gemma_norms: bool,
+        quantization: WeightQuantization = DEFAULT_QUANTIZATION,
+        num_layers: int = 0,
     ):
         self.b = builder
         self.gemma_norms = gemma_norms
@@ -142,6 +154,10 @@ class _Emitter:
         self.block_size = block_size
         self.accuracy_level = accuracy_level
         self.lora_targets = lora_targets
+        self.quantization = quantization
+        self.num_layers = num_layers
+        self.bits_of: dict[str, int] = {}
+        """int4/int8: tensor -> the bits it was stored in (the manifest's record)."""
         self.bnb4: bnb4.Bnb4Weights | None = None
         """Set for weights "nf4" / "fp4": where each projection's 4-bit codes come from."""
         self.adapter_branches: dict[str, AdapterBranch] = {}
@@ -151,6 +167,32 @@ class _Emitter:
     def packable(self, *names: str) -> bool:
         """Sibling projections may share one MatMul only if no adapter needs one of them alone."""
         return not any(_is_target(n, self.lora_targets) for n in names)
+
+    def bits(self, name: str) -> int:
+        """Bits of module `name`'s int4/int8 weight (`WeightQuantization.bits`)."""
+        return self.quantization.bits(self.weights, name, self.num_layers)
+
+    def quantized(self, name: str, w: np.ndarray, uint_zero_points: bool = False) -> PackedNBits:
+        """Module `name`'s (out, in) fp32 weight as MatMulNBits initializer values."""
+        bits = self.bits(name)
+        self.bits_of[name] = bits
+        recipe = self.quantization
+        if uint_zero_points and recipe.float_zero_points:
+            recipe = replace(recipe, float_zero_points=False)
+        return recipe.quantize(w, bits, self.block_size)
+
+    def nbits_initializers(self, name: str, packed: PackedNBits) -> list[str]:
+        """[codes, scales] or [codes, scales, zero_points]: MatMulNBits' B, scales, zero_points."""
+        names = [
+            self.b.initializer(f"{name}.weight.q{packed.bits}", packed.codes),
+            self.b.initializer(f"{name}.weight.scales", packed.scales.astype(self.dtype)),
+        ]
+        if packed.zero_points is not None:
+            zero_points = packed.zero_points
+            if np.issubdtype(zero_points.dtype, np.floating):  # float zeros: the scales' type
+                zero_points = zero_points.astype(self.dtype)
+            names.append(self.b.initializer(f"{name}.weight.zero_points", zero_points))
+        return names
 
     def linear(
         self,
@@ -181,14 +223,10 @@ class _Emitter:
         if packed_4bit is not None:  # exact NF4/FP4: the base's own bitsandbytes codes
             return bnb4.emit_matmul(self.b, x, name, packed_4bit, bias_init)
         if self.weights in BITS:
-            packed = quantize_nbits(w, BITS[self.weights], self.block_size, symmetric=True)
-            inputs = [
-                x,
-                self.b.initializer(f"{name}.weight.q{packed.bits}", packed.codes),
-                self.b.initializer(f"{name}.weight.scales", packed.scales.astype(self.dtype)),
-            ]
-            if bias_init:
-                inputs += ["", "", bias_init]  # zero_points, g_idx unused
+            packed = self.quantized(name, w)
+            inputs = [x, *self.nbits_initializers(name, packed)]
+            if bias_init:  # A, B, scales, zero_points, g_idx (unused), bias
+                inputs += [""] * (5 - len(inputs)) + [bias_init]
             return self.b.node(
                 "MatMulNBits",
                 inputs,
@@ -572,6 +610,8 @@ class _Table:
     scales: str = ""
     """lm_head's MatMulNBits scales (V, k_blocks) when the table is shared quantized."""
     bits: int = 0
+    zero_points: str = ""
+    """lm_head's packed uint8 zero points when the shared table is asymmetric, else ""."""
 
 
 def _shares_quantized_head(e: _Emitter, model: nn.Module) -> bool:
@@ -590,7 +630,7 @@ def _lm_head(e: _Emitter, model: nn.Module, hidden: str, table: _Table) -> str:
         vocab, hidden_size = model.get_input_embeddings().weight.shape
         return e.b.node(
             "MatMulNBits",
-            [hidden, table.name, table.scales],
+            [hidden, table.name, table.scales, *([table.zero_points] if table.zero_points else [])],
             name="lm_head/MatMulNBits",
             domain=_MS,
             K=hidden_size,
@@ -616,14 +656,16 @@ def _quantized_lookup(e: _Emitter, weight: torch.Tensor) -> tuple[str, _Table]:
           ─ GatherBlockQuantized(input_ids, lm_head.weight.scales (V, k_blocks))
           ─► (B, T, k_blocks*block_size) [─ Slice: H not a multiple of block_size] ─► (B, T, H)
 
-    The rows are exactly the dequantized int4/int8 rows lm_head multiplies with (the
-    codes' default zero point 2^(bits-1) in both ops), stored once.
+    The rows are exactly the dequantized int4/int8 rows lm_head multiplies with, stored
+    once: both ops read the same zero points (packed uint8, the same layout in both ops),
+    or the codes' default 2^(bits-1) when symmetric. Mixed precision stores this table
+    int8 (symmetric RTN). GatherBlockQuantized takes uint8 zero points only, so a recipe
+    with float zero points gives this table whole-code ones.
     """
     b = e.b
     vocab, hidden_size = weight.shape
-    packed = quantize_nbits(_numpy(weight), BITS[e.weights], e.block_size, symmetric=True)
-    codes = b.initializer(f"lm_head.weight.q{packed.bits}", packed.codes)
-    scales = b.initializer("lm_head.weight.scales", packed.scales.astype(e.dtype))
+    packed = e.quantized("lm_head", _numpy(weight), uint_zero_points=True)
+    codes, scales, *zero_points = e.nbits_initializers("lm_head", packed)
     rows = b.node(
         "Reshape",
         [codes, b.initializer("model.embed_tokens.rows_shape", np.array([vocab, -1], np.int64))],
@@ -631,7 +673,7 @@ def _quantized_lookup(e: _Emitter, weight: torch.Tensor) -> tuple[str, _Table]:
     )  # (V, k_blocks * blob)
     hidden = b.node(
         "GatherBlockQuantized",
-        [rows, "input_ids", scales],
+        [rows, "input_ids", scales, *zero_points],
         name="model.embed_tokens/GatherBlockQuantized",
         domain=_MS,
         gather_axis=0,
@@ -650,7 +692,7 @@ def _quantized_lookup(e: _Emitter, weight: torch.Tensor) -> tuple[str, _Table]:
             ],
             name="model.embed_tokens/Slice",
         )
-    return hidden, _Table(codes, scales, packed.bits)
+    return hidden, _Table(codes, scales, packed.bits, *zero_points)
 
 
 def _embed(e: _Emitter, model: nn.Module, arch: _Arch, dims: _Dims) -> tuple[str, _Table]:
@@ -724,6 +766,7 @@ def export_fused(
     *,
     block_size: int = 32,
     accuracy_level: int = 4,
+    quantization: WeightQuantization = DEFAULT_QUANTIZATION,
     lora_targets=None,
     adapter_branches: Mapping[str, AdapterBranch] | None = None,
     optional_inputs: Mapping[str, np.ndarray] | None = None,
@@ -743,6 +786,8 @@ def export_fused(
         block_size: Input features per quantization block (int8 / int4).
         accuracy_level: MatMulNBits' compute type for activations: 0 or 1 keep fp32, 4 lets
             onnxruntime quantize activations to int8 per block (fastest on CPU).
+        quantization: How int4/int8 weights are quantized (default: search, asymmetric,
+            mixed int8/int4; `weights.RTN` for plain symmetric round-to-nearest).
         lora_targets: Module names (or dotted suffixes) that a separate-mode adapter will
             attach to; those projections are emitted alone rather than packed.
         adapter_branches: Module name (exact) -> AdapterBranch emitting that projection
@@ -771,6 +816,8 @@ def export_fused(
         frozenset([lora_targets] if isinstance(lora_targets, str) else lora_targets or ())
         | frozenset(adapter_branches or ()),
         gemma_norms=arch.gemma,
+        quantization=quantization,
+        num_layers=dims.layers,
     )
     e.adapter_branches = dict(adapter_branches or {})
     try:
@@ -846,4 +893,5 @@ def _emit_graph(
         kv_dtype="float16" if dtype == np.float16 else "float32",
         weights=weights,
         op_counts=b.op_counts(),
+        quantization=quantization_record(e.quantization, e.bits_of) if e.bits_of else None,
     )

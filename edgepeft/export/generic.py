@@ -52,7 +52,14 @@ from edgepeft.export.graph_info import (
     input_names,
     output_names,
 )
-from edgepeft.export.weights import check_block_size, dequantize_nbits, quantize_nbits
+from edgepeft.export.weights import (
+    DEFAULT_QUANTIZATION,
+    RTN,
+    WeightQuantization,
+    check_block_size,
+    dequantize_nbits,
+    quantization_record,
+)
 from edgepeft.kv_cache_keyword import cache_keyword, output_cache
 
 OPSET = 17
@@ -221,12 +228,21 @@ def quantize_matmuls(
     block_size: int,
     accuracy_level: int,
     progress: Progress | None = None,
+    *,
+    quantization: WeightQuantization = RTN,
+    num_layers: int = 0,
+    record: dict[str, int] | None = None,
 ) -> int:
     """Replace every MatMul over a 2-D fp32 initializer by MatMulNBits, in place.
 
-    Symmetric RTN (weights.quantize_nbits, the fused builder's format): the quantized
-    tensors are named "<weight>.q<bits>" and "<weight>.scales". Returns the number of
-    MatMuls replaced.
+    `quantization` (weights.py, as the fused builder) chooses each weight's bits (`bits`
+    4 is an int4 export, mixed precision may store some tensors int8) and rounding: the
+    quantized tensors are named "<weight>.q<bits>", "<weight>.scales" and, asymmetric,
+    "<weight>.zero_points". Returns the number of MatMuls replaced.
+
+    Args:
+        num_layers: The model's decoder layers (mixed precision's rule needs them).
+        record: Filled with weight name -> the bits it was stored in.
     """
     check_block_size(block_size)
     graph = proto.graph
@@ -244,11 +260,17 @@ def quantize_matmuls(
         node = graph.node[i]
         weight = node.input[1]
         w = numpy_helper.to_array(initializers[weight])  # (K, N)
-        packed = quantize_nbits(w.T, bits, block_size, symmetric=True)
-        names = [f"{weight}.q{bits}", f"{weight}.scales"]
-        for name, array in zip(names, (packed.codes, packed.scales), strict=True):
+        own_bits = quantization.bits("int4" if bits == 4 else "int8", weight, num_layers)
+        packed = quantization.quantize(w.T, own_bits, block_size)
+        if record is not None:
+            record[weight] = own_bits
+        arrays = {f"{weight}.q{own_bits}": packed.codes, f"{weight}.scales": packed.scales}
+        if packed.zero_points is not None:
+            arrays[f"{weight}.zero_points"] = packed.zero_points
+        names = list(arrays)
+        for name, array in arrays.items():
             graph.initializer.append(numpy_helper.from_array(array, name))
-        attrs = dict(K=w.shape[0], N=w.shape[1], bits=bits, block_size=block_size)
+        attrs = dict(K=w.shape[0], N=w.shape[1], bits=own_bits, block_size=block_size)
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level  # 0 (fp32 compute) is the op's default
         graph.node[i].CopyFrom(
@@ -265,7 +287,7 @@ def quantize_matmuls(
         if users[weight] == 0:
             graph.initializer.remove(initializers.pop(weight))
         if progress and (count % 50 == 0 or count == len(targets)):
-            progress(f"quantized {count}/{len(targets)} MatMul weights to int{bits}")
+            progress(f"quantized {count}/{len(targets)} MatMul weights")
     if targets and not any(o.domain == MS_DOMAIN for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return len(targets)
@@ -324,6 +346,7 @@ def export_generic(
     *,
     block_size: int = 32,
     accuracy_level: int = 4,
+    quantization: WeightQuantization = DEFAULT_QUANTIZATION,
     progress: Progress | None = None,
     adapter_slots: Mapping[str, AdapterSlot] | None = None,
     optional_inputs: Mapping[str, np.ndarray] | None = None,
@@ -335,8 +358,9 @@ def export_generic(
             adapters before exporting (unmerged adapters are traced as they compute).
         out_dir: Folder for model.onnx and model.onnx.data (created if missing).
         weights: "fp32", "fp16" (fp16 storage, fp32 compute), "int8" or "int4"
-            (MatMulNBits, RTN; embeddings and norms stay fp32).
+            (MatMulNBits; embeddings and norms stay fp32).
         block_size: Inputs sharing one scale and zero point (int8/int4).
+        quantization: How int4/int8 weights are quantized, as in the fused builder.
         accuracy_level: MatMulNBits compute type: 0 = fp32, 4 = int8 activations
             (fastest on CPUs with int8 dot products).
         progress: Called with one line per stage.
@@ -383,11 +407,21 @@ def export_generic(
     slots = dict(adapter_slots or {})
     # Found in the fp32 graph: storing the weights keeps these tensor names.
     sites = linear_sites(proto, slots)
+    stored_bits: dict[str, int] = {}
 
     if weights in ("int4", "int8"):
         bits = 4 if weights == "int4" else 8
-        say(f"quantizing MatMul weights to int{bits} (RTN, block {block_size})")
-        quantize_matmuls(proto, bits, block_size, accuracy_level, progress=say)
+        say(f"quantizing MatMul weights to int{bits} ({quantization.method}, block {block_size})")
+        quantize_matmuls(
+            proto,
+            bits,
+            block_size,
+            accuracy_level,
+            progress=say,
+            quantization=quantization,
+            num_layers=num_layers,
+            record=stored_bits,
+        )
     elif weights == "fp16":
         names = {t.name for t in proto.graph.initializer if len(t.dims) >= 2}
         store_fp16(proto, names)
@@ -406,6 +440,7 @@ def export_generic(
         kv_dtype="float32",
         weights=weights,
         op_counts=dict(collections.Counter(n.op_type for n in proto.graph.node)),
+        quantization=quantization_record(quantization, stored_bits) if stored_bits else None,
     )
 
 

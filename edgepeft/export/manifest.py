@@ -88,6 +88,10 @@ class Manifest:
     num_nodes: int
     op_counts: dict[str, int]
     mode: str = "merged"
+    quantization: dict | None = None
+    """int4/int8: how the weights were quantized (`weights.quantization_record`: method,
+    symmetric, mixed, the int8 tensors, the int4 count); None for other formats and for
+    exports written before edgepeft recorded it (those are symmetric RTN)."""
     adapters: list[AdapterEntry] = field(default_factory=list)
     providers: list[str] | None = None
     """onnxruntime execution providers the recipe asks the runtime to try, in order."""
@@ -151,6 +155,7 @@ def graph_fields(info) -> dict:
         kv_dtype=info.kv_dtype,
         num_nodes=info.num_nodes,
         op_counts=info.op_counts,
+        quantization=getattr(info, "quantization", None),
         model_file=Path(info.path).name,
     )
 

@@ -66,6 +66,7 @@ from edgepeft.export.adapter_slots import (
     lora_inputs,
 )
 from edgepeft.export.packed_adapters import pack_slots, pack_tensors, packed_layout
+from edgepeft.export.weights import DEFAULT_QUANTIZATION, WeightQuantization
 from edgepeft.finite import check_finite
 
 SEPARATE_PEFT_TYPES = ("LORA", "IA3", "BOTTLENECK")
@@ -275,6 +276,7 @@ def export_separate(
     progress: Progress | None = None,
     lora_everywhere: bool = False,
     graph: str = "auto",
+    quantization: WeightQuantization = DEFAULT_QUANTIZATION,
 ) -> None:
     """Write the base graph, one .onnx_adapter (+ sidecar) per adapter, and edgepeft.json.
 
@@ -292,6 +294,7 @@ def export_separate(
             LoRA adapters trained later over the same base load without a new base graph.
         graph: "auto" (fused where the architecture has a fused builder, else generic),
             "fused" or "generic" (the traced graph, any architecture).
+        quantization: How int4/int8 weights are quantized (`export_fused`).
     """
     from edgepeft.adapters.inject import delete_adapter, list_adapters
     from edgepeft.adapters.peft_format import load_adapter
@@ -324,7 +327,12 @@ def export_separate(
             delete_adapter(model, name)
     slots = union_slots(model, read, lora_everywhere)
     guard = {fingerprint_input(base_fingerprint): np.zeros(1, np.float32)}
-    kwargs = dict(block_size=block_size, accuracy_level=accuracy_level, optional_inputs=guard)
+    kwargs = dict(
+        block_size=block_size,
+        accuracy_level=accuracy_level,
+        quantization=quantization,
+        optional_inputs=guard,
+    )
     if builder == "fused":
         slots = pack_slots(model, slots)
         say(f"building the {model_type} base graph ({weights}) with adapter inputs on {len(slots)} layers")
