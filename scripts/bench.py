@@ -35,14 +35,15 @@ REPO = SCRIPTS.parent
 sys.path.insert(0, str(SCRIPTS))
 from benchmarks_md import machine  # noqa: E402
 
-EXPECTED = ("train", "export", "runtime", "plan", "parity")
-"""Benchmarks the project has (issues 1-6); one missing from scripts/ is reported, not dropped."""
+EXPECTED = ("train", "export", "runtime", "plan", "parity", "quality")
+"""Benchmarks the project has (issues 1-6, 12); one missing from scripts/ is reported, not dropped."""
 PEERS = {
     "peft": "HF peft: adapter reference in bench_train / bench_parity",
     "onnxruntime_genai": "onnxruntime-genai: export and decode peer in bench_export / bench_runtime",
     "onnx_ir": "onnx-ir: needed by onnxruntime-genai's model builder (bench_export)",
     "transformers": "transformers: every benchmark that builds a model",
     "bitsandbytes": "bitsandbytes: NF4 bases in bench_train",
+    "llama_cpp": "llama-cpp-python: llama.cpp GGUF quality and decode peer in bench_quality",
     "matplotlib": "matplotlib: the PNG plots of this file",
 }
 PLOT_DIR = Path("docs") / "bench"

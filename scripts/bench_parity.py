@@ -55,9 +55,9 @@ NOTES = {
     ("merged", "fp32"): "trained weights, unrounded",
     ("merged", "fp16"): "merged, rounded to fp16",
     ("merged", "int8"): "merged, re-quantized (int8 RTN)",
-    ("merged", "int4"): "merged, re-quantized (int4 RTN)",
+    ("merged", "int4"): "merged, re-quantized (int4 default: fitted blocks, int8 mix)",
     ("merged", "nf4"): "merged, re-quantized to NF4",
-    ("separate", "int4"): "base re-quantized (int4 RTN), LoRA exact",
+    ("separate", "int4"): "base re-quantized (int4 default), LoRA exact",
     ("separate", "nf4"): "exact: the trained NF4 codes + LoRA",
 }
 

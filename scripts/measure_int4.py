@@ -23,7 +23,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +44,8 @@ from edgepeft.export.weights import dequantize_packed, mixed_bits, quantize_nbit
 OFF_GRID_SPREAD = 0.3
 """Log-std of the per-channel scales that move the weights off the GGUF's grid."""
 OFF_GRID_SEED = 0
+OFF_GRID_FOLDER = "smollm2-135m-instruct-off-grid"
+"""`off_grid_dir`'s folder, beside the original's in the real-model cache."""
 
 DOCS_TOPICS = ("naming", "execmodel", "exceptions", "class", "import", "assignment")
 """Prose-heavy topics of Python's own documentation (stdlib pydoc_data.topics, PSF licence):
@@ -274,13 +278,24 @@ def log_probs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(model(ids).logits[0].float(), dim=-1)
 
 
-def compare(reference: torch.Tensor, test: torch.Tensor, ids: torch.Tensor) -> Quality:
-    targets = ids[0, 1:]
-    ppl = float(torch.exp(-test[:-1].gather(1, targets[:, None]).mean()))
-    ref_ppl = float(torch.exp(-reference[:-1].gather(1, targets[:, None]).mean()))
+def score(reference: torch.Tensor, test: torch.Tensor, targets: torch.Tensor) -> Quality:
+    """Quality of `test` against `reference` at the positions that predict `targets`.
+
+    Args:
+        reference: (N, V) fp32 next-token log-probabilities.
+        test: (N, V) log-probabilities of the quantized model at the same positions.
+        targets: (N,) the token each position predicts.
+    """
+    ppl = float(torch.exp(-test.gather(1, targets[:, None]).mean()))
+    ref_ppl = float(torch.exp(-reference.gather(1, targets[:, None]).mean()))
     kl = float((reference.exp() * (reference - test)).sum(-1).mean())
     top1 = float((reference.argmax(-1) == test.argmax(-1)).float().mean())
     return Quality(ppl, ppl / ref_ppl - 1, kl, top1)
+
+
+def compare(reference: torch.Tensor, test: torch.Tensor, ids: torch.Tensor) -> Quality:
+    """`score` of (T, V) log-probabilities over ids (1, T); the last position has no target."""
+    return score(reference[:-1], test[:-1], ids[0, 1:])
 
 
 class Bench:
@@ -313,6 +328,34 @@ class Bench:
         quality = compare(self.reference, log_probs(self.model, self.ids), self.ids)
         self.restore()
         return quality, 8 * size / count
+
+
+def off_grid_dir(cache: str | os.PathLike | None = None) -> Path:
+    """The off-grid copy of SmolLM2 (`off_grid`, seed OFF_GRID_SEED) as an HF folder, built once.
+
+    It sits beside `smollm2_dir(cache)` as OFF_GRID_FOLDER, so graph exporters and converters
+    that read a folder (edgepeft, llama.cpp, onnxruntime-genai) see the same weights.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgepeft.atomic import temporary_sibling
+
+    source = smollm2_dir(cache)
+    target = source.parent / OFF_GRID_FOLDER
+    if (target / "config.json").is_file():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    off_grid(model, torch.Generator().manual_seed(OFF_GRID_SEED))
+    staging = temporary_sibling(target)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        AutoTokenizer.from_pretrained(source).save_pretrained(staging)
+        if not (target / "config.json").is_file():  # another process may have won
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def text(name: str) -> str:
