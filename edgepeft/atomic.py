@@ -4,9 +4,8 @@
         write(tmp)                                   # any writer: json, safetensors, ORT, savefig
     # renamed onto the target when the block succeeds; removed when it raises
 
-    with staging_folder("out") as staging:           # a new, empty hidden sibling folder
-        build(staging)
-        os.replace(staging, "out")                   # the caller's swap; leftovers are removed
+    with atomic_folder("out") as staging:            # a new, empty hidden sibling folder
+        build(staging)                               # swapped in whole when the block succeeds
 
 Every temporary sibling is named `.<name>.<pid>.<8 hex>.tmp[suffix]` and is live (in a
 registry) while its block runs:
@@ -77,6 +76,30 @@ def staging_folder(path: str | os.PathLike) -> Iterator[Path]:
     with _live(temporary_sibling(path)) as staging:
         staging.mkdir()  # unlike mkdtemp's 0700, the umask decides, as for the other outputs
         yield staging
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
+    """Yield a new empty staging folder; when the block succeeds it becomes `path`.
+
+    An existing `path` is replaced (`replace=True`) or is an error raised before any work
+    (FileExistsError). The old folder is renamed aside first and removed only once the new
+    one is in place, so a crash leaves the old or the new folder at `path`, never neither
+    for longer than one rename. On failure or a signal nothing at `path` changes.
+    """
+    path = Path(path)
+    if not replace and path.exists():
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+    with staging_folder(path) as staging:
+        yield staging
+        if not path.exists():
+            os.replace(staging, path)
+            return
+        old = temporary_sibling(path, ".old")
+        with _signals_held():  # a signal between the two renames would leave neither
+            os.replace(path, old)
+            os.replace(staging, path)
+        _remove(old)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes | str) -> Path:
@@ -161,6 +184,19 @@ def _remove(path: Path) -> None:
 
 
 # ---------------------------------------------------------------- live paths and signals
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT / SIGTERM wait until the block ends (where the platform can hold them)."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no masks
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextmanager
