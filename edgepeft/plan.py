@@ -644,7 +644,7 @@ def plan_format(
 def shipped_recipes(folder: str | os.PathLike | None = None) -> list[Recipe]:
     """Every recipe in `folder` (default: the shipped ones, edgepeft.export.api.RECIPES_DIR),
     read with edgepeft.export.api.load_recipe's checks."""
-    from edgepeft.export.api import RECIPES_DIR, load_recipe
+    from edgepeft.export.recipes import RECIPES_DIR, load_recipe
 
     recipes = []
     for path in sorted(Path(folder or RECIPES_DIR).glob("*.toml")):

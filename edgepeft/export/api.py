@@ -34,7 +34,6 @@ from pathlib import Path
 
 from edgepeft.atomic import staging_folder
 from edgepeft.export.finish import finish_graph_folder
-from edgepeft.export.graph_info import WEIGHT_FORMATS
 from edgepeft.export.manifest import (
     AdapterEntry,
     ExportIndex,
@@ -43,30 +42,15 @@ from edgepeft.export.manifest import (
     read_manifest,
     write_manifest,
 )
-from edgepeft.export.weights import METHODS, WeightQuantization, weight_quantization
-
-MODES = ("merged", "separate")
-GRAPHS = ("auto", "fused", "generic")
-RECIPE_KEYS = {
-    "weights": str,
-    "block_size": int,
-    "accuracy_level": int,
-    "mode": str,
-    "max_context": int,
-    "providers": list,
-    "int4_method": str,
-    "mixed_precision": bool,
-}
-_DEFAULTS = {
-    "weights": "int4",
-    "mode": "merged",
-    "block_size": 32,
-    "accuracy_level": 4,
-    "int4_method": "search",
-    "mixed_precision": True,
-}
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "data" / "recipes"
-"""The recipes shipped inside the package (package data: the wheel holds them)."""
+from edgepeft.export.recipes import (  # noqa: F401  (re-exported: the old import path)
+    RECIPE_KEYS,
+    RECIPES_DIR,
+    export_options,
+    load_recipe,
+    quantization_of,
+    recipe_path,
+)
+from edgepeft.vocab import GRAPHS, MODES  # noqa: F401  (MODES: re-exported, the old import path)
 
 Progress = Callable[[str], None]
 
@@ -94,88 +78,6 @@ class ExportResult:
 
 
 # ---------------------------------------------------------------- options
-
-
-def recipe_path(recipe: str | os.PathLike) -> Path:
-    """The TOML file a recipe names, looked for in this order:
-
-    1. a file at that path ("my-recipe.toml", "~/recipes/gpu.toml");
-    2. a recipe shipped in the package (RECIPES_DIR) by name: "cpu-int4" or "cpu-int4.toml";
-    3. the repository's old spelling "export/cpu-int4.toml" (the recipes lived in export/
-       before they shipped in the package): the shipped recipe of that name.
-
-    Raises:
-        FileNotFoundError: none of these (the message lists the shipped names).
-    """
-    path = Path(recipe).expanduser()
-    if path.is_file():
-        return path
-    if len(path.parts) == 1 or path.parent.name == "export":
-        shipped = RECIPES_DIR / f"{path.name.removesuffix('.toml')}.toml"
-        if shipped.is_file():
-            return shipped
-    names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
-    raise FileNotFoundError(
-        f"recipe {recipe} not found: no such file, and no shipped recipe of that name "
-        f"(shipped recipes: {names}); pass a name or the path of a .toml file"
-    )
-
-
-def load_recipe(recipe: str | os.PathLike) -> dict:
-    """Export options from a TOML recipe (a name or a path, found by `recipe_path`);
-    unknown keys and wrong types are errors.
-
-    Keys: weights, block_size, accuracy_level, mode, max_context, providers (the
-    onnxruntime execution providers the runtime should try, recorded in the manifest),
-    int4_method ("search" or "rtn") and mixed_precision (true / false), see `quantization`.
-    """
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-
-    path = recipe_path(recipe)
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"recipe {path} is not valid TOML: {e}") from e
-    unknown = sorted(set(data) - set(RECIPE_KEYS))
-    if unknown:
-        raise ValueError(f"recipe {path}: unknown key(s) {unknown}; known: {sorted(RECIPE_KEYS)}")
-    for key, value in data.items():
-        kind = RECIPE_KEYS[key]
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise ValueError(
-                f"recipe {path}: {key} must be a {RECIPE_KEYS[key].__name__}, got {value!r}"
-            )
-    return data
-
-
-def _options(recipe, **given) -> dict:
-    """Explicit arguments over the recipe over the defaults; each value checked."""
-    options = {**_DEFAULTS, **(load_recipe(recipe) if recipe else {})}
-    options.update({k: v for k, v in given.items() if v is not None})
-    from edgepeft.export.bnb4 import BNB4_FORMATS
-
-    if options["weights"] not in WEIGHT_FORMATS + BNB4_FORMATS:
-        raise ValueError(
-            f"weights must be one of {WEIGHT_FORMATS + BNB4_FORMATS}, got {options['weights']!r}"
-        )
-    if options["mode"] not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {options['mode']!r}")
-    if options.get("max_context") is not None and options["max_context"] < 1:
-        raise ValueError(f"max_context must be positive, got {options['max_context']}")
-    if options["int4_method"] not in METHODS:
-        raise ValueError(
-            f"int4_method must be one of {METHODS} (recipe key or --int4-method), "
-            f"got {options['int4_method']!r}"
-        )
-    return options
-
-
-def quantization_of(options: dict) -> WeightQuantization:
-    """The int4/int8 recipe the export options ask for (int4_method, mixed_precision)."""
-    return weight_quantization(options["int4_method"], options["mixed_precision"])
 
 
 def _adapter_folders(adapters) -> dict[str, Path]:
@@ -454,7 +356,7 @@ def export(
     from edgepeft.merge import merge, unmerge
 
     say = (lambda line: None) if quiet else (lambda line: print(f"export: {line}", file=sys.stderr, flush=True))
-    options = _options(
+    options = export_options(
         recipe,
         weights=weights,
         mode=mode,
