@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # no torch at import: export/kv_prefix.py, which the runtime reads, uses this
+if TYPE_CHECKING:  # no torch at import: a typing name only, callers hold the model
     from torch import nn
 
 NEW_NAME = "cache"

@@ -5,8 +5,8 @@
         │   edgepeft.base_fingerprint (what the graph's I/O does not show; the runtime
         │   compares the manifest with them, runtime/contract.py)
         ├─► genai_config.json: og.Model(folder) opens it (genai.py)
-        └─► edgepeft.json "files": size and sha256 of every file above (files.py), last,
-            so every record is of the file as it stays
+        └─► edgepeft.json "files": size and sha256 of every file above
+            (artifacts/files.py), last, so every record is of the file as it stays
 
 Called by `export` for each graph folder (single, merged set, separate); `export_adapter`
 only records the files again (`files.record_files`).
@@ -19,8 +19,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from edgepeft.export.files import record_files
-from edgepeft.export.manifest import GRAPH_METADATA_PREFIX, Manifest, read_manifest
+from edgepeft.artifacts.files import record_files
+from edgepeft.artifacts.manifest import GRAPH_METADATA_PREFIX, Manifest, read_manifest, write_json
+from edgepeft.atomic import atomic_path
+from edgepeft.export.genai import GENAI_CONFIG_FILE, genai_config
 
 LOG = logging.getLogger("edgepeft")
 
@@ -38,8 +40,6 @@ def graph_metadata(manifest: Manifest) -> dict[str, str]:
 def stamp_graph(model_path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """Set metadata_props on the graph file; its weights (model.onnx.data) are not read."""
     import onnx
-
-    from edgepeft.atomic import atomic_path
 
     model = onnx.load(str(model_path), load_external_data=False)
     kept = {p.key: p.value for p in model.metadata_props if p.key not in metadata}
@@ -62,9 +62,6 @@ def finish_graph_folder(
     Returns:
         The manifest as written, with its `files`.
     """
-    from edgepeft.export.genai import GENAI_CONFIG_FILE, genai_config
-    from edgepeft.export.manifest import write_json
-
     say = progress or (lambda line: None)
     folder = Path(folder)
     manifest = read_manifest(folder)

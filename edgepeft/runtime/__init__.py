@@ -5,7 +5,8 @@
     engine.generate("SELECT", adapter="sql", max_new_tokens=32)
     for piece in engine.stream([{"role": "user", "content": "hi"}], adapter="chat"): ...
 
-Nothing here imports torch, transformers, bitsandbytes or onnx (tests check it).
+Nothing here imports torch, transformers, bitsandbytes or onnx, nor the exporter: exports are
+read through edgepeft.artifacts (tests/test_layout_imports.py, test_runtime_torch_free.py).
 """
 
 from edgepeft.runtime.adapters import AdapterInfo

@@ -20,15 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepeft.export import adapter_files, kv_prefix
+from edgepeft.artifacts.kv_prefix import KIND, KVPrefix, read_kv_prefix_file
+from edgepeft.artifacts.onnx_adapter import GUARD_PREFIX, check_adapter_file
 from edgepeft.finite import NonFiniteError, check_finite
 from edgepeft.runtime.errors import (
     AdapterBaseMismatchError,
     AdapterLoadError,
     UnknownAdapterError,
 )
+from edgepeft.vocab import KV_PREFIX_SUFFIX, ONNX_ADAPTER_SUFFIX
 
-KV_PREFIX = "kv_prefix"
+KV_PREFIX = KIND
 _ORT_ITEMSIZE = {
     "tensor(float)": 4,
     "tensor(float16)": 2,
@@ -60,7 +62,7 @@ class LoadedAdapter:
     info: AdapterInfo
     parameters: dict = field(default_factory=dict)
     """graph input name -> onnxruntime OrtValue."""
-    prefix: kv_prefix.KVPrefix | None = None
+    prefix: KVPrefix | None = None
     keep_alive: object = None
     """The AdapterFormat the OrtValues were read from."""
 
@@ -71,7 +73,7 @@ class LoadedAdapter:
 
 def adapter_name(path: Path) -> str:
     """The file's stem without its adapter suffix (sql.onnx_adapter -> sql)."""
-    for suffix in (kv_prefix.SUFFIX, adapter_files.SUFFIX):
+    for suffix in (KV_PREFIX_SUFFIX, ONNX_ADAPTER_SUFFIX):
         if path.name.endswith(suffix):
             return path.name[: -len(suffix)]
     return path.stem
@@ -104,12 +106,12 @@ def read_adapter(
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {path} not found")
     name = name or adapter_name(path)
-    if path.name.endswith(kv_prefix.SUFFIX):
+    if path.name.endswith(KV_PREFIX_SUFFIX):
         return _read_kv_prefix(path, name, base_fingerprint, kv_shape)
-    if path.name.endswith(adapter_files.SUFFIX):
+    if path.name.endswith(ONNX_ADAPTER_SUFFIX):
         return _read_onnx_adapter(path, name, base_fingerprint, set(graph_inputs))
     raise AdapterLoadError(
-        f"{path}: not an adapter file (expected *{adapter_files.SUFFIX} or *{kv_prefix.SUFFIX}, "
+        f"{path}: not an adapter file (expected *{ONNX_ADAPTER_SUFFIX} or *{KV_PREFIX_SUFFIX}, "
         "as `edgepeft export --mode separate` writes them in adapters/)"
     )
 
@@ -120,17 +122,13 @@ def _read_onnx_adapter(
     import onnxruntime as ort
 
     try:
-        adapter_files.check_adapter_file(path, base_fp)  # guard, model_version, sidecar sha256
+        check_adapter_file(path, base_fp)  # guard, model_version, sidecar sha256
         fmt = ort.AdapterFormat.read_adapter(str(path))
     except AdapterBaseMismatchError:
         raise
     except (ValueError, RuntimeError) as e:
         raise AdapterLoadError(f"adapter {name!r}: cannot load {path}: {e}") from e
-    parameters = {
-        k: v
-        for k, v in fmt.get_parameters().items()
-        if not k.startswith(adapter_files.GUARD_PREFIX)
-    }
+    parameters = {k: v for k, v in fmt.get_parameters().items() if not k.startswith(GUARD_PREFIX)}
     stray = sorted(k for k in parameters if k not in graph_inputs)
     if stray:
         raise AdapterLoadError(
@@ -173,7 +171,7 @@ def _read_kv_prefix(
             f"is base fingerprint {base_fp}. Export the adapter against this base"
         )
     try:
-        prefix = kv_prefix.read_kv_prefix_file(path, base_fp)
+        prefix = read_kv_prefix_file(path, base_fp)
     except Exception as e:
         raise AdapterLoadError(f"adapter {name!r}: cannot load {path}: {e}") from e
     layers, heads, head_dim = kv_shape

@@ -14,16 +14,22 @@
         plain text ("User: ...\\nAssistant: ...") the model continues (said once on stderr)
 
 Also `eval_export`, which `edgepeft eval` calls when MODEL is an export folder.
-Imports stay light: the engine (onnxruntime) loads inside the commands.
+Imports stay light: onnxruntime loads when a command opens the Engine (engine.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-ADAPTER_SUFFIXES = (".onnx_adapter", ".kvprefix.safetensors")
+from edgepeft.artifacts.manifest import FORMAT, manifest_path
+from edgepeft.evaluation.examples import read_examples
+from edgepeft.runtime.engine import Engine
+from edgepeft.runtime.evaluate import evaluate
+from edgepeft.vocab import ADAPTER_SUFFIXES
+
 NONE = "none"
 USER, ASSISTANT = "User: ", "Assistant:"
 """Turn labels of a plain-text conversation (exports whose tokenizer has no chat template)."""
@@ -83,8 +89,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _open(args: argparse.Namespace):
     """(engine, adapter name or None) for the command's EXPORT_DIR and --adapter."""
-    from edgepeft.runtime.engine import Engine
-
     folder = Path(args.export_dir)
     if not folder.is_dir():
         raise ValueError(f"export folder {folder} does not exist")
@@ -257,10 +261,6 @@ def _command(engine, conversation: Conversation, adapter: str | None, command: s
 
 def is_export_folder(path: str | Path) -> bool:
     """True for a folder `edgepeft export` wrote (a manifest of format edgepeft-onnx)."""
-    import json
-
-    from edgepeft.export.manifest import FORMAT, manifest_path
-
     manifest = manifest_path(Path(path).expanduser())
     if manifest is None:
         return False
@@ -272,10 +272,6 @@ def is_export_folder(path: str | Path) -> bool:
 
 def eval_export(args: argparse.Namespace) -> int:
     """`edgepeft eval EXPORT_DIR --data TEST.jsonl [--adapter NAME|FILE ...]` on the engine."""
-    from edgepeft.eval_rows import read_examples
-    from edgepeft.runtime.engine import Engine
-    from edgepeft.runtime.evaluate import evaluate
-
     if args.quant is not None:
         raise ValueError(f"--quant applies to HF model folders; {args.model} is an export "
                          "(its weights are fixed at export time)")

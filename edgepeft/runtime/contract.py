@@ -17,7 +17,7 @@ capacity, the wrong adapters accepted). Torch- and onnx-free: only the session i
 
 from __future__ import annotations
 
-from edgepeft.export.manifest import GRAPH_METADATA_PREFIX, Manifest
+from edgepeft.artifacts.manifest import GRAPH_METADATA_PREFIX, Manifest
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
 

@@ -4,7 +4,7 @@
     logits = next(steps)              # prefill: last position's logits (B, V)
     logits = steps.send(tokens)       # feed (B,) tokens, get the next (B, V)
 
-A KV prefix (prompt / prefix tuning) is seeded with positions="unpadded" (kv_prefix.py):
+A KV prefix (prompt / prefix tuning) is seeded with positions="unpadded" (artifacts/kv_seed.py):
 each row's text directly follows the virtual tokens whatever its left padding, so a prompt's
 output does not depend on the other prompts of its batch (it equals the prompt alone).
 
@@ -25,12 +25,12 @@ from collections.abc import Generator
 
 import numpy as np
 
-from edgepeft.export import kv_prefix
+from edgepeft.artifacts.kv_seed import seed_past
 from edgepeft.runtime.kv_cache import Slot
 
 Steps = Generator[np.ndarray, np.ndarray, None]
 PREFIX_POSITIONS = "unpadded"
-"""Batch-invariant KV-prefix positions (kv_prefix.POSITIONS): batched == each prompt alone."""
+"""Batch-invariant KV-prefix positions (kv_seed.POSITIONS): batched == each prompt alone."""
 
 
 def fused_steps(session, slot: Slot, binding, input_ids, mask, prefix) -> Steps:
@@ -43,9 +43,7 @@ def fused_steps(session, slot: Slot, binding, input_ids, mask, prefix) -> Steps:
     slot.mask[:, :n] = 1
     slot.mask[:, n:total] = mask
     if prefix is not None:
-        seeded = kv_prefix.seed_past(
-            prefix, mask, "fused", slot.spec.kv_dtype, positions=PREFIX_POSITIONS
-        )
+        seeded = seed_past(prefix, mask, "fused", slot.spec.kv_dtype, positions=PREFIX_POSITIONS)
         for name, value in seeded.items():
             slot.kv[name][:, :, :n] = value  # (B, n_kv, N, d)
     logits = np.empty((batch, length, slot.spec.vocab_size), np.float32)  # (B, T, V)
@@ -92,9 +90,7 @@ def generic_steps(session, spec, parameters: dict, input_ids, mask, prefix) -> S
     n = prefix.num_virtual_tokens if prefix is not None else 0
     full_mask = np.concatenate([np.ones((batch, n), np.int64), mask], axis=1)  # (B, N+T)
     if prefix is not None:
-        past = kv_prefix.seed_past(
-            prefix, mask, "generic", spec.kv_dtype, positions=PREFIX_POSITIONS
-        )
+        past = seed_past(prefix, mask, "generic", spec.kv_dtype, positions=PREFIX_POSITIONS)
     else:
         empty = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), spec.kv_dtype)
         past = dict.fromkeys(spec.past_names, empty)

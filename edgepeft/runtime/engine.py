@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepeft.export.files import check_files, split_records
-from edgepeft.export.manifest import ExportIndex, manifest_path, read_manifest
+from edgepeft.artifacts.files import check_files, split_records
+from edgepeft.artifacts.manifest import ExportIndex, manifest_path, read_manifest
 from edgepeft.finite import check_finite_logits
 from edgepeft.runtime.adapters import AdapterInfo, AdapterRegistry, LoadedAdapter, read_adapter
 from edgepeft.runtime.chat import IncrementalDecoder, TextCodec

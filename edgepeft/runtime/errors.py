@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgepeft.export.adapter_files import AdapterBaseMismatchError
+from edgepeft.artifacts.onnx_adapter import AdapterBaseMismatchError
 
 
 class UnknownAdapterError(ValueError):

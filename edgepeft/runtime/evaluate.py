@@ -22,8 +22,9 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 
-from edgepeft.eval_report import BASE, EvalReport, choose_targets, score_target
-from edgepeft.eval_rows import EvalExample, read_examples
+from edgepeft.evaluation.report import BASE, EvalReport, choose_targets, score_target
+from edgepeft.evaluation.examples import EvalExample, read_examples
+from edgepeft.runtime.engine import Engine
 
 
 def evaluate(
@@ -59,8 +60,6 @@ def evaluate(
         ValueError: malformed data (file and line named), nothing to evaluate, or a
             messages row and an export whose tokenizer has no chat template.
     """
-    from edgepeft.runtime.engine import Engine
-
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(
             f"max_new_tokens and batch_size must be at least 1; got {max_new_tokens} and {batch_size}"

@@ -44,7 +44,7 @@ def device_settings(device) -> tuple[list | None, int | None]:
     if device is None:
         return None, None
     if isinstance(device, (str, Path)):
-        try:
+        try:  # lazy: a device install may leave device profiles out; said below, not at import
             from edgepeft.devices import load_profile
         except ImportError as e:
             raise ValueError(
