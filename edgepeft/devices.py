@@ -28,8 +28,9 @@ A profile file holds these keys (edgepeft/data/devices/README.md shows a whole f
     torch_device                        "cpu" | "cuda": where `edgepeft plan --train` trains
     last_level_cache                    size, optional
 
-Only the standard library is imported here (the device runtime imports this module);
-`detect_local` imports numpy and onnxruntime when it runs.
+Only the standard library and edgepeft's torch-free settings and vocab are imported here
+(the device runtime imports this module); `detect_local` imports numpy and onnxruntime
+when it runs.
 """
 
 from __future__ import annotations
@@ -41,11 +42,16 @@ import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from edgepeft.settings import format_size, parse_size, read_toml
+from edgepeft.vocab import WEIGHT_FORMATS
+
 DEVICES_DIR = Path(__file__).resolve().parent / "data" / "devices"
 """The profiles shipped inside the package (package data: the wheel holds them)."""
 ENV_VAR = "EDGEPEFT_DEVICES"
 """Extra profile folders (os.pathsep-separated), searched first."""
 LOCAL = "local"
+FILE_KIND = "device profile"
+"""How errors name a profile file ("device profile path/to/board.toml: ...")."""
 
 PROVIDER_NAMES = {
     "TensorRT": "TensorrtExecutionProvider",
@@ -63,7 +69,6 @@ PROVIDER_NAMES = {
 }
 """Short name -> onnxruntime's provider name; a profile may use either."""
 CPU_PROVIDER = PROVIDER_NAMES["CPU"]
-WEIGHT_FORMATS = ("int4", "int8", "nf4", "fp4", "fp16", "fp32")
 MEMORY_KINDS = ("system", "unified", "vram")
 BANDWIDTH_KINDS = ("peak", "measured")
 TORCH_DEVICES = ("cpu", "cuda")
@@ -81,6 +86,14 @@ DEFAULT_RUNTIME_OVERHEAD = 56 * 2**20
 """Resident memory that is not the model's: Python + numpy + onnxruntime imported (44 MiB
 VmRSS on x86-64 Linux, onnxruntime 1.31) and one session's own structures, thread pool and
 first arena chunks (~12 MiB, measured with a tiny graph)."""
+
+
+def accelerator_for(providers: tuple[str, ...] | list[str]) -> str:
+    """Where the fused graph's contrib ops (MatMulNBits, GroupQueryAttention) run with these
+    onnxruntime providers: "cuda" when CUDA or TensorRT is among them, else "cpu" (CoreML,
+    QNN, NNAPI, XNNPACK, OpenVINO and DirectML hand those nodes back to the CPU provider)."""
+    cuda = (PROVIDER_NAMES["CUDA"], PROVIDER_NAMES["TensorRT"])
+    return "cuda" if any(p in cuda for p in providers) else "cpu"
 
 
 @dataclass(frozen=True)
@@ -119,58 +132,14 @@ class DeviceProfile:
 
     @property
     def accelerator(self) -> str:
-        """Where the fused graph's contrib ops (MatMulNBits, GroupQueryAttention) run: "cuda"
-        when CUDA is among the providers, else "cpu" (CoreML, QNN, NNAPI, XNNPACK, OpenVINO
-        and DirectML hand those nodes back to the CPU provider)."""
-        cuda = (PROVIDER_NAMES["CUDA"], PROVIDER_NAMES["TensorRT"])
-        return "cuda" if any(p in cuda for p in self.providers) else "cpu"
+        """Where the fused graph's contrib ops run: "cuda" or "cpu" (see `accelerator_for`)."""
+        return accelerator_for(self.providers)
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["providers"] = list(self.providers)
         out["weight_formats"] = list(self.weight_formats)
         return out
-
-
-# ---------------------------------------------------------------- sizes
-
-
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}  # fmt: skip
-
-
-def parse_size(value: str | int, what: str = "size") -> int:
-    """Bytes from "8GiB" / "8G" (2^30), "8GB" (10^9), "512MiB", "1.5 GiB" or an int.
-
-    The same units as edgepeft.train.memory.parse_memory, without importing torch.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"{what} must be an int or a string like '8GiB', got {value!r}")
-    if isinstance(value, int):
-        nbytes = value
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-        unit = match.group(2).lower() if match else None
-        if unit not in _UNITS:
-            raise ValueError(
-                f"cannot read {what} {value!r}; write a number with a unit such as '8GB' "
-                "(10^9 bytes), '8GiB' (2^30), '512MiB' or a plain byte count"
-            )
-        nbytes = int(float(match.group(1)) * _UNITS[unit])
-    if nbytes < 0:
-        raise ValueError(f"{what} must not be negative, got {value!r}")
-    return nbytes
-
-
-def format_size(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 # ---------------------------------------------------------------- schema
@@ -311,23 +280,10 @@ def _profile(values: dict, source: str) -> DeviceProfile:
     )
 
 
-def _read_toml(path: Path) -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"device profile {path} is not valid TOML: {e}") from e
-
-
 def read_profile(path: str | os.PathLike) -> DeviceProfile:
     """A profile from one TOML file, every key checked (ValueError names file and key)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"device profile {path} not found")
-    return _profile(_checked(_read_toml(path), f"device profile {path}"), str(path))
+    return _profile(_checked(read_toml(path, FILE_KIND), f"{FILE_KIND} {path}"), str(path))
 
 
 # ---------------------------------------------------------------- lookup
@@ -530,8 +486,8 @@ def local_profile(overrides: str | os.PathLike | None = None) -> DeviceProfile:
     path = Path(overrides) if overrides is not None else _find(LOCAL)
     if path is None or not path.is_file():
         return profile
-    where = f"device profile {path}"
-    values = _checked(_read_toml(path), where, partial=True)
+    where = f"{FILE_KIND} {path}"
+    values = _checked(read_toml(path, FILE_KIND), where, partial=True)
     values.pop("calibrated", None)
     if "bandwidth_gbs" in values:
         values["bandwidth"] = values.pop("bandwidth_gbs") * 1e9
@@ -544,6 +500,7 @@ __all__ = [
     "DEFAULT_EFFICIENCY",
     "DEVICES_DIR",
     "DeviceProfile",
+    "accelerator_for",
     "available_providers",
     "calibration_path",
     "detect_local",

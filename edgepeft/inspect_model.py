@@ -39,6 +39,7 @@ from edgepeft.config import (
     SelectiveConfig,
     config_to_dict,
 )
+from edgepeft.settings import format_size
 
 FP32_BYTES = 4
 
@@ -185,12 +186,7 @@ def _count(n: int) -> str:
 
 
 def _size(nbytes: int | None) -> str:
-    if nbytes is None:
-        return "n/a"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} B"
+    return "n/a" if nbytes is None else format_size(nbytes, decimals=1)
 
 
 # ---------------------------------------------------------------- model facts

@@ -57,9 +57,9 @@ def parse_size(value: str | int, what: str = "size") -> int:
     return nbytes
 
 
-def format_size(n: float) -> str:
-    """"1.50 GiB", "3.00 MiB", "12 B": binary units, two decimals."""
+def format_size(n: float, decimals: int = 2) -> str:
+    """"1.50 GiB", "3.00 MiB", "12 B": binary units, `decimals` decimals (bytes: none)."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
+            return f"{n / scale:.{decimals}f} {unit}"
     return f"{int(n)} B"

@@ -141,7 +141,7 @@ def run_worker(spec: dict, timeout: float = 1800) -> dict:
 
 
 def bench_shape(label: str, config: dict, new_tokens: int, runs: int, work: Path, profile) -> dict:
-    from edgepeft.plan import _capacity, decode_tok_s, model_shape, plan_format, step_seconds
+    from edgepeft.plan import decode_tok_s, kv_capacity, model_shape, plan_format, step_seconds
 
     folder, out = work / "hf", work / "int4"
     log(f"[{label}] random model + fused int4 export")
@@ -153,7 +153,7 @@ def bench_shape(label: str, config: dict, new_tokens: int, runs: int, work: Path
     log(f"[{label}] decode {new_tokens} tokens x {runs} in a fresh process")
     measured = run_worker({
         "kind": "decode", "model": str(out / "model.onnx"), "threads": profile.threads or THREADS,
-        "prompt": prompt, "new_tokens": new_tokens, "runs": runs, "capacity": _capacity(shape, context),
+        "prompt": prompt, "new_tokens": new_tokens, "runs": runs, "capacity": kv_capacity(shape, context),
         "kv_heads": shape.kv_heads, "head_dim": shape.head_dim, "vocab": shape.vocab,
     })  # fmt: skip
     mean_position = PROMPT + new_tokens / 2

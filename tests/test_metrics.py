@@ -1,7 +1,7 @@
 """Metrics against hand-computed cases (EM, token F1) and the reference ROUGE-L (rouge-score).
 
     generated sentence pairs (seeded; case, punctuation, repeats, empties)
-        edgepeft.metrics.rouge_l(pred, ref)
+        edgepeft.evaluation.metrics.rouge_l(pred, ref)
         rouge_scorer.RougeScorer(["rougeL"]).score(ref, pred)["rougeL"].fmeasure
             equal to 1e-9 (both tokenize to lowercase ASCII alphanumeric runs)
 """
@@ -15,8 +15,15 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer
 
-from edgepeft import metrics
-from edgepeft.metrics import exact_match, normalize, rouge_l, score, score_example, token_f1
+from edgepeft.evaluation import metrics
+from edgepeft.evaluation.metrics import (
+    exact_match,
+    normalize,
+    rouge_l,
+    score,
+    score_example,
+    token_f1,
+)
 
 ROUGE_TOL = 1e-9
 
