@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import edgepeft
+
 _FLAGS = ("quick", "only", "output", "json", "workdir", "timeout")
 
 
@@ -23,8 +25,6 @@ def bench_script() -> Path:
     Raises:
         FileNotFoundError: an installed package with no repository beside it.
     """
-    import edgepeft
-
     script = Path(edgepeft.__file__).resolve().parent.parent / "scripts" / "bench.py"
     if not script.is_file():
         raise FileNotFoundError(

@@ -315,7 +315,8 @@ def test_a_txt_paragraph_with_a_line_that_is_not_utf8_is_skipped_with_its_line(t
 
 def test_a_file_with_no_usable_row_fails_naming_it_before_any_model_loads(tmp_path):
     from edgepeft.train.data import check_data
-    from edgepeft.train.run_config import from_dict, run
+    from edgepeft.train.run import run
+    from edgepeft.train.run_config import from_dict
 
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(LATIN_1 + b"\n" + LATIN_1 + b"\n")

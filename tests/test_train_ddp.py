@@ -24,7 +24,8 @@ from edgepeft.base import load_base
 from edgepeft.tasks import make_task
 from edgepeft.train.distributed import SINGLE, Context
 from edgepeft.train.report import read_metrics
-from edgepeft.train.run_config import load_run_config, run
+from edgepeft.train.run import run
+from edgepeft.train.run_config import load_run_config
 
 STEPS = 4
 RUN = """

@@ -9,6 +9,8 @@ import argparse
 import shutil
 from pathlib import Path
 
+from edgepeft.vocab import QUANTS
+
 QUICK_STEPS = 40
 _OWNED = ("data", "runs", "export", "demo_report.json")
 """What the demo writes in its folder; --overwrite removes only these."""
@@ -30,13 +32,14 @@ def add_parser(commands) -> None:
         "--quick", action="store_true",
         help=f"smoke run: {QUICK_STEPS} steps per adapter, small data (accuracy stays low)",
     )  # fmt: skip
-    parser.add_argument("--quant", choices=("nf4", "fp4", "int8", "none"), default="nf4",
+    parser.add_argument("--quant", choices=QUANTS, default="nf4",
                         help="how the frozen base is held while training (default nf4)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     parser.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    # lazy: the pipeline imports torch; `edgepeft --help` and the device commands stay free of it
     from edgepeft.demo.pipeline import DemoOptions, format_result, run_demo
 
     out = Path(args.out).expanduser()

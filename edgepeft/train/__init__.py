@@ -2,9 +2,13 @@
 
     edgepeft.train(model, tokenizer, "data.jsonl", TrainConfig(...), "runs/x")
         data.py        rows ─► token ids + completion-only labels ─► sampler ─► batches
-        loop.py        optimizer, schedule, accumulation, eval, early stopping, signals
+        loop.py        train(): the loop, read top to bottom; its named steps are steps.py
+        loss.py        token loss, gradient accumulation, validation loss, precision
+        optim.py       optimizer, learning-rate schedule, one update
         checkpoint.py  safetensors + JSON state (no pickle), atomic, bit-exact resume
         report.py      progress bar, metrics.jsonl, loss_curves.png, summary.json
+        memory.py      will a step fit? (estimator); meter.py measures what it really holds
+        run_config.py  a run config file ─► RunConfig; run.py trains and evaluates one
 
 `edgepeft.train` is this package, and calling it calls `train`: the top-level lazy
 export and the submodule resolve to the same callable, whichever is imported first.
@@ -30,7 +34,8 @@ from edgepeft.train.data import (
     split_rows,
     tokenize_rows,
 )
-from edgepeft.train.loop import TrainResult, evaluate_loss, train
+from edgepeft.train.loop import TrainResult, train
+from edgepeft.train.loss import evaluate_loss
 
 __all__ = [
     "Batch",

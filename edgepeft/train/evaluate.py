@@ -36,14 +36,14 @@ import torch
 from torch import nn
 
 from edgepeft.adapters.inject import active_adapter, disable_adapters, list_adapters, set_adapter
-from edgepeft.eval_report import (  # noqa: F401
+from edgepeft.evaluation.report import (  # noqa: F401
     BASE,
     EvalReport,
     TargetResult,
     choose_targets,
     score_target,
 )
-from edgepeft.eval_rows import EvalExample, read_examples  # noqa: F401
+from edgepeft.evaluation.examples import EvalExample, read_examples  # noqa: F401
 from edgepeft.train.data import bos_to_add
 
 # ---------------------------------------------------------------- prompts

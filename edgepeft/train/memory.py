@@ -1,4 +1,4 @@
-"""Will a training step fit? Peak memory from shapes, and a meter to check the answer.
+"""Will a training step fit? Peak memory from shapes, before any weight is loaded.
 
     model config ──meta model (free)──► base bytes per quant   (inspect_model.estimate_base_bytes)
         │                               trainable params        (adapter_cost, or all for full FT)
@@ -16,34 +16,33 @@ The activation model follows a Llama-style decoder (RMSNorm, rotary attention th
 SDPA's flash kernels, gated MLP) as transformers 5 runs it in training, with
 `use_cache=False`. It counts what autograd keeps: a frozen linear keeps only its
 weight, so over a frozen base only the inputs of adapted layers are saved; the loss
-is edgepeft.train's (`loop.token_loss_sum`). Numbers were checked against `measure_peak`
+is edgepeft.train's (`loss.token_loss_sum`). Numbers were checked against `measure_peak`
 on CPU, on tiny models (tests/test_train_memory.py) and on SmolLM2-135M
 (tests/test_train_memory_real.py, scripts/bench_train.py --real); other
 architectures and adapter methods other than LoRA/DoRA and full fine-tuning use the
 same model and are estimates.
 
-`measure_peak(fn)` is the meter: on CPU the peak of live tensor bytes while `fn` runs
-(a dispatch mode sees every tensor an op returns, weakref finalizers see it freed),
-plus what was live before; on CUDA `torch.cuda.max_memory_allocated`.
+`measure_peak(fn)`, the meter that checks these numbers, is train/meter.py (its names
+are importable from here too).
 """
 
 from __future__ import annotations
 
-import gc
 import math
-import os
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from edgepeft.adapters import method_for
+from edgepeft.adapters.targets import pattern_value, select_configured
+from edgepeft.base import is_linear_like, linear_features
 from edgepeft.config import LoraConfig
 from edgepeft.inspect_model import adapter_cost, estimate_base_bytes
+from edgepeft.settings import format_size, parse_size
+from edgepeft.train.meter import TensorPeak, live_tensor_bytes, measure_peak, process_overhead
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -127,10 +126,8 @@ class Fit(NamedTuple):
 
 
 def format_bytes(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
+    """"1.50 GiB", "3.00 MiB", "12 B" (`edgepeft.settings.format_size`)."""
+    return format_size(n)
 
 
 # ---------------------------------------------------------------- parse
@@ -142,8 +139,6 @@ def parse_memory(value: str | int) -> int:
     Raises:
         ValueError: not a size, or not positive.
     """
-    from edgepeft.devices import parse_size  # the one size parser (torch-free, for the runtime)
-
     nbytes = parse_size(value, "memory size")
     if nbytes == 0:
         raise ValueError(f"memory size must be positive, got {value!r}")
@@ -192,10 +187,6 @@ def _meta_model(config) -> nn.Module:
 
 def _lora_saved(meta: nn.Module, config: LoraConfig, compute_bytes: int, cuda: bool) -> int:
     """Bytes per token, summed over all layers, that LoRA's layers make autograd keep."""
-    from edgepeft.adapters import method_for
-    from edgepeft.adapters.targets import pattern_value, select_configured
-    from edgepeft.base import linear_features
-
     config = method_for(config).resolve(meta, config)
     shared: dict[tuple[str, str], int] = {}  # (layer path, role) -> input width
     total = 0
@@ -274,8 +265,6 @@ def _optimizer_work(sizes: list[int], param_bytes: int, optimizer: str, device: 
 
 
 def _plan(model_config, quant, adapter_config, optimizer, precision, device, double_quant) -> _Plan:
-    from edgepeft.base import is_linear_like
-
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     config = getattr(model_config, "config", model_config)
@@ -565,117 +554,6 @@ def check_fits(
         f"{format_bytes(overhead)} now ({held}), so the run "
         f"needs at least {format_bytes(estimate.total + overhead)} in all.\n{estimate}"
     )
-
-
-# ---------------------------------------------------------------- measurement
-
-
-class _LiveTensorBytes(TorchDispatchMode):
-    """Counts each storage an op returns once, until it is freed; keeps the peak."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-
-    def track(self, storage: torch.UntypedStorage) -> None:
-        key, nbytes = storage.data_ptr(), storage.nbytes()
-        if nbytes == 0 or key in self.live or storage.device.type == "meta":
-            return
-        self.live[key] = nbytes
-        self.current += nbytes
-        self.peak = max(self.peak, self.current)
-        # PyTorch keeps a storage's Python object alive as long as the storage itself.
-        weakref.finalize(storage, self._freed, key, nbytes)
-
-    def _freed(self, key: int, nbytes: int) -> None:
-        if self.live.get(key) == nbytes:
-            del self.live[key]
-            self.current -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for value in tree_flatten(out)[0]:
-            if isinstance(value, torch.Tensor):
-                self.track(value.untyped_storage())
-        return out
-
-
-def live_tensor_bytes() -> int:
-    """Bytes of the CPU tensors reachable from Python now, each storage once."""
-    gc.collect()
-    meter = _LiveTensorBytes()
-    _track_live(meter)
-    return meter.current
-
-
-def _track_live(meter: _LiveTensorBytes) -> None:
-    for obj in gc.get_objects():
-        # type() rather than isinstance: isinstance would import lazy modules found here.
-        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu":
-            meter.track(obj.untyped_storage())
-
-
-class TensorPeak:
-    """Meters a block: afterwards `bytes` is the peak of live tensor bytes inside it.
-
-    CPU: tensors reachable from Python at entry (weights, optimizer state) plus every
-    tensor an op creates in the block, each storage once, until freed. CUDA:
-    `torch.cuda.max_memory_allocated` over the block (its peak statistics are reset).
-    This is what `estimate_memory` estimates; a process's RSS also holds Python, the
-    libraries, the allocator's cached pages and whatever the model load left behind.
-    """
-
-    def __init__(self, device: str | torch.device = "cpu") -> None:
-        self.device = torch.device(device)
-        self.bytes = 0
-        self._meter: _LiveTensorBytes | None = None
-
-    def __enter__(self) -> TensorPeak:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        gc.collect()
-        self._meter = _LiveTensorBytes()
-        _track_live(self._meter)
-        self._meter.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
-            return
-        self._meter.__exit__(*exc)
-        self.bytes = self._meter.peak
-
-
-def measure_peak(fn: Callable[[], object], device: str = "cpu") -> int:
-    """Peak bytes of tensors alive while `fn()` runs, counting those alive before it
-    (`TensorPeak` around the call)."""
-    with TensorPeak(device) as peak:
-        fn()
-    return peak.bytes
-
-
-def process_overhead(device: str = "cpu") -> int:
-    """Bytes this process holds now beyond live tensors; 0 where it cannot tell.
-
-    CPU: resident set minus live tensor bytes (Python, torch and other libraries, freed
-    pages the allocator keeps, such as the fp32 copy a 4-bit load quantized away). CUDA:
-    what the caching allocator reserved beyond what is allocated (the CUDA context,
-    a few hundred MiB, is not visible to torch and not counted).
-    """
-    if torch.device(device).type == "cuda":
-        return max(int(torch.cuda.memory_reserved() - torch.cuda.memory_allocated()), 0)
-    try:
-        with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):  # not Linux
-        return 0
-    return max(rss - live_tensor_bytes(), 0)
 
 
 __all__ = [

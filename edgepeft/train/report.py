@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from edgepeft import atomic
-from edgepeft.train.memory import TensorPeak
+from edgepeft.train.meter import TensorPeak
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curves.png"

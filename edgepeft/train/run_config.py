@@ -1,13 +1,11 @@
-"""One training run from one config file: file + key=value overrides -> objects -> run.
+"""One training run's config file: file + key=value overrides -> a checked RunConfig.
 
     run.toml / run.yaml / run_config.json
         ──read (paths in the file resolve against the file's folder)──► nested dict
         ──overrides "train.lr=1e-4" (TOML scalars; paths resolve against the cwd)──► dict
         ──check every key (unknown ones are named with the valid ones)──► RunConfig
-    run(config)
-        distributed.init_from_env ──► check_data (rows read, before any model) ──► load_base
-        ──► add_adapter ──► memory plan (printed; refused over max_memory) ──► run_config.json
-        ──► edgepeft.train ──► evaluate (eval set, rank 0) ──► eval.json
+    run(config)   (train/run.py, importable from here too)
+        load_base ──► add_adapter ──► memory plan ──► edgepeft.train ──► evaluate
 
 A file looks like this (TOML; YAML with the same keys works too):
 
@@ -38,39 +36,35 @@ the examples use it. The resolved config (absolute paths, every default filled i
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepeft.config import (
-    BottleneckConfig,
-    IA3Config,
-    LoraConfig,
-    PrefixTuningConfig,
-    PromptTuningConfig,
-    SelectiveConfig,
-    TrainConfig,
-)
+from edgepeft.adapters import run_config_types
+from edgepeft.config import TrainConfig
+from edgepeft.settings import read_toml
+from edgepeft.tiny import TINY_CONFIGS
+from edgepeft.train.memory import parse_memory
+from edgepeft.vocab import QUANTS as QUANT_KINDS
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 RUN_CONFIG_FILE = "run_config.json"
 TINY_PREFIX = "tiny:"
 EVAL_FILE = "eval.json"
-QUANTS = ("none", "nf4", "fp4", "int8")
+QUANTS = ("none", *(q for q in QUANT_KINDS if q != "none"))
+"""`edgepeft.vocab.QUANTS` with "none" first, the order messages list them in."""
 
-METHOD_TYPES: dict[str, type] = {
-    "lora": LoraConfig,
-    "dora": LoraConfig,  # LoRA with use_dora=True
-    "ia3": IA3Config,
-    "prompt": PromptTuningConfig,
-    "prefix": PrefixTuningConfig,
-    "bottleneck": BottleneckConfig,
-    "selective": SelectiveConfig,
-}
+METHOD_TYPES: dict[str, type] = run_config_types()  # "dora" is LoRA with use_dora=True
 
 _TOP_KEYS = ("model", "quant", "double_quant", "adapter", "method", "data", "train", "output_dir",
              "max_memory", "eval")  # fmt: skip
@@ -148,11 +142,15 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"run config {path} not found (expected a .toml, .yaml or .json file)")
+    if path.suffix == ".toml":
+        try:
+            data = read_toml(path, "run config")
+        except ValueError as e:  # names the file: "run config PATH is not valid TOML: ..."
+            raise ConfigError(str(e)) from e
+        return _checked_table(data, path)
     text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix == ".toml":
-            data = _toml().loads(text)
-        elif path.suffix in (".yaml", ".yml"):
+        if path.suffix in (".yaml", ".yml"):
             import yaml
 
             data = yaml.safe_load(text) or {}
@@ -165,17 +163,13 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as e:  # each parser raises its own error type
         message = " ".join(str(e).split())
         raise ConfigError(f"run config {path} is not valid {path.suffix[1:].upper()}: {message}") from e
+    return _checked_table(data, path)
+
+
+def _checked_table(data: Any, path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"run config {path}: expected a table of keys at the top, got {type(data).__name__}")
     return _resolve_paths(data, path.resolve().parent, str(path))
-
-
-def _toml():
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python < 3.11
-        import tomli as tomllib
-    return tomllib
 
 
 def _resolve_paths(data: dict[str, Any], folder: Path, where: str) -> dict[str, Any]:
@@ -221,7 +215,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4 or method.r=16"
         )
     try:
-        value = _toml().loads(f"value = {raw.strip()}")["value"]
+        value = tomllib.loads(f"value = {raw.strip()}")["value"]
     except Exception:  # not TOML: a bare word or a path
         value = raw.strip()
     return key.split("."), value
@@ -276,8 +270,6 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> RunConfig:
     if not isinstance(data["model"], str):
         raise ConfigError(f"{source}: 'model' must be a folder path or hub id (a string), got {data['model']!r}")
     if data["model"].startswith(TINY_PREFIX):
-        from edgepeft.tiny import TINY_CONFIGS
-
         arch = data["model"].removeprefix(TINY_PREFIX)
         if arch not in TINY_CONFIGS:
             raise ConfigError(
@@ -418,8 +410,6 @@ def _method(table: Mapping[str, Any], source: str) -> tuple[str, Any]:
 def _max_memory(value: Any, source: str) -> str | int | None:
     if value is None:
         return None
-    from edgepeft.train.memory import parse_memory
-
     try:
         parse_memory(value)
     except ValueError as e:
@@ -458,161 +448,13 @@ def load_run_config(
     return from_dict(data, source=str(path))
 
 
-# ---------------------------------------------------------------- running
+# `run` and its outcome moved to train/run.py, which imports this module; they stay
+# importable from here for callers of the old path.
+_MOVED_TO_RUN = ("RunOutcome", "memory_args", "run")
 
 
-@dataclass(frozen=True)
-class RunOutcome:
-    """What `run` produced; the model keeps the trained adapter."""
-
-    result: Any
-    """The TrainResult."""
-    eval_report: Any | None
-    """The EvalReport (rank 0, when an eval set is configured and the run finished)."""
-    model: Any
-    tokenizer: Any
-    config_path: Path
-    eval_path: Path | None
-
-
-_SAME_ON_RESUME = ("model", "quant", "double_quant", "adapter", "method", "data")
-
-
-def run(
-    config: RunConfig, *, resume: bool = False, echo: Callable[[str], None] = print
-) -> RunOutcome:
-    """Train (and evaluate) as `config` says; data-parallel when launched by torchrun.
-
-    Args:
-        config: From `load_run_config`.
-        resume: Continue from output_dir/checkpoint.
-        echo: Where the memory plan, evaluation table and output summary go (rank 0 only,
-            and not when config.train.quiet).
-
-    Raises:
-        ConfigError: no checkpoint to resume / a checkpoint and no resume / a resumed run
-            whose base, adapter, method or data differ from the saved run_config.json.
-        MemoryPlanError: the planner says the run does not fit in `max_memory`.
-    """
-    import torch
-
-    from edgepeft.adapters.inject import add_adapter
-    from edgepeft.base import load_base
-    from edgepeft.train import distributed
-    from edgepeft.train.checkpoint import find_checkpoint
-    from edgepeft.train.data import check_data
-    from edgepeft.train.loop import train
-    from edgepeft.train.memory import check_fits, estimate_memory
-    from edgepeft.train.report import write_json
-
-    ctx = distributed.init_from_env()
-    quiet = config.train.quiet
-    say = echo if ctx.is_main and not quiet else (lambda _text: None)
-    out = config.output_dir
-    _check_start(config, resume, find_checkpoint(out) is not None)
-    check_data(str(config.train_data), config.train)  # bad data fails before the model loads
-
-    model, tokenizer = load_base(
-        _base_folder(config, ctx), quant=config.quant, double_quant=config.double_quant,
-        device=ctx.device if ctx.enabled else None,
-    )  # fmt: skip
-    if tokenizer is None:
-        raise ConfigError(f"{config.source}: model {config.model} has no tokenizer; training needs one")
-    context = {"tokenizer": tokenizer} if isinstance(config.method, PromptTuningConfig) else {}
-    torch.manual_seed(config.train.seed)  # the adapter's initial values follow the config's seed
-    add_adapter(model, config.method, name=config.adapter, **context)
-
-    plan = memory_args(model, tokenizer, config, world_size=ctx.world_size)
-    say(str(estimate_memory(model.config, **plan)))
-    if config.max_memory is not None:
-        check_fits(model.config, **plan, max_memory=config.max_memory)  # MemoryPlanError if not
-    if ctx.is_main:
-        write_json(out / RUN_CONFIG_FILE, config.to_dict())
-    ctx.barrier()  # no rank starts before run_config.json is there
-    result = train(
-        model, tokenizer, str(config.train_data), config.train, out, adapter=config.adapter, resume=resume
-    )
-
-    report, eval_path = None, None
-    if config.eval is not None and ctx.is_main and not result.interrupted:
-        from edgepeft.train.evaluate import evaluate
-
-        report = evaluate(
-            model, tokenizer, config.eval.data, adapters=[config.adapter],
-            max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
-            progress=not quiet,
-        )  # fmt: skip
-        eval_path = report.save(
-            out / EVAL_FILE, extra={"model": config.model, "base_quant": config.quant, "step": result.steps}
-        )
-        say(str(report))
-    ctx.barrier()
-    where = [f"adapter {result.last_adapter_dir}"]
-    if result.best_adapter_dir is not None:
-        where.append(f"best adapter {result.best_adapter_dir}")
-    if eval_path is not None:
-        where.append(f"evaluation {eval_path}")
-    say(f"outputs in {out}: " + ", ".join(where))
-    return RunOutcome(result, report, model, tokenizer, out / RUN_CONFIG_FILE, eval_path)
-
-
-def _base_folder(config: RunConfig, ctx) -> str:
-    """The model to load: config.model, or the folder a "tiny:<arch>" model is built in."""
-    if not config.model.startswith(TINY_PREFIX):
-        return config.model
-    from edgepeft.atomic import temporary_sibling
-    from edgepeft.tiny import save_tiny_model
-
-    arch = config.model.removeprefix(TINY_PREFIX)
-    folder = config.output_dir / f"tiny-{arch}"
-    if ctx.is_main and not (folder / "config.json").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = save_tiny_model(temporary_sibling(folder), arch)
-        os.replace(staging, folder)  # whole folder or none
-    ctx.barrier()
-    return str(folder)
-
-
-def _check_start(config: RunConfig, resume: bool, has_checkpoint: bool) -> None:
-    out = config.output_dir
-    if resume and not has_checkpoint:
-        raise ConfigError(f"--resume: {out} holds no checkpoint to continue; run without --resume")
-    if not resume and has_checkpoint:
-        raise ConfigError(
-            f"{out} holds a checkpoint of an earlier run; pass --resume to continue it, or set "
-            "output_dir=<another folder>"
-        )
-    saved_path = out / RUN_CONFIG_FILE
-    if resume and saved_path.is_file():
-        saved, now = json.loads(saved_path.read_text()), config.to_dict()
-        changed = [k for k in _SAME_ON_RESUME if saved.get(k) != now[k]]
-        if changed:
-            raise ConfigError(
-                f"cannot resume {out}: {', '.join(changed)} differ from its {RUN_CONFIG_FILE}; "
-                "use the original config, or start a new run in another output_dir"
-            )
-
-
-def memory_args(model, tokenizer, config: RunConfig, world_size: int = 1) -> dict[str, Any]:
-    """What the memory planner needs about one step of this run, per rank, at its longest row."""
-    from edgepeft.adapters.inject import list_adapters
-    from edgepeft.base import base_info
-    from edgepeft.train.data import prepare_data
-    from edgepeft.train.loop import input_device, resolve_precision
-
-    # Tokenizing here as well as in train() costs seconds; guessing max_seq_len would
-    # refuse runs whose rows are all much shorter.
-    prepared = prepare_data(str(config.train_data), tokenizer, config.train)
-    device = input_device(model)
-    info = base_info(model)
-    return dict(
-        quant=info.quant,
-        adapter_config=list_adapters(model)[config.adapter],
-        optimizer=config.train.optimizer,
-        batch_size=-(-config.train.batch_size // world_size),  # this rank's share of a batch
-        seq_len=max(len(e.input_ids) for e in prepared.train),
-        gradient_checkpointing=config.train.gradient_checkpointing,
-        precision=resolve_precision(config.train.precision, device),
-        device=device.type,
-        double_quant=info.double_quant,
-    )
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_RUN:
+        # lazy: train/run.py imports this module, so importing it at the top would be a cycle
+        return getattr(importlib.import_module("edgepeft.train.run"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
