@@ -14,14 +14,14 @@
 
 `merge(..., inplace=True)` keeps the replaced wrappers, so `unmerge` puts them back
 bit for bit. Methods take part only through the adapter protocol (`mergeable`,
-`merge_update`, `model_level`, modules_to_save `copies`), never by class.
+`merge_update`, `model_level`, modules_to_save `copies`), never by class. The per-module
+math (which wrapper holds the adapter, W + ΔW, the new layer) is fold.py's, shared with the
+streamed exporter; this module applies it to a whole model, measures it and undoes it.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,27 +33,24 @@ from torch import nn
 from edgepeft.adapters.inject import list_adapters
 from edgepeft.adapters.layer import AdapterLayer, AdapterModule
 from edgepeft.adapters.saved_modules import ModulesToSaveLayer
-from edgepeft.base import (
-    QUANTS,
-    _quantized_linear,
-    base_info,
-    dequantized_weight,
-    is_conv1d_origin,
-    is_linear_like,
-    is_quantized,
-    set_submodule,
+from edgepeft.base import base_info, dequantized_weight, is_linear_like, set_submodule
+from edgepeft.fold import (
+    FoldTarget,
+    MergeError,
+    MergePlan,
+    build_folded,
+    layer_storage,
+    merge_plan,
+    merged_fingerprint,
+    stack_update,
 )
-from edgepeft.config import config_to_dict
+from edgepeft.vocab import BNB4_FORMATS, QUANTS
 
 log = logging.getLogger("edgepeft")
 
 SAMPLE_SHAPE = (2, 16)
 _SAMPLE_SEED = 0
 _TABLE_ROWS = 12
-
-
-class MergeError(ValueError):
-    """The adapter cannot be merged into this model (nothing was changed)."""
 
 
 # ---------------------------------------------------------------- report
@@ -134,179 +131,7 @@ class MergeReport:
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- plan (read-only checks)
-
-
-@dataclass
-class _Stack:
-    """The wrappers at one module path, outermost first, and the one holding the adapter."""
-
-    path: str
-    """Real path (with ".base_layer" segments) for set_submodule."""
-    name: str
-    """The base module's own name, for people."""
-    wrappers: list[AdapterLayer]
-    holder: AdapterLayer | None
-
-    @property
-    def innermost(self) -> nn.Module:
-        return self.wrappers[0].innermost()
-
-
-@dataclass
-class _Plan:
-    stacks: list[_Stack]
-    model_level: list[AdapterModule]
-
-
-def _walk_stacks(model: nn.Module) -> tuple[list[_Stack], list[AdapterModule]]:
-    """Every wrapper stack (innermost paths first) and every model-level adapter module."""
-    stacks: list[_Stack] = []
-    model_level: list[AdapterModule] = []
-
-    def walk(module: nn.Module, prefix: str) -> None:
-        for child_name, child in module.named_children():
-            path = f"{prefix}.{child_name}" if prefix else child_name
-            if isinstance(child, AdapterLayer):
-                wrappers, inner_path, inner = [], path, child
-                while isinstance(inner, AdapterLayer):
-                    wrappers.append(inner)
-                    inner, inner_path = inner.base_layer, f"{inner_path}.base_layer"
-                walk(inner, inner_path)  # nested stacks first: the outer one may hold them
-                stacks.append(_Stack(path, path.replace(".base_layer", ""), wrappers, None))
-            elif isinstance(child, AdapterModule):
-                model_level.append(child)
-            else:
-                walk(child, path)
-
-    walk(model, "")
-    return stacks, model_level
-
-
-def _plan(model: nn.Module, name: str) -> _Plan:
-    """Where adapter `name` lives; raises MergeError before anything changes."""
-    if name not in list_adapters(model):
-        have = ", ".join(list_adapters(model)) or "none"
-        raise MergeError(f"no adapter named {name!r} on this model (adapters: {have})")
-    stacks, model_level = _walk_stacks(model)
-    for module in model_level:
-        if name in module:
-            raise MergeError(
-                f"adapter {name!r} is a {module.peft_type} adapter (a model-level soft prompt or "
-                "prefix): it adds inputs rather than changing weights, so it cannot be merged. "
-                "Keep the adapter separate (edgepeft export supports that)."
-            )
-    for stack in stacks:
-        holders = [w for w in stack.wrappers if name in w]
-        if len(holders) > 1:
-            kinds = ", ".join(w.peft_type for w in holders)
-            raise MergeError(
-                f"adapter {name!r} has several modules stacked on {stack.name} ({kinds}); merge "
-                "supports one per layer"
-            )
-        if not holders:
-            continue
-        holder = holders[0]
-        if not (holder.mergeable or isinstance(holder, ModulesToSaveLayer)):
-            raise MergeError(
-                f"adapter {name!r} cannot be merged: its {holder.peft_type} module on {stack.name} "
-                "is not a change of the base weights. Keep the adapter separate (edgepeft export "
-                "supports that)."
-            )
-        stack.holder = holder
-    if not any(stack.holder is not None for stack in stacks):
-        raise MergeError(f"adapter {name!r} is registered on the model but no module holds it")
-    return _Plan(stacks, model_level)
-
-
-# ---------------------------------------------------------------- building new modules
-
-
-def _storage(module: nn.Module) -> str:
-    if not is_quantized(module):
-        return "none"
-    weight = module.weight
-    return weight.quant_type if hasattr(weight, "quant_type") else "int8"
-
-
-@dataclass(frozen=True)
-class _Target:
-    """What the merged model's layers become."""
-
-    quant: str
-    base_quant: str
-    double_quant: bool
-    dtype: torch.dtype
-    head: nn.Module | None
-    """The output head: kept full precision over a quantized base, as load_base does."""
-
-    def storage_for(self, module: nn.Module) -> str:
-        if self.quant == "none" or not is_linear_like(module):
-            return "none"
-        if is_quantized(module) or (self.base_quant == "none" and module is not self.head):
-            return self.quant
-        return "none"  # deliberately full precision in a quantized base (e.g. lm_head)
-
-
-def _plain_linear(weight, bias, conv1d: bool, dtype, device) -> nn.Module:
-    """A full-precision layer computing x @ weight^T + bias; weight is (out, in)."""
-    out_f, in_f = weight.shape
-    if conv1d:
-        from transformers.pytorch_utils import Conv1D
-
-        layer = Conv1D(out_f, in_f)
-        layer.weight = nn.Parameter(weight.t().to(device=device, dtype=dtype).contiguous())
-        # Conv1D always adds a bias.
-        bias = bias if bias is not None else torch.zeros(out_f)
-    else:
-        layer = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
-        layer.weight = nn.Parameter(weight.to(device=device, dtype=dtype).contiguous())
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype).clone())
-    return layer
-
-
-def _with_params(module: nn.Module, values: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of `module` with the named parameters replaced (in their original dtype)."""
-    new = copy.deepcopy(module)
-    for key, value in values.items():
-        owner_name, _, pname = key.rpartition(".")
-        owner = new.get_submodule(owner_name) if owner_name else new
-        old = getattr(owner, pname)
-        setattr(owner, pname, nn.Parameter(value.to(device=old.device, dtype=old.dtype).clone()))
-    return new
-
-
-def _build(
-    inner: nn.Module, values: dict[str, torch.Tensor], target: _Target
-) -> tuple[nn.Module, str, dict[str, torch.Tensor]]:
-    """The module replacing `inner` once `values` (fp32, linear weight (out, in)) are folded in.
-
-    Returns (module, storage, the values it should compute with): a layer rebuilt
-    in another storage is also measured on its unchanged weight.
-    """
-    storage = target.storage_for(inner)
-    if not is_linear_like(inner) or ("weight" not in values and storage == _storage(inner)):
-        # Norms, or a bias-only change: re-rounding an untouched quantized weight would add error.
-        new = _with_params(inner, values)
-    else:
-        weight = values["weight"] if "weight" in values else dequantized_weight(inner)
-        values = {**values, "weight": weight}
-        bias = values.get("bias", inner.bias)
-        device = inner.weight.device
-        conv1d = is_conv1d_origin(inner)
-        if storage == "none":
-            new = _plain_linear(weight, bias, conv1d, target.dtype, device)
-        else:
-            new = _quantized_linear(
-                weight, bias, storage, target.double_quant, target.dtype, device
-            )
-            if conv1d:
-                new.edgepeft_conv1d = True  # keeps GPT-2's layout known for later merges
-    new.train(inner.training)
-    for p in new.parameters():
-        p.requires_grad_(False)
-    return new, storage, values
+# ---------------------------------------------------------------- measuring
 
 
 def _effective(module: nn.Module, key: str) -> torch.Tensor:
@@ -324,20 +149,6 @@ def _relative_error(module: nn.Module, values: dict[str, torch.Tensor]) -> float
         diff += float(torch.sum((got - wanted) ** 2))
         norm += float(torch.sum(wanted**2))
     return (diff / norm) ** 0.5 if norm > 0 else diff**0.5
-
-
-def _update(stack: _Stack, name: str) -> dict[str, torch.Tensor]:
-    """The holder's fp32 values for the innermost module, checked finite."""
-    with torch.no_grad():
-        values = stack.holder.merge_update(name)
-    for key, value in values.items():
-        if not torch.isfinite(value).all():
-            raise MergeError(
-                f"adapter {name!r} gives non-finite values (NaN/inf) for {stack.name}.{key} "
-                f"({stack.holder.peft_type}); its tensors on that layer are corrupt: retrain or "
-                "reload the adapter. The model was left unchanged."
-            )
-    return values
 
 
 # ---------------------------------------------------------------- applying
@@ -377,7 +188,7 @@ def _swap(model: nn.Module, path: str, new: nn.Module, undo: _Undo | None) -> No
     set_submodule(model, path, new)
 
 
-def _apply(model: nn.Module, plan: _Plan, name: str, target: _Target, undo: _Undo | None):
+def _apply(model: nn.Module, plan: MergePlan, name: str, target: FoldTarget, undo: _Undo | None):
     """Replace every stack and convert untouched layers; returns (rows, converted count)."""
     rows: list[LayerMerge] = []
     done: set[int] = set()  # replaced and new modules: their storage is settled
@@ -394,10 +205,10 @@ def _apply(model: nn.Module, plan: _Plan, name: str, target: _Target, undo: _Und
             new.train(inner.training)
             for p in new.parameters():
                 p.requires_grad_(False)
-            rows.append(LayerMerge(stack.name, holder.peft_type, _storage(new), 0.0))
+            rows.append(LayerMerge(stack.name, holder.peft_type, layer_storage(new), 0.0))
         else:
-            values = _update(stack, name)
-            new, storage, wanted = _build(inner, values, target)
+            values = stack_update(stack, name)
+            new, storage, wanted = build_folded(inner, values, target)
             rows.append(
                 LayerMerge(stack.name, holder.peft_type, storage, _relative_error(new, wanted))
             )
@@ -410,8 +221,8 @@ def _apply(model: nn.Module, plan: _Plan, name: str, target: _Target, undo: _Und
         if id(module) in done or not is_linear_like(module):
             continue
         storage = target.storage_for(module)
-        if storage != _storage(module):
-            new, _, _ = _build(module, {"weight": dequantized_weight(module)}, target)
+        if storage != layer_storage(module):
+            new, _, _ = build_folded(module, {"weight": dequantized_weight(module)}, target)
             _swap(model, path, new, undo)
             converted += 1
     return rows, converted
@@ -436,22 +247,6 @@ def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
         base(inputs) if inputs is not None else None,
         base(outputs) if outputs is not None else None,
     )
-
-
-def _merged_fingerprint(old: str, name: str, config, plan: _Plan) -> str:
-    """Derived from the old fingerprint, the adapter's config and its tensors, deterministically."""
-    h = hashlib.sha256(f"{old}|merge|".encode())
-    h.update(json.dumps(config_to_dict(config), sort_keys=True, default=str).encode())
-    tensors = {}
-    for stack in plan.stacks:
-        if stack.holder is not None:
-            for local, tensor in stack.holder.tensors(name).items():
-                tensors[f"{stack.name}.{local}"] = tensor
-    for key in sorted(tensors):
-        tensor = tensors[key].detach()
-        h.update(f"{key}:{tuple(tensor.shape)}".encode())
-        h.update(tensor.to(torch.float32).cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @contextmanager
@@ -535,10 +330,10 @@ def merge(
             fingerprint=info.fingerprint if info else "",
             already_merged=True,
         )
-    _plan(model, adapter_name)  # fail before copying anything
+    merge_plan(model, adapter_name)  # fail before copying anything
     if not inplace:
         model = copy.deepcopy(model)
-    plan = _plan(model, adapter_name)
+    plan = merge_plan(model, adapter_name)
     keep = inplace and keep_original
     for module in plan.model_level:
         if keep and not hasattr(module, "attach_to"):
@@ -549,19 +344,18 @@ def merge(
     if inplace and not keep_original:
         for stack in plan.stacks:  # the replaced modules are not kept: check before changing
             if stack.holder is not None and not isinstance(stack.holder, ModulesToSaveLayer):
-                _update(stack, adapter_name)
+                stack_update(stack, adapter_name)
 
     info = base_info(model)
-    config = list_adapters(model)[adapter_name]
     inputs, head = _embeddings(model)
-    target = _Target(
+    target = FoldTarget(
         quant=quant,
         base_quant=info.quant,
-        double_quant=info.double_quant if info.quant in ("nf4", "fp4") else True,
+        double_quant=info.double_quant if info.quant in BNB4_FORMATS else True,
         dtype=getattr(torch, info.compute_dtype),
         head=head,
     )
-    fingerprint = _merged_fingerprint(info.fingerprint, adapter_name, config, plan)
+    fingerprint = merged_fingerprint(model, adapter_name, plan)
     ids = _sample_ids(model, sample_input_ids)
     reference = _logits(model, ids, adapter_name)
 
@@ -604,7 +398,7 @@ def merge(
         info,
         fingerprint=fingerprint,
         quant=quant,
-        double_quant=(target.double_quant if quant in ("nf4", "fp4") else False),
+        double_quant=(target.double_quant if quant in BNB4_FORMATS else False),
     )
     if undo is not None:
         model.__dict__.setdefault("_edgepeft_undo", []).append(undo)

@@ -131,9 +131,9 @@ def test_skeleton_reads_weights_only_while_held(folders):
     folder = folders["qwen2-bf16-shards"]
     assert len(list(folder.glob("*.safetensors"))) > 1
     loaded, _ = edgepeft.load_base(folder, quant="none")
-    model = skeleton(folder)
+    model, stream = skeleton(folder)
     assert model.edgepeft_base.fingerprint == loaded.edgepeft_base.fingerprint
-    stream = model.edgepeft_stream
+    assert not hasattr(model, "edgepeft_stream")  # the stream is a value, not model state
     unread = model.model.layers[1].mlp.up_proj.weight
     with stream.holding("model.layers.1"):
         for name, p in model.named_parameters():

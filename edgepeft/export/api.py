@@ -1,39 +1,51 @@
 """`export()`: a base (HF folder or loaded model) and its adapters as onnxruntime graphs.
 
-    base ──load_base(quant: given, else the adapters' recorded one, else "none")──► model
-        (an HF folder the fused builder takes is not loaded: stream.skeleton reads it layer
-         by layer while the graph is built, merging LoRA/DoRA/IA3 per layer; `_streamed`)
-        │ fingerprint(model), before any merge
-        ├─ no adapters  ─► one graph                                 out/
-        ├─ "merged"     ─► per adapter: load_adapter ─► merge(quant="none") ─► graph
-        │                  ─► unmerge, delete_adapter                 out/<name>/, index in out/
-        └─ "separate"   ─► edgepeft.export.separate.export_separate (hook, below)
+export() runs these steps, each a function below:
+
+    _request      options (a recipe, then explicit arguments), out/, the adapter folders
+    _open_base    base ──load_base(quant: given, else the adapters' recorded one, else "none")──► model
+                  (an HF folder the fused builder takes is not loaded: stream.skeleton reads it
+                   layer by layer while the graph is built, merging LoRA/DoRA/IA3 per layer;
+                   `_streamed`); fingerprint(model), before any merge
+    then, into a staging folder:
+      ├─ no adapters  _export_base_alone ─► one graph                          out/
+      ├─ "merged"     _export_merged: per adapter load_adapter ─► merge(quant="none") ─► graph
+      │               ─► unmerge, delete_adapter                        out/<name>/, index in out/
+      └─ "separate"   _export_separate ─► separate.export_separate: one base graph, adapter files
+      _verify       each graph folder against PyTorch (verify.json, manifest "verify")
+    _finish       one report over every graph; the staging folder becomes out/
+
     graph: model_type in FUSED_MODEL_TYPES ─► export_fused (contrib ops), else (or when the
            fused builder raises NotImplementedError) ─► export_generic (torch.onnx trace)
     each graph folder: model.onnx + .data, tokenizer files, edgepeft.json, verify.json,
         genai_config.json; last, every file's size and sha256 into edgepeft.json (finish.py)
-    all of it is written in .<out>.<pid>.XXXX.tmp/ beside out/ and renamed into place at
-    the end (edgepeft.atomic.staging_folder: removed on failure, SIGTERM, SIGINT)
+    all of it is written in .<out>.<pid>.XXXX.tmp/ beside out/ and swapped in at the end
+    (edgepeft.atomic.atomic_folder: removed on failure, SIGTERM, SIGINT; an existing out/
+    is replaced only once the new one is whole)
 
-Separate-mode hook: a module `edgepeft/export/separate.py` defining
-`export_separate(model, adapters: dict[str, Path], out_dir: Path, *, weights, block_size,
-accuracy_level, max_context, tokenizer, base_fingerprint, progress) -> None` that writes
-the whole folder (graph, adapter files, edgepeft.json) into `out_dir` (the staging
-folder); until it exists, mode="separate" raises ValueError.
+A streamed base travels as `_Base.stream` (the LayerStream `skeleton` returned), passed
+to the graph builders; the model object carries no export state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
-import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from edgepeft.atomic import staging_folder
+from edgepeft.adapters import peft_types
+from edgepeft.adapters.inject import delete_adapter, list_adapters
+from edgepeft.adapters.peft_format import load_adapter, read_adapter
+from edgepeft.atomic import atomic_folder
+from edgepeft.base import base_info, fingerprint, load_base
+from edgepeft.export import fused, model_facts
 from edgepeft.export.finish import finish_graph_folder
+from edgepeft.export.generic import export_generic
 from edgepeft.export.manifest import (
     AdapterEntry,
     ExportIndex,
@@ -50,7 +62,15 @@ from edgepeft.export.recipes import (  # noqa: F401  (re-exported: the old impor
     quantization_of,
     recipe_path,
 )
-from edgepeft.vocab import GRAPHS, MODES  # noqa: F401  (MODES: re-exported, the old import path)
+from edgepeft.export.separate import export_separate
+from edgepeft.export.stream import LayerStream, skeleton
+from edgepeft.export.verify import verify as run_verify
+from edgepeft.export.verify import write_report
+from edgepeft.fold import merged_fingerprint
+from edgepeft.merge import merge, unmerge
+from edgepeft.vocab import BNB4_FORMATS, GRAPHS, MODES  # noqa: F401  (MODES: re-exported, the old import path)
+
+log = logging.getLogger("edgepeft")
 
 Progress = Callable[[str], None]
 
@@ -77,7 +97,38 @@ class ExportResult:
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- options
+@dataclass(frozen=True)
+class _Request:
+    """export()'s arguments, checked: what to write, and where."""
+
+    out: Path
+    options: dict
+    """export_options: weights, mode, block_size, accuracy_level, max_context, ..."""
+    graph: str
+    folders: dict[str, Path]
+    """Adapter name -> its folder."""
+    separate: bool
+    """Separate mode with something to switch (adapters, or lora_everywhere inputs)."""
+    lora_everywhere: bool
+    verify: bool
+    overwrite: bool
+
+
+@dataclass(frozen=True)
+class _Base:
+    """The base to export, loaded or streamed, and what every manifest says of it."""
+
+    model: object
+    stream: LayerStream | None
+    """The LayerStream of a streamed (weightless) model; None for a loaded one."""
+    tokenizer: object | None
+    name: str
+    quant: str
+    fingerprint: str
+    """Taken before any adapter is merged."""
+
+
+# ---------------------------------------------------------------- step 1: the request
 
 
 def _adapter_folders(adapters) -> dict[str, Path]:
@@ -97,12 +148,44 @@ def _adapter_folders(adapters) -> dict[str, Path]:
     return folders
 
 
+def _request(
+    options: dict,
+    out_dir,
+    adapters,
+    *,
+    graph: str,
+    overwrite: bool,
+    lora_everywhere: bool,
+    verify: bool,
+) -> _Request:
+    """Check the arguments before anything is loaded; an existing out_dir needs `overwrite`."""
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
+    out = Path(out_dir).expanduser()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    folders = _adapter_folders(adapters)
+    if lora_everywhere and options["mode"] != "separate":
+        raise ValueError("lora_everywhere=True needs mode='separate' (graph inputs for later adapters)")
+    return _Request(
+        out=out,
+        options=options,
+        graph=graph,
+        folders=folders,
+        separate=options["mode"] == "separate" and bool(folders or lora_everywhere),
+        lora_everywhere=lora_everywhere,
+        verify=verify,
+        overwrite=overwrite,
+    )
+
+
+# ---------------------------------------------------------------- step 2: the base
+
+
 def _base_quant(quant: str | None, folders: dict[str, Path]) -> str:
     """The given quant, else the one the adapters were trained over, else "none"."""
     if quant is not None:
         return quant
-    from edgepeft.adapters.peft_format import read_adapter
-
     recorded = {}
     for name, folder in folders.items():
         _, _, metadata = read_adapter(folder)
@@ -116,29 +199,24 @@ def _base_quant(quant: str | None, folders: dict[str, Path]) -> str:
     return next(iter(recorded.values()), "none")
 
 
-# ---------------------------------------------------------------- streaming
-
-_STREAMED_MERGED = ("LORA", "IA3")
+_STREAMED_MERGED = peft_types(streamed_merge=True)
 """Adapter kinds merged layer by layer while streaming (DoRA is LORA with use_dora)."""
-_STREAMED_SEPARATE = ("LORA", "IA3", "BOTTLENECK")
+_STREAMED_SEPARATE = peft_types(streamed_separate=True)
 """Adapter kinds a streamed separate export takes (not DoRA: its scale needs all base rows)."""
 
 
-def _streamed(path: Path, quant: str, folders: dict[str, Path], options, graph, separate):
-    """A weightless base that streams its checkpoint (edgepeft.export.stream), or None.
+def _streamed(path: Path, quant: str, request: _Request):
+    """(weightless base, the LayerStream reading its checkpoint) (export.stream), or None.
 
     Streamed: an HF folder whose architecture the fused builder takes, weights other
     than nf4/fp4 (those read bitsandbytes' codes of a loaded base), and adapters that
     only change linear layers inside the decoder layers. Anything else loads whole.
     """
-    if not path.is_dir() or graph == "generic" or options["weights"] in ("nf4", "fp4"):
+    options, separate = request.options, request.separate
+    if not path.is_dir() or request.graph == "generic" or options["weights"] in BNB4_FORMATS:
         return None
-    from edgepeft.adapters.peft_format import read_adapter
-    from edgepeft.export import fused
-    from edgepeft.export.stream import skeleton
-
     allowed = _STREAMED_SEPARATE if separate else _STREAMED_MERGED
-    for folder in folders.values():
+    for folder in request.folders.values():
         config, tensors, _ = read_adapter(folder)
         if config.peft_type not in allowed or getattr(config, "modules_to_save", None):
             return None
@@ -146,62 +224,74 @@ def _streamed(path: Path, quant: str, folders: dict[str, Path], options, graph, 
             return None
         if any(".layers." not in key for key in tensors):
             return None
-    model = skeleton(path, quant=quant)
-    if model is None or getattr(model.config, "model_type", None) not in fused.FUSED_MODEL_TYPES:
+    streamed = skeleton(path, quant=quant)
+    if streamed is None:
+        return None
+    model, _ = streamed
+    if getattr(model.config, "model_type", None) not in fused.FUSED_MODEL_TYPES:
         return None
     if fused.unsupported(model, options["weights"], options["accuracy_level"]) is not None:
         return None  # the generic exporter needs the loaded model
-    return model
+    return streamed
 
 
 def _folder_tokenizer(path: Path):
     """The folder's tokenizer, as load_base finds it (None, with a warning, when it has none)."""
-    import logging
-
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
-        logging.getLogger("edgepeft").warning("no tokenizer loaded from %s (%s)", path, e)
+        log.warning("no tokenizer loaded from %s (%s)", path, e)
         return None
 
 
-def _merged_fingerprint(model, name: str) -> str:
-    """The fingerprint merge(model, name) would give the merged model, nothing merged."""
-    from edgepeft.adapters.inject import list_adapters
-    from edgepeft.base import base_info
-    from edgepeft.merge import _merged_fingerprint as derived
-    from edgepeft.merge import _plan
+def _open_base(base, quant: str | None, tokenizer, request: _Request, say: Progress) -> _Base:
+    """Stream or load a base folder (or hub id), or take a loaded model (copied for adapters)."""
+    if not isinstance(base, (str, os.PathLike)):
+        info = base_info(base)
+        if quant is not None and quant != info.quant:
+            raise ValueError(f"the loaded base is quantized {info.quant!r}; got quant={quant!r}")
+        # Adapters are loaded onto a copy: the caller's model keeps its modules.
+        model = copy.deepcopy(base) if request.folders else base
+        return _Base(model, None, tokenizer, info.name_or_path, info.quant, fingerprint(model))
+    base_quant = _base_quant(quant, request.folders)
+    path = Path(base).expanduser()
+    streamed = _streamed(path, base_quant, request)
+    if streamed is not None:
+        say(f"streaming base {base} layer by layer (quant {base_quant})")
+        model, stream = streamed
+        stream.progress = say
+        loaded_tokenizer = _folder_tokenizer(path)
+    else:
+        say(f"loading base {base} (quant {base_quant})")
+        model, loaded_tokenizer = load_base(path if path.is_dir() else str(base), quant=base_quant)
+        stream = None
+    name = str(path.resolve()) if path.is_dir() else str(base)
+    return _Base(model, stream, tokenizer or loaded_tokenizer, name, base_quant, fingerprint(model))
 
-    return derived(base_info(model).fingerprint, name, list_adapters(model)[name], _plan(model, name))
+
+# ---------------------------------------------------------------- step 3: the graphs
 
 
-# ---------------------------------------------------------------- one graph
-
-
-def _build_graph(model, folder: Path, options: dict, graph: str, say: Progress):
+def _build_graph(model, stream, folder: Path, options: dict, graph: str, say: Progress):
     """Write model.onnx(.data) into `folder` with the fused or the generic builder."""
-    from edgepeft.export.generic import export_generic
-
     kwargs = dict(
         block_size=options["block_size"],
         accuracy_level=options["accuracy_level"],
         quantization=quantization_of(options),
     )
     model_type = getattr(model.config, "model_type", None)
-    if graph != "generic":
-        from edgepeft.export import fused
-
-        if graph == "fused" or model_type in fused.FUSED_MODEL_TYPES:
-            try:
-                say(f"building fused graph ({model_type}, {options['weights']})")
-                return fused.export_fused(model, folder, options["weights"], **kwargs), "fused"
-            except NotImplementedError as e:
-                if graph == "fused":
-                    raise ValueError(f"no fused graph for this model: {e}") from e
-                say(f"fused builder declined ({e}); using the generic exporter")
-    if options["weights"] in ("nf4", "fp4"):
+    if graph != "generic" and (graph == "fused" or model_type in fused.FUSED_MODEL_TYPES):
+        try:
+            say(f"building fused graph ({model_type}, {options['weights']})")
+            info = fused.export_fused(model, folder, options["weights"], stream=stream, **kwargs)
+            return info, "fused"
+        except NotImplementedError as e:
+            if graph == "fused":
+                raise ValueError(f"no fused graph for this model: {e}") from e
+            say(f"fused builder declined ({e}); using the generic exporter")
+    if options["weights"] in BNB4_FORMATS:
         raise ValueError(
             f"weights={options['weights']!r} (exact bitsandbytes 4-bit, MatMulBnb4) needs the fused "
             f"builder, which {model_type!r} has not; export with weights='int4' instead"
@@ -210,80 +300,156 @@ def _build_graph(model, folder: Path, options: dict, graph: str, say: Progress):
     return export_generic(model, folder, options["weights"], progress=say, **kwargs), "generic"
 
 
-def _token_ids(model, tokenizer) -> dict:
-    config = model.config.get_text_config()
-    generation = getattr(model, "generation_config", None)
-    eos = getattr(generation, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(config, "eos_token_id", None)
-    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    if pad is None:
-        pad = getattr(config, "pad_token_id", None)
-    return dict(eos_token_id=eos, bos_token_id=getattr(config, "bos_token_id", None), pad_token_id=pad)
-
-
-def _max_context(model, requested: int | None) -> int | None:
-    config = model.config.get_text_config()
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if requested is None:
-        return limit
-    if limit is not None and requested > limit:
-        raise ValueError(
-            f"max_context {requested} exceeds the model's {limit} positions; pass at most {limit}"
-        )
-    return requested
-
-
 def _export_one(
     model,
     folder: Path,
     *,
     final: Path,
-    options: dict,
-    graph: str,
-    tokenizer,
-    base: str,
-    base_fingerprint: str,
-    base_quant: str,
+    base: _Base,
+    request: _Request,
     adapters: list[AdapterEntry],
-    verify: bool,
     say: Progress,
-) -> tuple[Manifest, object | None]:
+):
+    """One graph folder (base alone, or one adapter merged in); returns its verify report."""
+    options = request.options
     folder.mkdir(parents=True, exist_ok=True)
-    info, kind = _build_graph(model, folder, options, graph, say)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    info, kind = _build_graph(model, base.stream, folder, options, request.graph, say)
+    if base.tokenizer is not None:
+        base.tokenizer.save_pretrained(folder)
     manifest = Manifest(
-        base=base,
-        base_fingerprint=base_fingerprint,
-        base_quant=base_quant,
+        base=base.name,
+        base_fingerprint=base.fingerprint,
+        base_quant=base.quant,
         model_type=model.config.model_type,
         graph=kind,
         block_size=options["block_size"],
         accuracy_level=options["accuracy_level"],
-        max_context=_max_context(model, options.get("max_context")),
+        max_context=model_facts.max_context(model, options.get("max_context")),
         providers=options.get("providers"),
         mode="merged",
         adapters=adapters,
         **graph_fields(info),
-        **_token_ids(model, tokenizer),
+        **model_facts.token_ids(model, base.tokenizer),
     )
     write_manifest(folder, manifest)
     report = None
-    if verify:
-        from edgepeft.export.verify import verify as run_verify
-        from edgepeft.export.verify import write_report
-
+    if request.verify:
         say("verifying against PyTorch")
-        # A streamed model holds no weights: verify loads the reference from the manifest.
-        reference = None if getattr(model, "edgepeft_stream", None) is not None else model
-        report = replace(run_verify(folder, model=reference), export_dir=str(final))
-        write_report(folder, report)  # named for where it will live
-        manifest = replace(manifest, verify=report.graphs[0].to_dict())
-        write_manifest(folder, manifest)
+        report = _verify(folder, final, model, base)
+        write_manifest(folder, replace(manifest, verify=report.graphs[0].to_dict()))
     # graph metadata, genai_config.json, every file's size and sha256 (finish.py)
-    manifest = finish_graph_folder(folder, config=model.config, progress=say)
-    return manifest, report
+    finish_graph_folder(folder, config=model.config, progress=say)
+    return report
+
+
+def _export_base_alone(base: _Base, request: _Request, staging: Path, say: Progress):
+    report = _export_one(
+        base.model, staging, final=request.out, base=base, request=request, adapters=[], say=say
+    )
+    return {"": request.out}, [report]
+
+
+def _merged_graph(
+    base: _Base, request: _Request, name: str, folder: Path, staging: Path, say: Progress
+):
+    """Adapter `name` folded into the base and exported to staging/<name>; then removed again."""
+    model, stream = base.model, base.stream
+    load_adapter(model, folder, name=name)
+    peft_type = list_adapters(model)[name].peft_type
+    if stream is not None:  # folded layer by layer as the graph is built
+        merged, merged_fp, folding = model, merged_fingerprint(model, name), stream.merging(name)
+    else:
+        merged, merge_report = merge(model, name, quant="none", inplace=True)
+        merged_fp, folding = merge_report.fingerprint, contextlib.nullcontext()
+    entry = AdapterEntry(
+        name=name, peft_type=peft_type, source=str(folder.resolve()), fingerprint=merged_fp
+    )
+    try:
+        with folding:
+            return _export_one(
+                merged,
+                staging / name,
+                final=request.out / name,
+                base=base,
+                request=request,
+                adapters=[entry],
+                say=say,
+            )
+    finally:
+        if stream is None:
+            unmerge(merged)
+        delete_adapter(model, name)
+
+
+def _export_merged(base: _Base, request: _Request, staging: Path, say: Progress):
+    """One graph folder per adapter, and the index of the set in staging/edgepeft.json."""
+    folders = request.folders
+    graphs, reports = {}, []
+    for i, (name, folder) in enumerate(folders.items(), 1):
+        say(f"[{i}/{len(folders)}] merging adapter {name!r} from {folder}")
+        reports.append(_merged_graph(base, request, name, folder, staging, say))
+        graphs[name] = request.out / name
+    index = ExportIndex(
+        base=base.name,
+        base_fingerprint=base.fingerprint,
+        weights=request.options["weights"],
+        graphs={name: name for name in folders},
+    )
+    write_manifest(staging, index)
+    return graphs, reports
+
+
+def _export_separate(base: _Base, request: _Request, staging: Path, say: Progress):
+    """One base graph with adapter inputs and a switchable file per adapter (separate.py)."""
+    model, options = base.model, request.options
+    export_separate(
+        model,
+        request.folders,
+        staging,
+        weights=options["weights"],
+        block_size=options["block_size"],
+        accuracy_level=options["accuracy_level"],
+        max_context=model_facts.max_context(model, options.get("max_context")),
+        tokenizer=base.tokenizer,
+        base_fingerprint=base.fingerprint,
+        progress=say,
+        lora_everywhere=request.lora_everywhere,
+        graph=request.graph,
+        quantization=quantization_of(options),
+        stream=base.stream,
+    )
+    reports = []
+    if request.verify:
+        say("verifying the base and every adapter file against PyTorch")
+        reports.append(_verify(staging, request.out, model, base))
+    finish_graph_folder(staging, config=model.config, progress=say)
+    return {"": request.out}, reports
+
+
+# ---------------------------------------------------------------- steps 4 and 5: verify, finish
+
+
+def _verify(folder: Path, final: Path, model, base: _Base):
+    """Check the graph folder against PyTorch; the report is written there, named for `final`."""
+    # A streamed model holds no weights: verify then loads the reference from the manifest.
+    reference = None if base.stream is not None else model
+    report = replace(run_verify(folder, model=reference), export_dir=str(final))
+    write_report(folder, report)  # named for where it will live
+    return report
+
+
+def _finish(reports: list, request: _Request, staging: Path):
+    """One VerifyReport over every graph's check (named for the final folder), or None."""
+    reports = [r for r in reports if r is not None]
+    if not reports:
+        return None
+    first = reports[0]
+    report = replace(
+        first, export_dir=str(request.out), graphs=tuple(g for r in reports for g in r.graphs)
+    )
+    if request.folders and not request.separate:  # the set's index folder
+        write_report(staging, report)
+    return report
 
 
 # ---------------------------------------------------------------- public API
@@ -350,11 +516,6 @@ def export(
     Returns:
         ExportResult with the graph folders, the top manifest and the verify report.
     """
-    from edgepeft.adapters.inject import delete_adapter, list_adapters
-    from edgepeft.adapters.peft_format import load_adapter
-    from edgepeft.base import base_info, fingerprint, load_base
-    from edgepeft.merge import merge, unmerge
-
     say = (lambda line: None) if quiet else (lambda line: print(f"export: {line}", file=sys.stderr, flush=True))
     options = export_options(
         recipe,
@@ -366,144 +527,29 @@ def export(
         mixed_precision=mixed_precision,
         max_context=max_context,
     )
-    if graph not in GRAPHS:
-        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
-    out = Path(out_dir).expanduser()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
-    folders = _adapter_folders(adapters)
-    if lora_everywhere and options["mode"] != "separate":
-        raise ValueError("lora_everywhere=True needs mode='separate' (graph inputs for later adapters)")
-    separate = options["mode"] == "separate" and (folders or lora_everywhere)
-
-    if isinstance(base, (str, os.PathLike)):
-        base_quant = _base_quant(quant, folders)
-        path = Path(base).expanduser()
-        model = _streamed(path, base_quant, folders, options, graph, separate)
-        if model is not None:
-            say(f"streaming base {base} layer by layer (quant {base_quant})")
-            model.edgepeft_stream.progress = say
-            loaded_tokenizer = _folder_tokenizer(path)
-        else:
-            say(f"loading base {base} (quant {base_quant})")
-            model, loaded_tokenizer = load_base(path if path.is_dir() else str(base), quant=base_quant)
-        tokenizer = tokenizer or loaded_tokenizer
-        base_name = str(path.resolve()) if path.is_dir() else str(base)
-    else:
-        info = base_info(base)
-        if quant is not None and quant != info.quant:
-            raise ValueError(f"the loaded base is quantized {info.quant!r}; got quant={quant!r}")
-        # Adapters are loaded onto a copy: the caller's model keeps its modules.
-        model = copy.deepcopy(base) if folders else base
-        base_quant, base_name = info.quant, info.name_or_path
-    base_fp = fingerprint(model)
-
-    # Removed if the export fails or is interrupted; a killed export's is removed here.
-    with staging_folder(out) as staging:
-        common = dict(
-            options=options,
-            graph=graph,
-            tokenizer=tokenizer,
-            base=base_name,
-            base_fingerprint=base_fp,
-            base_quant=base_quant,
-            verify=verify,
-            say=say,
-        )
-        reports, graphs = [], {}
-        if separate:
-            from edgepeft.export.separate import export_separate
-
-            export_separate(
-                model,
-                folders,
-                staging,
-                weights=options["weights"],
-                block_size=options["block_size"],
-                accuracy_level=options["accuracy_level"],
-                max_context=_max_context(model, options.get("max_context")),
-                tokenizer=tokenizer,
-                base_fingerprint=base_fp,
-                progress=say,
-                lora_everywhere=lora_everywhere,
-                graph=graph,
-                quantization=quantization_of(options),
-            )
-            graphs[""] = out
-            if verify:
-                from edgepeft.export.verify import verify as run_verify
-                from edgepeft.export.verify import write_report
-
-                say("verifying the base and every adapter file against PyTorch")
-                # A streamed skeleton holds no weights: verify then loads the base itself.
-                streamed = getattr(model, "edgepeft_stream", None) is not None
-                report = run_verify(staging, model=None if streamed else model)
-                report = replace(report, export_dir=str(out))
-                write_report(staging, report)
-                reports.append(report)
-            finish_graph_folder(staging, config=model.config, progress=say)
-        elif not folders:
-            _, report = _export_one(model, staging, final=out, adapters=[], **common)
-            reports.append(report)
-            graphs[""] = out
-        else:
-            for i, (name, folder) in enumerate(folders.items(), 1):
-                say(f"[{i}/{len(folders)}] merging adapter {name!r} from {folder}")
-                load_adapter(model, folder, name=name)
-                peft_type = list_adapters(model)[name].peft_type
-                stream = getattr(model, "edgepeft_stream", None)
-                if stream is not None:  # folded layer by layer as the graph is built
-                    merged, merged_fp = model, _merged_fingerprint(model, name)
-                    stream.merge_adapter = name
-                else:
-                    merged, merge_report = merge(model, name, quant="none", inplace=True)
-                    merged_fp = merge_report.fingerprint
-                entry = AdapterEntry(
-                    name=name,
-                    peft_type=peft_type,
-                    source=str(folder.resolve()),
-                    fingerprint=merged_fp,
-                )
-                try:
-                    _, report = _export_one(
-                        merged, staging / name, final=out / name, adapters=[entry], **common
-                    )
-                finally:
-                    if stream is not None:
-                        stream.merge_adapter = None
-                    else:
-                        unmerge(merged)
-                    delete_adapter(model, name)
-                reports.append(report)
-                graphs[name] = out / name
-            index = ExportIndex(
-                base=base_name,
-                base_fingerprint=base_fp,
-                weights=options["weights"],
-                graphs={name: name for name in folders},
-            )
-            write_manifest(staging, index)
-        report = _combined(reports, out)
-        if report is not None and folders and not separate:  # the set's index folder
-            from edgepeft.export.verify import write_report
-
-            write_report(staging, report)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    say(f"wrote {out}")
-    return ExportResult(out_dir=out, graphs=graphs, manifest=read_manifest(out), verify=report)
-
-
-def _combined(reports: list, out: Path):
-    """One VerifyReport over every graph's check (named for the final folder)."""
-    reports = [r for r in reports if r is not None]
-    if not reports:
-        return None
-    first = reports[0]
-    return replace(
-        first, export_dir=str(out), graphs=tuple(g for r in reports for g in r.graphs)
+    request = _request(
+        options,
+        out_dir,
+        adapters,
+        graph=graph,
+        overwrite=overwrite,
+        lora_everywhere=lora_everywhere,
+        verify=verify,
     )
+    loaded = _open_base(base, quant, tokenizer, request, say)
+    if request.separate:
+        step = _export_separate
+    elif request.folders:
+        step = _export_merged
+    else:
+        step = _export_base_alone
+    # Removed if the export fails or is interrupted; a killed export's is removed next time.
+    with atomic_folder(request.out, replace=request.overwrite) as staging:
+        graphs, reports = step(loaded, request, staging, say)
+        report = _finish(reports, request, staging)
+    say(f"wrote {request.out}")
+    manifest = read_manifest(request.out)
+    return ExportResult(out_dir=request.out, graphs=graphs, manifest=manifest, verify=report)
 
 
 __all__ = ["RECIPES_DIR", "ExportResult", "export", "load_recipe", "recipe_path"]

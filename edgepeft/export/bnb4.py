@@ -33,7 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-BNB4_FORMATS = ("nf4", "fp4")
+from edgepeft.base import bitsandbytes, canonical_4bit, dequantized_weight
+from edgepeft.vocab import BNB4_FORMATS
+
 QUANT_TYPE_ATTR = {"fp4": 0, "nf4": 1}
 """MatMulBnb4's quant_type attribute."""
 ORT_BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -61,12 +63,6 @@ class PackedBnb4:
     """The codes are the base layer's own (True), or were quantized at export (False)."""
 
 
-def _bnb():
-    from edgepeft.base import _bnb
-
-    return _bnb()
-
-
 def _check_shape(name: str, shape: tuple[int, int], block_size: int) -> None:
     if block_size not in ORT_BLOCK_SIZES:
         raise ValueError(
@@ -85,15 +81,13 @@ def _check_shape(name: str, shape: tuple[int, int], block_size: int) -> None:
 def from_layer(module: nn.Module, name: str = "") -> PackedBnb4:
     """The stored codes and the fp32 absmax of a bitsandbytes Linear4bit, nothing rounded.
 
-    Read through `edgepeft.base._canonical_4bit`, so a layer bnb has repacked for its
+    Read through `edgepeft.base.canonical_4bit`, so a layer bnb has repacked for its
     AVX512-BF16 CPU kernel gives the standard layout; the layer itself is not touched.
     """
-    from edgepeft.base import _canonical_4bit
-
-    bnb = _bnb()
+    bnb = bitsandbytes()
     if not isinstance(module, bnb.nn.Linear4bit):
         raise TypeError(f"{name or 'module'} is a {type(module).__name__}, expected a bnb Linear4bit")
-    codes, state = _canonical_4bit(module.weight)
+    codes, state = canonical_4bit(module.weight)
     absmax = state.absmax
     if state.nested:  # double quantization: absmax is itself 8-bit blockwise, plus an offset
         absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
@@ -118,7 +112,7 @@ def quantize_bnb4(
     shape = (int(weight.shape[0]), int(weight.shape[1]))
     _check_shape(name or "weight", shape, block_size)
     w = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    codes, state = _bnb().functional.quantize_4bit(
+    codes, state = bitsandbytes().functional.quantize_4bit(
         w, blocksize=block_size, compress_statistics=False, quant_type=quant_type
     )
     return PackedBnb4(
@@ -156,7 +150,7 @@ def concat(parts: list[PackedBnb4]) -> PackedBnb4:
 
 def codebook(quant_type: str) -> np.ndarray:
     """bitsandbytes' 16 code values (fp32) of "nf4" or "fp4"."""
-    return _bnb().functional.get_4bit_type(quant_type, device="cpu").float().numpy()
+    return bitsandbytes().functional.get_4bit_type(quant_type, device="cpu").float().numpy()
 
 
 def dequantize_bnb4(packed: PackedBnb4) -> np.ndarray:
@@ -203,7 +197,7 @@ class Bnb4Weights:
     ):
         if quant_type not in BNB4_FORMATS:
             raise ValueError(f"quant_type must be one of {BNB4_FORMATS}, got {quant_type!r}")
-        bnb = _bnb()
+        bnb = bitsandbytes()
         self.model = model
         self.quant_type = quant_type
         self.skip_modules = skip_modules
@@ -229,9 +223,7 @@ class Bnb4Weights:
         `name` is a module of the model, or a packed "<...>.qkv_proj" / "gate_up_proj"
         whose parts are (then `weight` is their concatenation, in that order).
         """
-        from edgepeft.base import dequantized_weight
-
-        bnb = _bnb()
+        bnb = bitsandbytes()
         if any(name == s or name.endswith("." + s) for s in self.skip_modules):
             module = self.model.get_submodule(name)
             if not isinstance(module, bnb.nn.Linear4bit):

@@ -54,6 +54,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -71,6 +72,9 @@ from edgepeft.export.weights import (
     check_block_size,
     quantization_record,
 )
+
+if TYPE_CHECKING:  # only a type here: the stream imports the fold machinery, fused needs none
+    from edgepeft.export.stream import LayerStream
 
 log = logging.getLogger("edgepeft")
 
@@ -771,12 +775,14 @@ def export_fused(
     adapter_branches: Mapping[str, AdapterBranch] | None = None,
     optional_inputs: Mapping[str, np.ndarray] | None = None,
     progress: Callable[[str], None] | None = None,
+    stream: LayerStream | None = None,
 ) -> GraphInfo:
     """Write a fused onnxruntime decoder graph of `model` to out_dir/model.onnx (+ .data).
 
     Memory: initializers go to model.onnx.data as they are made (onnx_graph.py spooling).
-    A model from `edgepeft.export.stream.skeleton` holds no weights: each part is read
-    from the checkpoint while it is emitted and dropped after, one layer at a time.
+    A model from `edgepeft.export.stream.skeleton` holds no weights: given its `stream`,
+    each part is read from the checkpoint while it is emitted and dropped after, one layer
+    at a time.
 
     Args:
         model: HF causal LM of a type in FUSED_MODEL_TYPES, possibly with bitsandbytes layers
@@ -794,7 +800,8 @@ def export_fused(
             with its adapter inputs (separate mode, see separate.py); never packed.
         optional_inputs: Extra graph inputs, each defaulting to the array given.
         progress: Called with one line per decoder layer (default: the "edgepeft" logger
-            at INFO level, or the streamed model's own progress callback).
+            at INFO level, or the stream's own progress callback).
+        stream: The LayerStream `skeleton` returned with `model`, when `model` is one.
 
     Returns:
         GraphInfo describing the written graph.
@@ -805,7 +812,6 @@ def export_fused(
     arch = _ARCHS[model_type]
     dims = _dims(model)
     activation = _activation(model.config)
-    stream = getattr(model, "edgepeft_stream", None)
     say = progress or getattr(stream, "progress", None) or log.info
     out_dir = Path(out_dir)
     e = _Emitter(
@@ -829,7 +835,7 @@ def export_fused(
 def _emit_graph(
     e: _Emitter,
     model: nn.Module,
-    stream,
+    stream: LayerStream | None,
     out_dir: Path,
     say: Callable[[str], None],
     arch: _Arch,

@@ -61,6 +61,7 @@ from edgepeft.export.weights import (
     quantization_record,
 )
 from edgepeft.kv_cache_keyword import cache_keyword, output_cache
+from edgepeft.vocab import NBITS
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -373,7 +374,7 @@ def export_generic(
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
-    if weights in ("int4", "int8"):
+    if weights in NBITS:
         check_block_size(block_size)
     say = progress or (lambda line: None)
     out_dir = Path(out_dir)
@@ -409,8 +410,8 @@ def export_generic(
     sites = linear_sites(proto, slots)
     stored_bits: dict[str, int] = {}
 
-    if weights in ("int4", "int8"):
-        bits = 4 if weights == "int4" else 8
+    if weights in NBITS:
+        bits = NBITS[weights]
         say(f"quantizing MatMul weights to int{bits} ({quantization.method}, block {block_size})")
         quantize_matmuls(
             proto,

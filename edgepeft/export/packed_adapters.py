@@ -33,13 +33,11 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from torch import nn
 
+from edgepeft.adapters.layer import AdapterLayer
+from edgepeft.artifacts.graph_io import PACKED_PROJECTIONS  # the graph contract's one copy
+from edgepeft.base import is_linear_like, linear_features
 from edgepeft.export.adapter_slots import AdapterSlot, split_input
 
-PACKED_PROJECTIONS: dict[str, tuple[str, ...]] = {
-    # the packed module the fused graph emits -> its members, in row order (fused.py)
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-}
 PACKABLE_SUFFIXES = frozenset({"lora_A", "lora_B", "dora_scale", "ia3_scale"})
 
 Layout = Mapping[str, tuple[tuple[str, int], ...]]
@@ -47,9 +45,6 @@ Layout = Mapping[str, tuple[tuple[str, int], ...]]
 
 
 def _linear_features(model: nn.Module, path: str) -> tuple[int, int] | None:
-    from edgepeft.adapters.layer import AdapterLayer
-    from edgepeft.base import is_linear_like, linear_features
-
     try:
         module = model.get_submodule(path)
     except AttributeError:

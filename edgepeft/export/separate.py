@@ -43,17 +43,33 @@ An adapter trained later over the same base is added to an existing export with
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
+from edgepeft.adapters import dora, peft_types
+from edgepeft.adapters.inject import delete_adapter, list_adapters
+from edgepeft.adapters.layer import adapter_modules
+from edgepeft.adapters.peft_format import load_adapter
+from edgepeft.base import (
+    base_info,
+    dequantized_weight,
+    fingerprint,
+    is_linear_like,
+    linear_features,
+    load_base,
+)
+from edgepeft.config import config_to_dict
 from edgepeft.export.adapter_files import (
     ADAPTER_DIR,
+    AdapterBaseMismatchError,
     fingerprint_input,
     optional_graph_inputs,
     write_adapter_file,
@@ -65,11 +81,27 @@ from edgepeft.export.adapter_slots import (
     ia3_input,
     lora_inputs,
 )
-from edgepeft.export.packed_adapters import pack_slots, pack_tensors, packed_layout
+from edgepeft.export.files import record_files
+from edgepeft.export.fused import export_fused, unsupported
+from edgepeft.export.generic import export_generic
+from edgepeft.export.kv_prefix import KV_PREFIX_PEFT_TYPES, export_kv_prefix
+from edgepeft.export.manifest import (
+    AdapterEntry,
+    Manifest,
+    graph_fields,
+    read_manifest,
+    write_manifest,
+)
+from edgepeft.export.model_facts import token_ids
+from edgepeft.export.packed_adapters import graph_layout, pack_slots, pack_tensors, packed_layout
 from edgepeft.export.weights import DEFAULT_QUANTIZATION, WeightQuantization
 from edgepeft.finite import check_finite
+from edgepeft.vocab import BNB4_FORMATS, GRAPHS
 
-SEPARATE_PEFT_TYPES = ("LORA", "IA3", "BOTTLENECK")
+if TYPE_CHECKING:  # only a type here: separate mode runs on a stream it is given
+    from edgepeft.export.stream import LayerStream
+
+SEPARATE_PEFT_TYPES = peft_types(separate_file="onnx_adapter")
 Progress = Callable[[str], None]
 
 
@@ -106,12 +138,6 @@ def _refuse(name: str, what: str) -> ValueError:
 
 def adapter_tensors(model: nn.Module, name: str, source: str = "") -> AdapterTensors:
     """Read adapter `name` (loaded on `model`) as graph input values, per module and kind."""
-    from edgepeft.adapters import dora
-    from edgepeft.adapters.inject import list_adapters
-    from edgepeft.adapters.layer import adapter_modules
-    from edgepeft.base import dequantized_weight, linear_features
-    from edgepeft.config import config_to_dict
-
     config = list_adapters(model)[name]
     if config.peft_type not in SEPARATE_PEFT_TYPES:
         raise _refuse(name, f"is a {config.peft_type} adapter")
@@ -174,8 +200,6 @@ def union_slots(
     model: nn.Module, adapters: list[AdapterTensors], lora_everywhere: bool = False
 ) -> dict[str, AdapterSlot]:
     """module -> slot exposing every kind any adapter puts there (plus LoRA everywhere)."""
-    from edgepeft.base import is_linear_like, linear_features
-
     slots: dict[str, AdapterSlot] = {}
     if lora_everywhere:
         head = model.get_output_embeddings()
@@ -217,8 +241,6 @@ def _description(adapter: AdapterTensors, layout) -> dict:
 
 def _write(adapter: AdapterTensors, out_dir: Path, layout, graph_inputs, base_fingerprint: str):
     """Write the adapter's file into out_dir/adapters; returns its manifest entry."""
-    from edgepeft.export.manifest import AdapterEntry
-
     written = write_adapter_file(
         out_dir / ADAPTER_DIR,
         adapter.name,
@@ -242,9 +264,7 @@ def _write(adapter: AdapterTensors, out_dir: Path, layout, graph_inputs, base_fi
 
 def _builder(model: nn.Module, graph: str, weights: str, accuracy_level: int) -> str:
     """"fused" or "generic": the builder of the separate-mode base graph for `model`."""
-    from edgepeft.export.fused import unsupported
-
-    if graph not in ("auto", "fused", "generic"):
+    if graph not in GRAPHS:
         raise ValueError(f"graph must be 'auto', 'fused' or 'generic', got {graph!r}")
     if graph != "generic":
         declined = unsupported(model, weights, accuracy_level)
@@ -252,7 +272,7 @@ def _builder(model: nn.Module, graph: str, weights: str, accuracy_level: int) ->
             return "fused"
         if graph == "fused":
             raise ValueError(f"no fused graph for this model: {declined}")
-    if weights in ("nf4", "fp4"):
+    if weights in BNB4_FORMATS:
         model_type = getattr(model.config, "model_type", None)
         raise ValueError(
             f"weights={weights!r} (exact bitsandbytes 4-bit, MatMulBnb4) needs the fused builder, "
@@ -277,6 +297,7 @@ def export_separate(
     lora_everywhere: bool = False,
     graph: str = "auto",
     quantization: WeightQuantization = DEFAULT_QUANTIZATION,
+    stream: LayerStream | None = None,
 ) -> None:
     """Write the base graph, one .onnx_adapter (+ sidecar) per adapter, and edgepeft.json.
 
@@ -295,16 +316,8 @@ def export_separate(
         graph: "auto" (fused where the architecture has a fused builder, else generic),
             "fused" or "generic" (the traced graph, any architecture).
         quantization: How int4/int8 weights are quantized (`export_fused`).
+        stream: The LayerStream of a streamed `model` (`stream.skeleton`), for the fused builder.
     """
-    from edgepeft.adapters.inject import delete_adapter, list_adapters
-    from edgepeft.adapters.peft_format import load_adapter
-    from edgepeft.base import base_info
-    from edgepeft.export.api import _token_ids
-    from edgepeft.export.fused import export_fused
-    from edgepeft.export.generic import export_generic
-    from edgepeft.export.kv_prefix import KV_PREFIX_PEFT_TYPES, export_kv_prefix
-    from edgepeft.export.manifest import AdapterEntry, Manifest, graph_fields, write_manifest
-
     say = progress or (lambda line: None)
     model_type = getattr(model.config, "model_type", None)
     builder = _builder(model, graph, weights, accuracy_level)
@@ -336,7 +349,9 @@ def export_separate(
     if builder == "fused":
         slots = pack_slots(model, slots)
         say(f"building the {model_type} base graph ({weights}) with adapter inputs on {len(slots)} layers")
-        info = export_fused(model, out_dir, weights, adapter_branches=slots, **kwargs)
+        info = export_fused(
+            model, out_dir, weights, adapter_branches=slots, stream=stream, **kwargs
+        )
     else:  # traced: one slot per module, no packing
         say(f"tracing the {model_type} base graph ({weights}) with adapter inputs on {len(slots)} layers")
         info = export_generic(model, out_dir, weights, adapter_slots=slots, progress=say, **kwargs)
@@ -362,7 +377,7 @@ def export_separate(
         mode="separate",
         adapters=entries,
         **graph_fields(info),
-        **_token_ids(model, tokenizer),
+        **token_ids(model, tokenizer),
     )
     write_manifest(out_dir, manifest)
     say(f"separate export: base graph + {len(entries)} adapter file(s)")
@@ -402,18 +417,6 @@ def export_adapter(
     Returns:
         The manifest's new AdapterEntry.
     """
-    import copy
-    from dataclasses import replace
-
-    from edgepeft.adapters.inject import delete_adapter, list_adapters
-    from edgepeft.adapters.peft_format import load_adapter
-    from edgepeft.base import fingerprint, load_base
-    from edgepeft.export.adapter_files import AdapterBaseMismatchError
-    from edgepeft.export.files import record_files
-    from edgepeft.export.kv_prefix import KV_PREFIX_PEFT_TYPES, export_kv_prefix
-    from edgepeft.export.manifest import AdapterEntry, Manifest, read_manifest, write_manifest
-    from edgepeft.export.packed_adapters import graph_layout
-
     say = progress or (lambda line: None)
     adapter_dir, export_dir = Path(adapter_dir).expanduser(), Path(export_dir).expanduser()
     if not adapter_dir.is_dir():

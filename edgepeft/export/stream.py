@@ -5,11 +5,11 @@
         │ placeholder (torch.empty: address space, no resident memory); buffers such as
         │ rotary tables are real; nothing read yet
         ▼
-    model.edgepeft_stream = LayerStream        export_fused brackets each part it emits:
-        with stream.holding("model.layers.3"):
+    (model, stream: LayerStream)           export_fused(model, ..., stream=stream) brackets
+        with stream.holding("model.layers.3"):              each part it emits:
             read that layer's tensors (plain file reads, no memory map) ─► fp32
             [quant nf4/fp4/int8: each linear through bitsandbytes, as load_base does]
-            [merge_adapter: each adapter stack folded, merge.py's per-module math]
+            [stream.merging(name): each adapter stack folded, fold.py's per-module math]
             ... the builder quantizes and spools the layer to model.onnx.data ...
         └─ on exit the placeholders come back: the layer's memory is freed
 
@@ -18,7 +18,8 @@ quant="none")`) would have held, tensor for tensor, so graphs are byte-identical
 fingerprint is the same sampled hash of the same tensors, read one at a time. Adapters
 load onto the skeleton as onto a loaded base: they are made on the placeholders' device
 (CPU) and hold real tensors. Only the weights of a `holding` span may be read; the
-exporter (api.py `_streamed`) takes only adapters that need no other base weight.
+exporter (api.py `_streamed`) takes only adapters that need no other base weight. The
+stream is a value the exporter passes along, never an attribute of the model.
 
 A checkpoint whose tensor names do not cover the model's parameters (renamed keys,
 remote code) gives no skeleton: `skeleton` returns None and the caller loads it whole.
@@ -30,11 +31,22 @@ import json
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from edgepeft.base import (
+    BaseInfo,
+    base_info,
+    is_linear_like,
+    quantized_linear,
+    set_submodule,
+    weights_fingerprint,
+)
+from edgepeft.fold import FoldTarget, build_folded, stack_update, walk_stacks
+from edgepeft.vocab import BNB4_FORMATS
 
 _DTYPES = {
     "F64": torch.float64,
@@ -202,8 +214,6 @@ class LayerStream:
 
     def _quantize(self, prefixes, undo: list) -> None:
         """Linear layers become bitsandbytes layers from their fp32 weights, as load_base makes them."""
-        from edgepeft.base import _quantized_linear, is_linear_like, set_submodule
-
         for path, module in list(self.model.named_modules()):
             base_name = path.replace(".base_layer", "")
             if not (is_linear_like(module) and id(module.weight) in self.keys and _under(path, prefixes)):
@@ -211,7 +221,7 @@ class LayerStream:
             if any(base_name == s or base_name.endswith("." + s) for s in self.skip_modules):
                 continue
             bias = self._read(module.bias) if module.bias is not None else None
-            new = _quantized_linear(
+            new = quantized_linear(
                 self._read(module.weight), bias, self.quant, self.double_quant, torch.float32, "cpu"
             )
             new.train(module.training)
@@ -231,33 +241,37 @@ class LayerStream:
             undo.append((owners, first))
 
     def _merge(self, prefixes, undo: list) -> None:
-        """Fold `merge_adapter` into each of its stacks under the prefixes (merge.py's math)."""
-        from edgepeft.base import base_info, set_submodule
-        from edgepeft.merge import _build, _Target, _update, _walk_stacks
-
+        """Fold `merge_adapter` into each of its stacks under the prefixes (fold.py's math)."""
         info = base_info(self.model)
-        target = _Target(
+        target = FoldTarget(
             quant="none",
             base_quant=info.quant,
             double_quant=info.double_quant,
             dtype=torch.float32,
             head=self.model.get_output_embeddings(),
         )
-        stacks, _ = _walk_stacks(self.model)
+        stacks, _ = walk_stacks(self.model)
         for stack in stacks:
             holders = [w for w in stack.wrappers if self.merge_adapter in w]
             if not holders or not _under(stack.path, prefixes):
                 continue
-            stack.holder = holders[0]
-            new, _, _ = _build(stack.innermost, _update(stack, self.merge_adapter), target)
+            stack = replace(stack, holder=holders[0])
+            new, _, _ = build_folded(stack.innermost, stack_update(stack, self.merge_adapter), target)
             undo.append((stack.path, self.model.get_submodule(stack.path)))
             set_submodule(self.model, stack.path, new)
 
     @contextmanager
+    def merging(self, name: str) -> Iterator[None]:
+        """Inside, every `holding` span also folds adapter `name` into its layers."""
+        self.merge_adapter = name
+        try:
+            yield
+        finally:
+            self.merge_adapter = None
+
+    @contextmanager
     def holding(self, *prefixes: str) -> Iterator[None]:
         """The modules named by `prefixes` (and below) hold their real weights inside."""
-        from edgepeft.base import set_submodule
-
         modules: list = []
         params: list = []
         merged: list = []
@@ -280,16 +294,15 @@ class LayerStream:
 
 def skeleton(
     folder: str | Path, quant: str = "none", double_quant: bool = True
-) -> nn.Module | None:
-    """The model of an HF folder with no weights read, streaming them on demand.
+) -> tuple[nn.Module, LayerStream] | None:
+    """The model of an HF folder with no weights read, and the stream that reads them on demand.
 
-    Returns the model (eval, frozen, `edgepeft_base` recorded as `load_base` records it,
-    `edgepeft_stream` attached), or None when the checkpoint's tensor names do not cover
-    the model's parameters, or the config needs remote code: load it whole then.
+    Returns (model, stream): the model eval, frozen, `edgepeft_base` recorded as `load_base`
+    records it; pass the stream to `export_fused(..., stream=stream)`. None when the
+    checkpoint's tensor names do not cover the model's parameters, or the config needs
+    remote code: load it whole then.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-    from edgepeft.base import BaseInfo, weights_fingerprint
 
     folder = Path(folder)
     checkpoint = Checkpoint(folder)
@@ -330,11 +343,10 @@ def skeleton(
         name_or_path=str(folder),
         fingerprint=fp,
         quant=quant,
-        double_quant=double_quant and quant in ("nf4", "fp4"),
+        double_quant=double_quant and quant in BNB4_FORMATS,
         compute_dtype="float32",
     )
-    model.edgepeft_stream = LayerStream(model, checkpoint, keys, quant, double_quant)
-    return model
+    return model, LayerStream(model, checkpoint, keys, quant, double_quant)
 
 
 __all__ = ["Checkpoint", "LayerStream", "skeleton"]

@@ -49,7 +49,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BITS = {"int8": 8, "int4": 4}
+from edgepeft.vocab import NBITS
+
+BITS = NBITS
+"""The MatMulNBits formats and their bits per code (the old name of vocab.NBITS)."""
 ROWS_PER_CHUNK = 2048
 """Rows quantized at once: bounds the fp32 temporaries of a (vocab, hidden) head to a slice."""
 
@@ -93,6 +96,12 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     for k in range(per_byte):
         packed |= values[..., k] << (k * bits)
     return packed
+
+
+def pack_codes(values: np.ndarray, bits: int) -> np.ndarray:
+    """Codes (..., count) in [0, 2^bits - 1] as MatMulNBits packs them along the last axis
+    (uint8; 4-bit codes two to a byte, the first in the low half)."""
+    return _pack(values, bits)
 
 
 def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
