@@ -25,10 +25,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from edgepeft.vocab import BNB4_FORMATS, QUANTS
+
 log = logging.getLogger("edgepeft")
 
 Quant = Literal["nf4", "fp4", "int8", "none"]
-QUANTS: tuple[str, ...] = ("nf4", "fp4", "int8", "none")
+"""`load_base`'s quant argument: one of `edgepeft.vocab.QUANTS`."""
 
 
 @dataclass(frozen=True)
@@ -53,13 +55,17 @@ def _conv1d_type() -> type | None:
     return Conv1D
 
 
-def _bnb():
+def bitsandbytes():
+    """The bitsandbytes module, imported on first use (it is slow to import and CPU-noisy)."""
     # On AVX512-BF16 CPUs bnb warns at import that an optional bf16 kernel package is
-    # missing; edgepeft turns that bf16 path off for its layers (`_quantized_linear`).
+    # missing; edgepeft turns that bf16 path off for its layers (`quantized_linear`).
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import bitsandbytes as bnb
 
     return bnb
+
+
+_bnb = bitsandbytes  # old private name, kept for callers not yet moved
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -69,7 +75,7 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    bnb = _bnb()
+    bnb = bitsandbytes()
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
@@ -83,10 +89,10 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The layer's weight as a new fp32 tensor of shape (out, in), whatever its storage."""
-    bnb = _bnb()
+    bnb = bitsandbytes()
     weight = module.weight
     if isinstance(module, bnb.nn.Linear4bit):
-        w = bnb.functional.dequantize_4bit(*_canonical_4bit(weight))
+        w = bnb.functional.dequantize_4bit(*canonical_4bit(weight))
     elif isinstance(module, bnb.nn.Linear8bitLt):
         # LLM.int8 stores row-wise absmax scales beside the int8 codes.
         scb = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
@@ -98,7 +104,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     return w.to(torch.float32).clone()
 
 
-def _canonical_4bit(weight) -> tuple[torch.Tensor, object]:
+def canonical_4bit(weight) -> tuple[torch.Tensor, object]:
     """(codes, quant_state) of a Params4bit in bnb's standard layout, the layer untouched.
 
     On CPUs with AVX512-BF16, bnb repacks a Linear4bit that runs an eval forward
@@ -111,9 +117,12 @@ def _canonical_4bit(weight) -> tuple[torch.Tensor, object]:
         return weight.data, state
     state = copy.copy(state)
     state.original_nested = False  # keep the bf16 absmax the layer now computes with
-    codes, state = _bnb().functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
+    codes, state = bitsandbytes().functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
     state.absmax = state.absmax.t().reshape(-1).float()  # (K/bs, N) -> blockwise order
     return codes, state
+
+
+_canonical_4bit = canonical_4bit  # old private name, kept for callers not yet moved
 
 
 def is_conv1d_origin(module: nn.Module) -> bool:
@@ -127,7 +136,7 @@ def is_conv1d_origin(module: nn.Module) -> bool:
 # ---------------------------------------------------------------- quantization
 
 
-def _quantized_linear(
+def quantized_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     quant: str,
@@ -136,9 +145,9 @@ def _quantized_linear(
     device: torch.device,
 ) -> nn.Module:
     """A bitsandbytes layer holding `weight` (out, in) quantized on `device`."""
-    bnb = _bnb()
+    bnb = bitsandbytes()
     out_f, in_f = weight.shape
-    if quant in ("nf4", "fp4"):
+    if quant in BNB4_FORMATS:
         layer = bnb.nn.Linear4bit(
             in_f,
             out_f,
@@ -171,6 +180,9 @@ def _quantized_linear(
     return layer.to(device)  # bitsandbytes quantizes on the move to a device
 
 
+_quantized_linear = quantized_linear  # old private name, kept for callers not yet moved
+
+
 def quantize_linears(
     model: nn.Module,
     quant: str,
@@ -192,7 +204,7 @@ def quantize_linears(
         if any(name == s or name.endswith("." + s) for s in skip_modules):
             continue
         bias = module.bias if module.bias is not None else None
-        new = _quantized_linear(
+        new = quantized_linear(
             dequantized_weight(module), bias, quant, double_quant, compute_dtype, device
         )
         # A new module starts in training mode; bnb's int8 matmul computes differently there.
@@ -242,6 +254,37 @@ def weights_fingerprint(config_dict: dict, named_tensors) -> str:
     return h.hexdigest()[:16]
 
 
+def base_named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The base's own weights by their original names, quantized layers dequantized.
+
+    Adapter modules (`edgepeft.adapters.layer.AdapterModule`) are seen through: their
+    wrapper-internal ".base_layer" drops out of the names and the tensors in their
+    `adapter_attrs` containers are left out. That class attribute is the whole protocol
+    read here, so the base never imports the adapters built on top of it.
+    """
+    skip_prefixes = []
+    out: list[tuple[str, torch.Tensor]] = []
+    for path, module in model.named_modules():
+        if _is_adapter(module):
+            skip_prefixes.extend(f"{path}.{a}." for a in module.adapter_attrs)
+    for path, module in model.named_modules():
+        clean = path.replace(".base_layer", "")
+        if any(f"{path}.".startswith(p) for p in skip_prefixes) or _is_adapter(module):
+            continue
+        if is_quantized(module):
+            out.append((f"{clean}.weight", dequantized_weight(module)))
+            if module.bias is not None:
+                out.append((f"{clean}.bias", module.bias))
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            out.append((f"{clean}.{pname}" if clean else pname, p))
+    return out
+
+
+def _is_adapter(module: nn.Module) -> bool:
+    return getattr(type(module), "adapter_attrs", None) is not None
+
+
 def fingerprint(model: nn.Module) -> str:
     """The base's fingerprint: the one `load_base` recorded, else computed now.
 
@@ -251,8 +294,6 @@ def fingerprint(model: nn.Module) -> str:
     info = getattr(model, "edgepeft_base", None)
     if info is not None:
         return info.fingerprint
-    from edgepeft.adapters.layer import base_named_tensors
-
     return weights_fingerprint(model.config.to_dict(), base_named_tensors(model))
 
 
@@ -264,7 +305,7 @@ def base_info(model: nn.Module) -> BaseInfo:
     quant = "none"
     if quantized:
         q = quantized[0]
-        quant = "int8" if isinstance(q, _bnb().nn.Linear8bitLt) else q.weight.quant_type
+        quant = "int8" if isinstance(q, bitsandbytes().nn.Linear8bitLt) else q.weight.quant_type
     info = BaseInfo(
         name_or_path=str(getattr(model.config, "_name_or_path", "") or ""),
         fingerprint=fingerprint(model),
@@ -373,7 +414,7 @@ def load_base(
         name_or_path=str(name_or_path),
         fingerprint=fp,
         quant=quant,
-        double_quant=double_quant and quant in ("nf4", "fp4"),
+        double_quant=double_quant and quant in BNB4_FORMATS,
         compute_dtype=str(compute_dtype).removeprefix("torch."),
     )
     tokenizer = None

@@ -165,6 +165,8 @@ AdapterConfig = (
     | SelectiveConfig
 )
 
+# edgepeft.adapters.METHODS is checked against this table at import (same keys and order):
+# config.py stays torch-free, so it cannot derive the table from the registry.
 CONFIG_TYPES: dict[str, type] = {
     cls.peft_type: cls
     for cls in (

@@ -187,5 +187,14 @@ def from_peft(data: dict) -> BottleneckConfig:
 
 
 METHOD = MethodSpec(
-    config_cls=BottleneckConfig, resolve=resolve, inject=inject, to_peft=to_peft, from_peft=from_peft
+    config_cls=BottleneckConfig,
+    resolve=resolve,
+    inject=inject,
+    to_peft=to_peft,
+    from_peft=from_peft,
+    mergeable=BottleneckLayer.mergeable,
+    separate_file="onnx_adapter",
+    streamed_merge=False,
+    streamed_separate=True,
+    run_config_names=("bottleneck",),
 )

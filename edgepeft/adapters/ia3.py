@@ -221,5 +221,14 @@ def from_peft(data: dict) -> IA3Config:
 
 
 METHOD = MethodSpec(
-    config_cls=IA3Config, resolve=resolve, inject=inject, to_peft=to_peft, from_peft=from_peft
+    config_cls=IA3Config,
+    resolve=resolve,
+    inject=inject,
+    to_peft=to_peft,
+    from_peft=from_peft,
+    mergeable=IA3Layer.mergeable,
+    separate_file="onnx_adapter",
+    streamed_merge=True,
+    streamed_separate=True,
+    run_config_names=("ia3",),
 )

@@ -14,15 +14,37 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
+from edgepeft.base import base_named_tensors, dequantized_weight
+
+__all__ = [
+    "SEPARATE_FILES",
+    "AdapterLayer",
+    "AdapterModule",
+    "MethodSpec",
+    "adapter_modules",
+    "base_named_tensors",  # lives in edgepeft.base; kept importable from here
+]
+
+SeparateFile = Literal["onnx_adapter", "kv_prefix"]
+SEPARATE_FILES: tuple[str, ...] = ("onnx_adapter", "kv_prefix")
+"""How separate mode ships a method: an `.onnx_adapter` file of values for the base graph's
+adapter inputs, or a `.kvprefix.safetensors` file that seeds the KV cache."""
+
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """What the registry (`edgepeft.adapters.METHODS`) knows about one method."""
+    """What the registry (`edgepeft.adapters.METHODS`) knows about one method.
+
+    The functions say how to build and save the method; the capabilities after them say
+    what merge, export and the run-config reader may do with it. Those ask the registry
+    (`edgepeft.adapters.peft_types`) rather than keep lists of their own, so a new method
+    is one file and one registry line.
+    """
 
     config_cls: type
     resolve: Callable[[nn.Module, Any], Any]
@@ -33,13 +55,27 @@ class MethodSpec:
     """config -> the method's fields of adapter_config.json, under peft's names."""
     from_peft: Callable[[dict], Any]
     """adapter_config.json -> config; raises on fields that change the math but are unsupported."""
+    mergeable: bool
+    """`merge` folds it into the base weights (its modules' own `mergeable` agrees)."""
+    separate_file: SeparateFile | None
+    """What a separate-mode export writes for it (see `SEPARATE_FILES`); None: not
+    switchable, export it merged."""
+    streamed_merge: bool
+    """A streamed merged export (`export.stream`) folds it in layer by layer."""
+    streamed_separate: bool
+    """A streamed separate export takes it (its file needs no pass over the whole base)."""
+    run_config_names: tuple[str, ...]
+    """Its `method.type` names in run configs, the plain one first ("dora": LoRA with
+    use_dora=True)."""
 
 
 class AdapterModule(nn.Module):
     """Holds per-adapter parameters in the containers named by `adapter_attrs`."""
 
     peft_type: ClassVar[str]
-    adapter_attrs: ClassVar[tuple[str, ...]]
+    adapter_attrs: ClassVar[tuple[str, ...]] = ()
+    """The containers holding per-adapter tensors; `edgepeft.base` reads it to see through
+    adapters without importing them."""
     mergeable: ClassVar[bool] = False
     model_level: ClassVar[bool] = False
     """True for modules whose tensors are not under a module path (soft prompts)."""
@@ -138,8 +174,6 @@ class AdapterLayer(AdapterModule):
         not listed keep their values. The default adds `delta_weight` to the
         dequantized weight; methods that also change the bias override this.
         """
-        from edgepeft.base import dequantized_weight
-
         weight = dequantized_weight(self.innermost())
         return {"weight": weight + self.delta_weight(name).to(weight.device)}
 
@@ -150,25 +184,3 @@ def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
         if isinstance(module, AdapterModule):
             yield path.replace(".base_layer", ""), module
 
-
-def base_named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The base's own weights by their original names, quantized layers dequantized."""
-    from edgepeft.base import dequantized_weight, is_quantized
-
-    skip_prefixes = []
-    out: list[tuple[str, torch.Tensor]] = []
-    for path, module in model.named_modules():
-        if isinstance(module, AdapterModule):
-            skip_prefixes.extend(f"{path}.{a}." for a in module.adapter_attrs)
-    for path, module in model.named_modules():
-        clean = path.replace(".base_layer", "")
-        if any(f"{path}.".startswith(p) for p in skip_prefixes) or isinstance(module, AdapterModule):
-            continue
-        if is_quantized(module):
-            out.append((f"{clean}.weight", dequantized_weight(module)))
-            if module.bias is not None:
-                out.append((f"{clean}.bias", module.bias))
-            continue
-        for pname, p in module.named_parameters(recurse=False):
-            out.append((f"{clean}.{pname}" if clean else pname, p))
-    return out

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from edgepeft.adapters import dora
+from edgepeft.adapters.dora import dora_delta, dora_extra, initial_magnitude
 from edgepeft.adapters.layer import AdapterLayer, MethodSpec
 from edgepeft.adapters.saved_modules import add_modules_to_save
 from edgepeft.adapters.targets import pattern_value, select_configured, wrap
@@ -56,7 +56,7 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scaling[name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         if config.use_dora:
-            m = dora.initial_magnitude(self.innermost(), A, B, self.scaling[name])
+            m = initial_magnitude(self.innermost(), A, B, self.scaling[name])
             self.lora_magnitude_vector[name] = nn.Parameter(m)
 
     def forget(self, name: str) -> None:
@@ -83,7 +83,7 @@ class LoraLayer(AdapterLayer):
         if name in self.lora_magnitude_vector:
             # peft semantics: with dropout active, DoRA recomputes W x on the dropped input.
             dropped = self.training and not isinstance(dropout, nn.Identity)
-            extra = dora.dora_extra(
+            extra = dora_extra(
                 x_in,
                 None if dropped else out.to(x_in.dtype),
                 self.innermost(),
@@ -99,7 +99,7 @@ class LoraLayer(AdapterLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
         if name in self.lora_magnitude_vector:
-            return dora.dora_delta(
+            return dora_delta(
                 self.innermost(), A, B, self.lora_magnitude_vector[name], self.scaling[name]
             )
         return (B.weight.detach().float() @ A.weight.detach().float()) * self.scaling[name]
@@ -213,5 +213,14 @@ def from_peft(data: dict) -> LoraConfig:
 
 
 METHOD = MethodSpec(
-    config_cls=LoraConfig, resolve=resolve, inject=inject, to_peft=to_peft, from_peft=from_peft
+    config_cls=LoraConfig,
+    resolve=resolve,
+    inject=inject,
+    to_peft=to_peft,
+    from_peft=from_peft,
+    mergeable=LoraLayer.mergeable,
+    separate_file="onnx_adapter",
+    streamed_merge=True,  # DoRA included
+    streamed_separate=True,  # DoRA excepted: export/api.py loads the base whole for its scale
+    run_config_names=("lora", "dora"),
 )

@@ -469,6 +469,11 @@ PROMPT_METHOD = MethodSpec(
     inject=inject_prompt,
     to_peft=prompt_to_peft,
     from_peft=prompt_from_peft,
+    mergeable=VirtualTokens.mergeable,
+    separate_file="kv_prefix",
+    streamed_merge=False,
+    streamed_separate=False,
+    run_config_names=("prompt",),
 )
 PREFIX_METHOD = MethodSpec(
     config_cls=PrefixTuningConfig,
@@ -476,4 +481,9 @@ PREFIX_METHOD = MethodSpec(
     inject=inject_prefix,
     to_peft=prefix_to_peft,
     from_peft=prefix_from_peft,
+    mergeable=VirtualTokens.mergeable,
+    separate_file="kv_prefix",
+    streamed_merge=False,
+    streamed_separate=False,
+    run_config_names=("prefix",),
 )

@@ -226,5 +226,14 @@ def from_peft(data: dict) -> SelectiveConfig:
 
 
 METHOD = MethodSpec(
-    config_cls=SelectiveConfig, resolve=resolve, inject=inject, to_peft=to_peft, from_peft=from_peft
+    config_cls=SelectiveConfig,
+    resolve=resolve,
+    inject=inject,
+    to_peft=to_peft,
+    from_peft=from_peft,
+    mergeable=SelectiveLayer.mergeable,
+    separate_file=None,  # it replaces norms and biases, which no graph input feeds
+    streamed_merge=False,
+    streamed_separate=False,
+    run_config_names=("selective",),
 )

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from edgepeft.adapters.layer import AdapterLayer, AdapterModule
-from edgepeft.base import is_linear_like
+from edgepeft.base import is_linear_like, set_submodule
 
 _DEFAULT_LAYER_LISTS = r"(?:layers|h|blocks|block|decoder\.layers)"
 
@@ -136,8 +136,6 @@ def pattern_value(name: str, patterns: dict, default):
 
 def wrap(model: nn.Module, name: str, wrapper_cls: type[AdapterLayer]) -> AdapterLayer:
     """The `wrapper_cls` at `name`, creating it around whatever module sits there."""
-    from edgepeft.base import set_submodule
-
     current = model.get_submodule(name)
     module = current
     while isinstance(module, AdapterLayer):  # reuse this method's wrapper in a stack
