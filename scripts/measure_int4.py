@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gptq_int4 import gptq_quantize, input_moments  # noqa: E402
 from real_model import smollm2_dir  # noqa: E402
 
 from edgepeft.export.weights import dequantize_packed, mixed_bits, quantize_nbits  # noqa: E402
@@ -171,6 +172,8 @@ class Setting:
     block_size: int = 32
     mixed: bool = False
     """int8 (block 32, RTN) where `mixed_bits` says so, int4 elsewhere."""
+    packed_qkv: bool = False
+    """mixed: q and k take v_proj's bits, as the fused graph's one q|k|v MatMulNBits does."""
 
 
 SETTINGS = [
@@ -194,7 +197,16 @@ SETTINGS = [
         "search-asym-fz b64 mixed", method="search", symmetric=False, float_zero_points=True,
         block_size=64, mixed=True,
     ),
+    Setting("search-asym b32 mixed, packed qkv (export default)", method="search",
+            symmetric=False, mixed=True, packed_qkv=True),  # fmt: skip
+    Setting("gptq b32", method="gptq", symmetric=False),
+    Setting("gptq b32 mixed", method="gptq", symmetric=False, mixed=True),
+    Setting("gptq b32 mixed, packed qkv", method="gptq", symmetric=False, mixed=True,
+            packed_qkv=True),  # fmt: skip
+    Setting("gptq b64 mixed", method="gptq", symmetric=False, block_size=64, mixed=True),
 ]
+CALIBRATION_TEXT = "declaration"
+"""GPTQ's input moments come from this text, never from the one scored ("docs")."""
 
 
 @dataclass(frozen=True)
@@ -251,13 +263,30 @@ def off_grid(model: torch.nn.Module, generator: torch.Generator) -> None:
             mlp.down_proj.weight.div_(c)
 
 
+def setting_bits(name: str, setting: Setting, num_layers: int) -> int:
+    """Bits of one weight under `setting`."""
+    if not setting.mixed:
+        return 4
+    if setting.packed_qkv and re.search(r"\.(q|k)_proj\.", name):
+        name = re.sub(r"\.(q|k)_proj\.", ".v_proj.", name)
+    return mixed_bits(name, num_layers)
+
+
 def quantized(
-    name: str, weight: np.ndarray, setting: Setting, num_layers: int
+    name: str,
+    weight: np.ndarray,
+    setting: Setting,
+    num_layers: int,
+    hessian: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, int]:
     """The dequantized weight and its stored bytes (codes + fp32 scales + zero points)."""
-    bits = mixed_bits(name, num_layers) if setting.mixed else 4
+    bits = setting_bits(name, setting, num_layers)
     if bits == 8:
         packed = quantize_nbits(weight, 8, 32, symmetric=True)
+    elif setting.method == "gptq" and hessian is not None:
+        packed = gptq_quantize(weight, hessian, 4, setting.block_size)
+    elif setting.method == "gptq":  # the embedding table alone: no linear input to weigh
+        packed = quantize_nbits(weight, 4, setting.block_size, symmetric=False, method="search")
     else:
         packed = quantize_nbits(
             weight,
@@ -310,6 +339,33 @@ class Bench:
             p.numel() * 4 for n, p in model.named_parameters() if n not in self.params
         )
         self.reference = log_probs(model, ids)
+        self._moments: dict[str, torch.Tensor] | None = None
+
+    def moments(self) -> dict[str, torch.Tensor]:
+        """Weight name -> X^T X of its linear's inputs over CALIBRATION_TEXT (fp32 model)."""
+        if self._moments is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+            ids = torch.tensor([tokenizer(text(CALIBRATION_TEXT))["input_ids"][:1024]])
+            sums: dict[str, torch.Tensor] = {}
+            hooks = []
+            for name, module in self.model.named_modules():
+                if isinstance(module, torch.nn.Linear) and f"{name}.weight" in self.params:
+
+                    def add(module, args, output, key=f"{name}.weight"):
+                        moment = input_moments(args[0].detach())
+                        sums[key] = sums[key] + moment if key in sums else moment
+
+                    hooks.append(module.register_forward_hook(add))
+            try:
+                with torch.no_grad():
+                    self.model(ids)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            self._moments = sums
+        return self._moments
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -319,10 +375,13 @@ class Bench:
     def run(self, setting: Setting, names: list[str] | None = None) -> tuple[Quality, float]:
         """Quality with `names` (default all 2-D weights) quantized; and bits per weight."""
         size = count = 0
+        moments = self.moments() if setting.method == "gptq" else {}
         with torch.no_grad():
             for name in names or self.params:
                 weight = self.original[name].numpy()
-                rounded, nbytes = quantized(name, weight, setting, self.num_layers)
+                rounded, nbytes = quantized(
+                    name, weight, setting, self.num_layers, moments.get(name)
+                )
                 self.params[name].copy_(torch.from_numpy(rounded))
                 size, count = size + nbytes, count + weight.size
         quality = compare(self.reference, log_probs(self.model, self.ids), self.ids)
