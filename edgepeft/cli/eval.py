@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     # lazy: torch and transformers, only for a PyTorch evaluation
     from edgepeft.adapters.peft_format import load_adapter, read_adapter
     from edgepeft.base import load_base
+    from edgepeft.evaluation.report import print_report
     from edgepeft.train.evaluate import evaluate, read_examples
 
     model_dir = Path(args.model).expanduser()
@@ -148,13 +149,10 @@ def run(args: argparse.Namespace) -> int:
         include_base=not args.no_base,
         progress=not args.quiet,
     )
-    print(report)
-    if args.out:
-        extra = {
-            "model": str(model_dir),
-            "base_quant": quant,
-            "adapter_dirs": {name: str(folder) for name, folder in adapters.items()},
-        }
-        report.save(args.out, extra=extra)
-        print(f"wrote {args.out}")
+    extra = {
+        "model": str(model_dir),
+        "base_quant": quant,
+        "adapter_dirs": {name: str(folder) for name, folder in adapters.items()},
+    }
+    print_report(report, args.out, extra)
     return 0

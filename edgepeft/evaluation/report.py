@@ -3,6 +3,10 @@
     predictions of one target + the examples' references
         ──score_target──► TargetResult(name, means of EM / token F1 / ROUGE-L, scores)
     EvalReport(examples, targets) ──str()──► the table; ──save()──► JSON (atomic)
+    print_report(report, out, extra): the table on stdout, and the JSON when `out` is given
+
+Also what both evaluations do alike before generating: check_sizes, choose_targets, and
+length_batches (example indices grouped by prompt length).
 
 Standard library only: PyTorch evaluation (edgepeft.train.evaluate) and the device
 runtime's (edgepeft.runtime.evaluate) build the same report, so the two compare line by line.
@@ -99,6 +103,36 @@ class EvalReport:
         return "\n".join(lines)
 
 
+def check_sizes(max_new_tokens: int, batch_size: int) -> None:
+    """Both evaluations' check of their generation sizes, before any data or model work."""
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(
+            f"max_new_tokens and batch_size must be at least 1; got {max_new_tokens} and {batch_size}"
+        )
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, equal_length: bool = False) -> list[list[int]]:
+    """Example indices grouped by similar prompt length, so batches carry little padding.
+
+    `equal_length`: a batch holds prompts of one token length only (no padding at all).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    if not equal_length:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    groups: dict[int, list[int]] = {}
+    for i in order:
+        groups.setdefault(lengths[i], []).append(i)
+    return [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
+def print_report(report: EvalReport, out: str | os.PathLike | None, extra: dict) -> None:
+    """What `edgepeft eval` prints: the table; with `out`, the JSON (plus `extra`) written too."""
+    print(report)
+    if out:
+        report.save(out, extra=extra)
+        print(f"wrote {out}")
+
+
 def choose_targets(
     available: Sequence[str],
     adapters: Sequence[str] | None,
@@ -140,4 +174,13 @@ def score_target(name: str, predictions: Sequence[str], examples: Sequence[EvalE
     return TargetResult(name, means, tuple(predictions), scores)
 
 
-__all__ = ["BASE", "EvalReport", "TargetResult", "choose_targets", "score_target"]
+__all__ = [
+    "BASE",
+    "EvalReport",
+    "TargetResult",
+    "check_sizes",
+    "choose_targets",
+    "length_batches",
+    "print_report",
+    "score_target",
+]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from edgepeft.artifacts.manifest import FORMAT, manifest_path
 from edgepeft.evaluation.examples import read_examples
+from edgepeft.evaluation.report import print_report
 from edgepeft.runtime.engine import Engine
 from edgepeft.runtime.evaluate import evaluate
 from edgepeft.vocab import ADAPTER_SUFFIXES
@@ -92,10 +93,16 @@ def _open(args: argparse.Namespace):
     folder = Path(args.export_dir)
     if not folder.is_dir():
         raise ValueError(f"export folder {folder} does not exist")
-    engine = Engine(folder, threads=args.threads, device=args.device)
+    engine = _engine(folder, threads=args.threads, device=args.device)
+    return engine, _adapter(engine, args.adapter)
+
+
+def _engine(folder: Path, **options) -> Engine:
+    """Engine(folder, **options), each adapter that failed to load said on stderr."""
+    engine = Engine(folder, **options)
     for name, error in engine.load_errors.items():
         print(f"warning: adapter {name!r} was not loaded: {error}", file=sys.stderr)
-    return engine, _adapter(engine, args.adapter)
+    return engine
 
 
 def _adapter(engine, value: str | None) -> str | None:
@@ -278,9 +285,7 @@ def eval_export(args: argparse.Namespace) -> int:
     if not Path(args.data).is_file():
         raise ValueError(f"--data {args.data} is not a file (expected a JSONL test set)")
     read_examples(args.data)  # bad rows fail before the session loads
-    engine = Engine(Path(args.model).expanduser())
-    for name, error in engine.load_errors.items():
-        print(f"warning: adapter {name!r} was not loaded: {error}", file=sys.stderr)
+    engine = _engine(Path(args.model).expanduser())
     names = [_adapter(engine, value) for value in args.adapter] if args.adapter else None
     if names is not None and None in names:
         raise ValueError(f"--adapter {NONE} is the base row, which is in the table unless --no-base")
@@ -293,17 +298,14 @@ def eval_export(args: argparse.Namespace) -> int:
         include_base=not args.no_base,
         progress=not args.quiet,
     )
-    print(report)
-    if args.out:
-        extra = {
-            "model": str(args.model),
-            "runtime": "edgepeft.runtime",
-            "weights": engine.manifest.weights,
-            "adapter_files": {t.name: engine.adapters()[t.name].file for t in report.targets
-                              if t.name in engine.adapters()},
-        }
-        report.save(args.out, extra=extra)
-        print(f"wrote {args.out}")
+    extra = {
+        "model": str(args.model),
+        "runtime": "edgepeft.runtime",
+        "weights": engine.manifest.weights,
+        "adapter_files": {t.name: engine.adapters()[t.name].file for t in report.targets
+                          if t.name in engine.adapters()},
+    }
+    print_report(report, args.out, extra)
     return 0
 
 

@@ -22,8 +22,15 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 
-from edgepeft.evaluation.report import BASE, EvalReport, choose_targets, score_target
 from edgepeft.evaluation.examples import EvalExample, read_examples
+from edgepeft.evaluation.report import (
+    BASE,
+    EvalReport,
+    check_sizes,
+    choose_targets,
+    length_batches,
+    score_target,
+)
 from edgepeft.runtime.engine import Engine
 
 
@@ -60,10 +67,7 @@ def evaluate(
         ValueError: malformed data (file and line named), nothing to evaluate, or a
             messages row and an export whose tokenizer has no chat template.
     """
-    if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(
-            f"max_new_tokens and batch_size must be at least 1; got {max_new_tokens} and {batch_size}"
-        )
+    check_sizes(max_new_tokens, batch_size)
     engine = engine_or_dir if isinstance(engine_or_dir, Engine) else Engine(engine_or_dir, threads=threads)
     targets = choose_targets(
         list(engine.adapters()), adapters, include_base,
@@ -73,7 +77,7 @@ def evaluate(
 
     examples, description = read_examples(data)
     prompts = [_prompt(engine, ex) for ex in examples]
-    batches = _batches(engine, prompts, batch_size)
+    batches = length_batches([len(engine.encode(p)) for p in prompts], batch_size)
     results = []
     for target in targets:
         predictions = [""] * len(examples)
@@ -103,13 +107,6 @@ def _prompt(engine, example: EvalExample):
             "prompt/completion, or export from a tokenizer with a chat_template"
         )
     return list(example.messages)
-
-
-def _batches(engine, prompts: list, batch_size: int) -> list[list[int]]:
-    """Example indices grouped by similar prompt length, so batches carry little padding."""
-    lengths = [len(engine.encode(p)) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 __all__ = ["evaluate"]

@@ -36,14 +36,16 @@ import torch
 from torch import nn
 
 from edgepeft.adapters.inject import active_adapter, disable_adapters, list_adapters, set_adapter
+from edgepeft.evaluation.examples import EvalExample, read_examples  # noqa: F401
 from edgepeft.evaluation.report import (  # noqa: F401
     BASE,
     EvalReport,
     TargetResult,
+    check_sizes,
     choose_targets,
+    length_batches,
     score_target,
 )
-from edgepeft.evaluation.examples import EvalExample, read_examples  # noqa: F401
 from edgepeft.train.data import bos_to_add
 
 # ---------------------------------------------------------------- prompts
@@ -97,17 +99,8 @@ def _stop_ids(model: nn.Module, tokenizer) -> list[int]:
 
 
 def _batches(ids: list[list[int]], batch_size: int, equal_length: bool = False) -> list[list[int]]:
-    """Example indices grouped by similar length, so batches carry little padding.
-
-    `equal_length`: a batch holds prompts of one token length only (no padding at all).
-    """
-    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
-    if not equal_length:
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    groups: dict[int, list[int]] = {}
-    for i in order:
-        groups.setdefault(len(ids[i]), []).append(i)
-    return [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    """Example indices grouped by similar length (`equal_length`: one length per batch)."""
+    return length_batches([len(row) for row in ids], batch_size, equal_length)
 
 
 def _pads_shift_outputs(config) -> bool:
@@ -189,10 +182,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(
-            f"max_new_tokens and batch_size must be at least 1; got {max_new_tokens} and {batch_size}"
-        )
+    check_sizes(max_new_tokens, batch_size)
     configs = list_adapters(model)
     targets = choose_targets(
         list(configs), adapters, include_base, holder="this model",
