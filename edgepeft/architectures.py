@@ -1,4 +1,5 @@
-"""What edgepeft knows about each architecture: one explicit table, validated at import.
+"""What edgepeft knows about each architecture: one explicit table, validated at import,
+and the one reader of a decoder's dimensions from its config (`DecoderShape`).
 
 Module names are dotted-name suffixes inside one decoder layer. A model type not
 in the table still works where the user names `target_modules` explicitly.
@@ -6,7 +7,8 @@ in the table still works where the user names `target_modules` explicitly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -31,13 +33,7 @@ _LLAMA_LIKE = Architecture(
     ffn_output="mlp.down_proj",
 )
 # peft's IA3 default for Qwen and Gemma rescales queries rather than keys.
-_QWEN_GEMMA = Architecture(
-    lora_targets=("q_proj", "v_proj"),
-    ia3_targets=("q_proj", "v_proj", "down_proj"),
-    ia3_feedforward=("down_proj",),
-    attention_output="self_attn.o_proj",
-    ffn_output="mlp.down_proj",
-)
+_QWEN_GEMMA = replace(_LLAMA_LIKE, ia3_targets=("q_proj", "v_proj", "down_proj"))
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _LLAMA_LIKE,
@@ -47,12 +43,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma": _QWEN_GEMMA,
     "gemma2": _QWEN_GEMMA,
     "gemma3_text": _QWEN_GEMMA,
-    "phi3": Architecture(
-        lora_targets=("qkv_proj",),
-        ia3_targets=("qkv_proj", "down_proj"),
-        ia3_feedforward=("down_proj",),
-        attention_output="self_attn.o_proj",
-        ffn_output="mlp.down_proj",
+    "phi3": replace(
+        _LLAMA_LIKE, lora_targets=("qkv_proj",), ia3_targets=("qkv_proj", "down_proj")
     ),
     "gpt2": Architecture(
         lora_targets=("c_attn",),
@@ -89,3 +81,64 @@ def require_architecture(model_type: str, what: str) -> Architecture:
             f"(known: {', '.join(sorted(ARCHITECTURES))}); pass target_modules explicitly"
         )
     return arch
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """A decoder's dimensions as its config states them (standard library only).
+
+    The config is a transformers config or a dict (a config.json); GPT-2's names
+    (n_embd, n_head, n_layer, n_inner, n_positions) stand in for the usual ones.
+    """
+
+    hidden: int
+    intermediate: int
+    """The MLP's inner width; 4 x hidden where the config names none (GPT-2)."""
+    layers: int
+    heads: int
+    kv_heads: int
+    """Key/value heads; the query heads' count where the config names none (no GQA)."""
+    head_dim: int
+    vocab: int
+    gated_mlp: bool
+    """The config names intermediate_size: a gated MLP (gate, up, down)."""
+    max_positions: int | None
+
+    @classmethod
+    def from_config(cls, config, where: str = "model", what: str = "read its shape") -> DecoderShape:
+        """The shape `config` states; `where` (a path or name) and `what` (the task) go into
+        the error.
+
+        Raises:
+            ValueError: a dimension with no default is missing (the message names the key).
+        """
+        if isinstance(config, Mapping):
+            get = config.get
+        else:
+            def get(key: str):
+                return getattr(config, key, None)
+
+        def value(*keys: str, default: int | None = None) -> int:
+            for key in keys:
+                if get(key) is not None:
+                    return get(key)
+            if default is None:
+                raise ValueError(
+                    f"{where}: config has no {' or '.join(keys)}; cannot {what} without it"
+                )
+            return default
+
+        hidden = value("hidden_size", "n_embd")
+        heads = value("num_attention_heads", "n_head")
+        layers = value("num_hidden_layers", "n_layer")
+        return cls(
+            hidden=hidden,
+            intermediate=value("intermediate_size", "n_inner", default=4 * hidden),
+            layers=layers,
+            heads=heads,
+            kv_heads=get("num_key_value_heads") or heads,
+            head_dim=get("head_dim") or hidden // heads,
+            vocab=value("vocab_size"),
+            gated_mlp=get("intermediate_size") is not None,
+            max_positions=get("max_position_embeddings") or get("n_positions"),
+        )

@@ -28,7 +28,7 @@ from typing import Any
 from torch import nn
 
 from edgepeft.adapters.targets import select_modules, suffix_match
-from edgepeft.architectures import Architecture, architecture_of
+from edgepeft.architectures import Architecture, DecoderShape, architecture_of
 from edgepeft.base import fingerprint, is_linear_like, linear_features, load_base
 from edgepeft.config import (
     BottleneckConfig,
@@ -101,13 +101,20 @@ class MethodCost:
 
 
 @dataclass(frozen=True)
-class MemoryEstimate:
+class BaseMemory:
+    """The base's weights in memory under one quantization (not a training step's peak:
+    that is `edgepeft.train.memory.MemoryEstimate`)."""
+
     quant: str
     double_quant: bool
     bytes_fp32_compute: int
     """Unquantized parts (embeddings, norms, lm_head, biases) in fp32, as load_base does on CPU."""
     bytes_bf16_compute: int
     """The same with bf16 compute, load_base's default on a bf16-capable GPU."""
+
+
+MemoryEstimate = BaseMemory
+"""The old name of `BaseMemory`."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +136,7 @@ class InspectReport:
     default_targets: tuple[tuple[str, str], ...]
     """(what, value) pairs from architectures.py; empty when the model type is not in it."""
     methods: tuple[MethodCost, ...]
-    memory: tuple[MemoryEstimate, ...]
+    memory: tuple[BaseMemory, ...]
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -222,15 +229,6 @@ def _group_linears(
     return tuple(LinearGroup(s, n, i, o) for (s, i, o), n in groups.items())
 
 
-def _head_dim(config) -> int:
-    explicit = getattr(config, "head_dim", None)
-    return explicit if explicit else config.hidden_size // config.num_attention_heads
-
-
-def _kv_heads(config) -> int:
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-
-
 # ---------------------------------------------------------------- adapter counts
 
 
@@ -260,7 +258,8 @@ def _ia3_cost(model: nn.Module, arch: Architecture) -> int:
 
 def _prefix_cost(config, num_virtual_tokens: int) -> int:
     # One key and one value prefix per layer, at the KV width (peft's GQA rule).
-    return num_virtual_tokens * config.num_hidden_layers * 2 * _kv_heads(config) * _head_dim(config)
+    dims = DecoderShape.from_config(config)
+    return num_virtual_tokens * dims.layers * 2 * dims.kv_heads * dims.head_dim
 
 
 def _bottleneck_cost(model: nn.Module, config: BottleneckConfig, arch: Architecture) -> int:
@@ -398,10 +397,10 @@ def estimate_base_bytes(
     return total
 
 
-def _memory(model: nn.Module) -> tuple[MemoryEstimate, ...]:
+def _memory(model: nn.Module) -> tuple[BaseMemory, ...]:
     settings = (("nf4", True), ("nf4", False), ("int8", False), ("none", False))
     return tuple(
-        MemoryEstimate(
+        BaseMemory(
             quant=q,
             double_quant=dq,
             bytes_fp32_compute=estimate_base_bytes(model, q, dq, FP32_BYTES),
@@ -421,6 +420,7 @@ def inspect_loaded(model: nn.Module, name_or_path: str = "") -> InspectReport:
     need the unquantized model.
     """
     config = model.config
+    dims = DecoderShape.from_config(config)
     arch = architecture_of(config.model_type)
     layers_pattern = arch.layers_pattern if arch else "layers"
     quantizable = [(n, i, o) for n, i, o in _linear_layers(model) if not _skipped(n)]
@@ -433,12 +433,12 @@ def inspect_loaded(model: nn.Module, name_or_path: str = "") -> InspectReport:
         architecture=type(model).__name__,
         fingerprint=fingerprint(model),
         parameters=sum(p.numel() for _, p in _unique_parameters(model)),
-        hidden_size=config.hidden_size,
-        layers=config.num_hidden_layers,
-        attention_heads=config.num_attention_heads,
-        kv_heads=_kv_heads(config),
-        head_dim=_head_dim(config),
-        vocab_size=config.vocab_size,
+        hidden_size=dims.hidden,
+        layers=dims.layers,
+        attention_heads=dims.heads,
+        kv_heads=dims.kv_heads,
+        head_dim=dims.head_dim,
+        vocab_size=dims.vocab,
         tied_embeddings=output_emb is not None and output_emb.weight is input_emb.weight,
         quantizable_linears=len(quantizable),
         linear_groups=_group_linears(quantizable, layers_pattern),

@@ -26,6 +26,7 @@ __all__ = [
     "AdapterLayer",
     "AdapterModule",
     "MethodSpec",
+    "ReadThroughLayer",
     "adapter_modules",
     "base_named_tensors",  # lives in edgepeft.base; kept importable from here
 ]
@@ -95,22 +96,23 @@ class AdapterModule(nn.Module):
     def __contains__(self, name: str) -> bool:
         return name in self.names()
 
-    def parameters_of(self, name: str) -> Iterator[nn.Parameter]:
+    def _entries(self, name: str) -> Iterator[tuple[str, nn.Parameter | nn.Module]]:
+        """(attribute, entry) of each container in `adapter_attrs` that holds `name`."""
         for attr in self.adapter_attrs:
             container = getattr(self, attr)
-            if name not in container:
-                continue
-            entry = container[name]
+            if name in container:
+                yield attr, container[name]
+
+    def parameters_of(self, name: str) -> Iterator[nn.Parameter]:
+        for _, entry in self._entries(name):
             if isinstance(entry, nn.Parameter):
                 yield entry
             else:
                 yield from entry.parameters()
 
     def delete(self, name: str) -> None:
-        for attr in self.adapter_attrs:
-            container = getattr(self, attr)
-            if name in container:
-                del container[name]
+        for attr, _ in list(self._entries(name)):
+            del getattr(self, attr)[name]
         self.forget(name)
         if self.active == name:
             self.active = None
@@ -126,11 +128,7 @@ class AdapterModule(nn.Module):
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         """This adapter's tensors, keyed as peft keys them below the module path."""
         out: dict[str, torch.Tensor] = {}
-        for attr in self.adapter_attrs:
-            container = getattr(self, attr)
-            if name not in container:
-                continue
-            entry = container[name]
+        for attr, entry in self._entries(name):
             if isinstance(entry, nn.Parameter):
                 out[attr] = entry
             else:
@@ -176,6 +174,20 @@ class AdapterLayer(AdapterModule):
         """
         weight = dequantized_weight(self.innermost())
         return {"weight": weight + self.delta_weight(name).to(weight.device)}
+
+
+class ReadThroughLayer(AdapterLayer):
+    """A wrapper that stands in for a whole module (embeddings, lm_head, a norm): code that
+    reads e.g. `lm_head.weight` or `norm.eps` keeps working through it and sees the frozen
+    original."""
+
+    def __getattr__(self, attr: str):
+        try:
+            return super().__getattr__(attr)
+        except AttributeError:
+            if attr == "base_layer" or attr in self.adapter_attrs:
+                raise
+            return getattr(self.innermost(), attr)
 
 
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:

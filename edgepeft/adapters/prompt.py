@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from edgepeft.adapters.layer import AdapterModule, MethodSpec
+from edgepeft.architectures import DecoderShape
 from edgepeft.base import base_info
 from edgepeft.config import PrefixTuningConfig, PromptTuningConfig
 from edgepeft.kv_cache_keyword import find_cache, put_cache
@@ -286,12 +287,8 @@ def resolve_prompt(model: nn.Module, config: PromptTuningConfig) -> PromptTuning
     _check_tokens(config)
     if config.init == "text" and not config.init_text:
         raise ValueError('prompt tuning with init="text" needs init_text (the text to start from)')
-    text = _text_config(model)
-    facts = {
-        "token_dim": text.hidden_size,
-        "num_layers": text.num_hidden_layers,
-        "num_attention_heads": text.num_attention_heads,
-    }
+    text = DecoderShape.from_config(_text_config(model))
+    facts = {"token_dim": text.hidden, "num_layers": text.layers, "num_attention_heads": text.heads}
     resolved = {k: _check_fact(config, k, v, "prompt tuning") for k, v in facts.items()}
     if config.init == "text" and config.tokenizer_name_or_path is None:
         # peft insists on a tokenizer path with text init; the base's folder holds it.
@@ -302,14 +299,11 @@ def resolve_prompt(model: nn.Module, config: PromptTuningConfig) -> PromptTuning
 def resolve_prefix(model: nn.Module, config: PrefixTuningConfig) -> PrefixTuningConfig:
     """The config with peft's key/value facts: token_dim = kv heads x head size."""
     _check_tokens(config)
-    text = _text_config(model)
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    text = DecoderShape.from_config(_text_config(model))
     facts = {
-        "token_dim": kv_heads * head_dim,
-        "num_layers": text.num_hidden_layers,
-        "num_attention_heads": kv_heads,
+        "token_dim": text.kv_heads * text.head_dim,
+        "num_layers": text.layers,
+        "num_attention_heads": text.kv_heads,
     }
     resolved = {k: _check_fact(config, k, v, "prefix tuning") for k, v in facts.items()}
     if config.projection_hidden is None:

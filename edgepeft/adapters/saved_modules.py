@@ -12,12 +12,12 @@ import copy
 import torch
 from torch import nn
 
-from edgepeft.adapters.layer import AdapterLayer
+from edgepeft.adapters.layer import ReadThroughLayer
 from edgepeft.adapters.targets import candidate_modules, suffix_match, wrap
 from edgepeft.base import is_quantized
 
 
-class ModulesToSaveLayer(AdapterLayer):
+class ModulesToSaveLayer(ReadThroughLayer):
     peft_type = "MODULES_TO_SAVE"
     adapter_attrs = ("copies",)
 
@@ -44,15 +44,6 @@ class ModulesToSaveLayer(AdapterLayer):
         if self.active is None:
             return self.base_layer(*args, **kwargs)
         return self.copies[self.active](*args, **kwargs)
-
-    def __getattr__(self, attr: str):
-        # Code that reads e.g. `lm_head.weight` keeps working through the wrapper.
-        try:
-            return super().__getattr__(attr)
-        except AttributeError:
-            if attr in ("base_layer", "copies"):
-                raise
-            return getattr(self.innermost(), attr)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         raise TypeError("modules_to_save copies replace their module; merge swaps them in")

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from edgepeft.adapters.layer import AdapterLayer, MethodSpec, adapter_modules
+from edgepeft.adapters.layer import AdapterLayer, MethodSpec, ReadThroughLayer, adapter_modules
 from edgepeft.adapters.targets import base_of, candidate_modules, wrap
 from edgepeft.base import is_linear_like, is_quantized
 from edgepeft.config import SelectiveConfig
@@ -40,7 +40,7 @@ DELTA_SUFFIX = "_delta"
 _RANDOM_STD = 0.1
 
 
-class SelectiveLayer(AdapterLayer):
+class SelectiveLayer(ReadThroughLayer):  # the delta applies in forward
     peft_type = "SELECTIVE"
     adapter_attrs = ("selective_delta",)
     mergeable = True
@@ -54,16 +54,6 @@ class SelectiveLayer(AdapterLayer):
         if name not in self.selective_delta:
             self.selective_delta[name] = nn.ParameterDict()
         self.selective_delta[name][param_name] = delta
-
-    def __getattr__(self, attr: str):
-        # Code that reads e.g. `get_input_embeddings().weight` or `norm.eps` keeps working
-        # through the wrapper; it sees the frozen original, the delta applies in forward.
-        try:
-            return super().__getattr__(attr)
-        except AttributeError:
-            if attr in ("base_layer", "selective_delta"):
-                raise
-            return getattr(self.innermost(), attr)
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         return {f"{p}{DELTA_SUFFIX}": d for p, d in self.selective_delta[name].items()}

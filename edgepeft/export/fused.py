@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgepeft.architectures import DecoderShape
 from edgepeft.base import dequantized_weight, is_linear_like
 from edgepeft.export import bnb4
 from edgepeft.export.graph_info import WEIGHT_FORMATS
@@ -313,27 +314,8 @@ def _bias(model: nn.Module, name: str) -> torch.Tensor | None:
 # ---------------------------------------------------------------- model facts
 
 
-@dataclass(frozen=True)
-class _Dims:
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    hidden: int
-    vocab: int
-
-
-def _dims(model: nn.Module) -> _Dims:
-    config = model.config
-    heads = config.num_attention_heads
-    return _Dims(
-        layers=config.num_hidden_layers,
-        heads=heads,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        hidden=config.hidden_size,
-        vocab=config.vocab_size,
-    )
+def _dims(model: nn.Module) -> DecoderShape:
+    return DecoderShape.from_config(model.config)
 
 
 def _activation(config) -> tuple[str, str, dict]:
@@ -361,7 +343,7 @@ def _window(config, layer: int) -> int:
 
 
 def _rotary_caches(
-    b: GraphBuilder, model: nn.Module, dtype, dims: _Dims
+    b: GraphBuilder, model: nn.Module, dtype, dims: DecoderShape
 ) -> dict[str | None, tuple[str, str]]:
     """cos/sin cache initializers (positions, rotary_dim / 2) per layer type (None: one for all).
 
@@ -517,7 +499,7 @@ def _qk_norm(e: _Emitter, x: str, name: str, norm: nn.Module, heads: int, head_d
 
 
 def _attention(
-    e: _Emitter, model: nn.Module, arch: _Arch, dims: _Dims, i: int, x: str, shared: _Shared
+    e: _Emitter, model: nn.Module, arch: _Arch, dims: DecoderShape, i: int, x: str, shared: _Shared
 ) -> str:
     b = e.b
     p = f"model.layers.{i}.self_attn"
@@ -699,7 +681,7 @@ def _quantized_lookup(e: _Emitter, weight: torch.Tensor) -> tuple[str, _Table]:
     return hidden, _Table(codes, scales, packed.bits, *zero_points)
 
 
-def _embed(e: _Emitter, model: nn.Module, arch: _Arch, dims: _Dims) -> tuple[str, _Table]:
+def _embed(e: _Emitter, model: nn.Module, arch: _Arch, dims: DecoderShape) -> tuple[str, _Table]:
     """(hidden states (B, T, H), the embedding table as stored)."""
     b = e.b
     weight = model.get_input_embeddings().weight
@@ -720,7 +702,7 @@ def _decoder_layer(
     e: _Emitter,
     model: nn.Module,
     arch: _Arch,
-    dims: _Dims,
+    dims: DecoderShape,
     i: int,
     hidden: str,
     residual: str | None,
@@ -839,7 +821,7 @@ def _emit_graph(
     out_dir: Path,
     say: Callable[[str], None],
     arch: _Arch,
-    dims: _Dims,
+    dims: DecoderShape,
     activation: tuple,
     optional_inputs: Mapping[str, np.ndarray] | None,
 ) -> GraphInfo:

@@ -1,7 +1,8 @@
 """The decoder's shape, read from its config.json with the standard library alone.
 
     folder / config.json / dict / HF config ──read_config──► dict
-        ──model_shape (+ CONFIG_DEFAULTS for keys the file leaves out)──► ModelShape
+        ──model_shape (+ CONFIG_DEFAULTS for keys the file leaves out;
+                       dimensions by architectures.DecoderShape)──► ModelShape
 
 No weights are read and transformers is not imported: the bare install plans. Only
 `load_config`, which the training planner needs, imports transformers, when it runs.
@@ -13,6 +14,8 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from edgepeft.architectures import DecoderShape
 
 # Decoder families of export/fused.py (_ARCHS): (per-head q/k norms, Gemma's four norms).
 FUSED_ARCHS = {
@@ -150,17 +153,6 @@ def load_config(model: str | os.PathLike | dict):
         raise ValueError(f"{model}: transformers does not know model_type {model_type!r}: {e}") from e
 
 
-def _value(c: dict, keys: tuple[str, ...], where: str, default=None):
-    """The first of `keys` that `c` holds (HF and GPT-2 names), else `default`; ValueError
-    naming the config and the key when there is neither."""
-    for key in keys:
-        if c.get(key) is not None:
-            return c[key]
-    if default is None:
-        raise ValueError(f"{where}: config has no {' or '.join(keys)}; cannot plan without it")
-    return default
-
-
 def _rotary_factor(c: dict) -> float:
     """partial_rotary_factor: a key of its own, or inside rope_parameters (transformers 5)."""
     nested = (c.get("rope_parameters") or {}).get("partial_rotary_factor")
@@ -190,37 +182,34 @@ def model_shape(model, name: str = "") -> ModelShape:
     if not model_type:
         raise ValueError(f"{where}: config has no model_type; cannot tell the architecture")
     c = {**CONFIG_DEFAULTS.get(model_type, {}), **{k: v for k, v in text.items() if v is not None}}
-    hidden = _value(c, ("hidden_size", "n_embd"), where)
-    heads = _value(c, ("num_attention_heads", "n_head"), where)
-    layers = _value(c, ("num_hidden_layers", "n_layer"), where)
-    head_dim = c.get("head_dim") or hidden // heads
+    dims = DecoderShape.from_config(c, where, what="plan")
     qk_norm, gemma = FUSED_ARCHS.get(model_type, (False, False))
     attention_bias = bool(c.get("attention_bias", False))
     gpt2 = model_type == "gpt2"
     # Gemma 3 keeps one cos/sin table pair per layer type (sliding and full attention).
-    types = _gemma3_layer_types(c, layers) if model_type == "gemma3_text" else []
+    types = _gemma3_layer_types(c, dims.layers) if model_type == "gemma3_text" else []
     if not name and isinstance(model, (str, os.PathLike)):
         name = str(model)
     return ModelShape(
         name=name or data.get("_name_or_path") or model_type,
         model_type=model_type,
-        hidden=hidden,
-        intermediate=_value(c, ("intermediate_size", "n_inner"), where, 4 * hidden),
-        layers=layers,
-        heads=heads,
-        kv_heads=c.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
-        vocab=_value(c, ("vocab_size",), where),
+        hidden=dims.hidden,
+        intermediate=dims.intermediate,
+        layers=dims.layers,
+        heads=dims.heads,
+        kv_heads=dims.kv_heads,
+        head_dim=dims.head_dim,
+        vocab=dims.vocab,
         # True where the type is not in CONFIG_DEFAULTS: transformers' base-class default.
         tied=bool(data.get("tie_word_embeddings", c.get("tie_word_embeddings", True))),
-        max_positions=c.get("max_position_embeddings") or c.get("n_positions"),
+        max_positions=dims.max_positions,
         qkv_bias=model_type == "qwen2" or attention_bias or gpt2,
         o_bias=attention_bias or gpt2,
         mlp_bias=bool(c.get("mlp_bias", False)) or gpt2,
-        gated_mlp=not gpt2 and "intermediate_size" in c,
+        gated_mlp=not gpt2 and dims.gated_mlp,
         qk_norm=qk_norm,
         gemma_norms=gemma,
-        rotary_half=int(head_dim * _rotary_factor(c)) // 2,
+        rotary_half=int(dims.head_dim * _rotary_factor(c)) // 2,
         rotary_tables=max(len(set(types)), 1),
         fused=model_type in FUSED_ARCHS,
     )

@@ -38,6 +38,7 @@ from torch import nn
 
 from edgepeft.adapters import method_for
 from edgepeft.adapters.targets import pattern_value, select_configured
+from edgepeft.architectures import DecoderShape
 from edgepeft.base import is_linear_like, linear_features
 from edgepeft.config import LoraConfig
 from edgepeft.inspect_model import adapter_cost, estimate_base_bytes
@@ -148,35 +149,6 @@ def parse_memory(value: str | int) -> int:
 # ---------------------------------------------------------------- model facts
 
 
-@dataclass(frozen=True)
-class _Shape:
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    gated_mlp: bool
-
-
-def _shape(config) -> _Shape:
-    hidden = getattr(config, "hidden_size", None) or config.n_embd
-    heads = getattr(config, "num_attention_heads", None) or config.n_head
-    return _Shape(
-        hidden=hidden,
-        intermediate=getattr(config, "intermediate_size", None)
-        or getattr(config, "n_inner", None)
-        or 4 * hidden,
-        layers=getattr(config, "num_hidden_layers", None) or config.n_layer,
-        heads=heads,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or hidden // heads,
-        vocab=config.vocab_size,
-        gated_mlp=hasattr(config, "intermediate_size"),
-    )
-
-
 def _meta_model(config) -> nn.Module:
     """The model `config` describes, with no storage: shapes without cost."""
     from transformers import AutoModelForCausalLM
@@ -219,7 +191,7 @@ def _lora_saved(meta: nn.Module, config: LoraConfig, compute_bytes: int, cuda: b
 class _Plan:
     """Everything that does not depend on batch size or sequence length."""
 
-    shape: _Shape
+    shape: DecoderShape
     compute_bytes: int
     full: bool
     adapter_saved: int
@@ -270,7 +242,7 @@ def _plan(model_config, quant, adapter_config, optimizer, precision, device, dou
     config = getattr(model_config, "config", model_config)
     compute_bytes = _precision_bytes(precision, device)
     meta = _meta_model(config)
-    shape = _shape(config)
+    shape = DecoderShape.from_config(config)
     full = adapter_config is None
     if full and quant != "none":
         raise ValueError(
@@ -448,6 +420,18 @@ def _largest(fits: Callable[[int], bool], cap: int) -> int:
 _MAX_BATCH = 1 << 20
 
 
+def _fit(
+    plan: _Plan, batch_size: int, seq_len: int, checkpointing: bool, padding: bool, budget: int
+) -> Fit:
+    def fits(b: int, t: int) -> bool:
+        return _estimate(plan, b, t, checkpointing, padding).total <= budget
+
+    return Fit(
+        batch_size=_largest(lambda b: fits(b, seq_len), _MAX_BATCH),
+        seq_len=_largest(lambda t: fits(batch_size, t), plan.shape.max_positions or _MAX_BATCH),
+    )
+
+
 def largest_fit(
     model_config,
     *,
@@ -469,18 +453,7 @@ def largest_fit(
     """
     budget = parse_memory(max_memory)
     plan = _plan(model_config, quant, adapter_config, optimizer, precision, device, double_quant)
-    config = getattr(model_config, "config", model_config)
-    max_len = getattr(config, "max_position_embeddings", None) or getattr(
-        config, "n_positions", None
-    )
-
-    def fits(b: int, t: int) -> bool:
-        return _estimate(plan, b, t, gradient_checkpointing, padding).total <= budget
-
-    return Fit(
-        batch_size=_largest(lambda b: fits(b, seq_len), _MAX_BATCH),
-        seq_len=_largest(lambda t: fits(batch_size, t), max_len or _MAX_BATCH),
-    )
+    return _fit(plan, batch_size, seq_len, gradient_checkpointing, padding, budget)
 
 
 def check_fits(
@@ -508,23 +481,12 @@ def check_fits(
     sequence length that fit, what to change, and that overhead as this process holds it
     now (`process_overhead`), so the memory the process needs as a whole is plain too.
     """
-    args = dict(
-        quant=quant,
-        adapter_config=adapter_config,
-        optimizer=optimizer,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        gradient_checkpointing=gradient_checkpointing,
-        precision=precision,
-        device=device,
-        double_quant=double_quant,
-        padding=padding,
-    )
     budget = parse_memory(max_memory)
-    estimate = estimate_memory(model_config, **args)
+    plan = _plan(model_config, quant, adapter_config, optimizer, precision, device, double_quant)
+    estimate = _estimate(plan, batch_size, seq_len, gradient_checkpointing, padding)
     if estimate.total <= budget:
         return estimate
-    fit = largest_fit(model_config, **args, max_memory=budget)
+    fit = _fit(plan, batch_size, seq_len, gradient_checkpointing, padding, budget)
     asked = f"batch_size={batch_size}, seq_len={seq_len}"
     if fit.batch_size == 0 and fit.seq_len == 0:
         hint = "even batch 1 does not fit at these lengths"
