@@ -18,6 +18,8 @@
 
     python scripts/measure_int4.py                  # the table (~10 min on 2 cores)
     python scripts/measure_int4.py --sensitivity    # KL with one layer / one kind quantized
+    python scripts/measure_int4.py --only "awq|gptq"  # the calibrated settings (moments from
+                                                    # CALIBRATION_TEXT, never the scored text)
 """
 
 from __future__ import annotations
@@ -204,7 +206,16 @@ SETTINGS = [
     Setting("gptq b32 mixed, packed qkv", method="gptq", symmetric=False, mixed=True,
             packed_qkv=True),  # fmt: skip
     Setting("gptq b64 mixed", method="gptq", symmetric=False, block_size=64, mixed=True),
+    Setting("awq-search b32 mixed", method="awq", symmetric=False, mixed=True),
+    Setting("awq-search b32 mixed, packed qkv", method="awq", symmetric=False, mixed=True,
+            packed_qkv=True),  # fmt: skip
 ]
+AWQ_ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+"""Exponents tried for the activation-aware input-channel scales s = rms(x)^alpha."""
+AWQ_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",))
+"""Linears that share one input, so one scale vector (folded into the RMSNorm before them,
+or into up_proj's rows for down_proj: function-preserving, as `off_grid` moves scales).
+o_proj is left unscaled: its inputs are v's channels repeated per query head."""
 CALIBRATION_TEXT = "declaration"
 """GPTQ's input moments come from this text, never from the one scored ("docs")."""
 
@@ -285,7 +296,7 @@ def quantized(
         packed = quantize_nbits(weight, 8, 32, symmetric=True)
     elif setting.method == "gptq" and hessian is not None:
         packed = gptq_quantize(weight, hessian, 4, setting.block_size)
-    elif setting.method == "gptq":  # the embedding table alone: no linear input to weigh
+    elif setting.method in ("gptq", "awq"):  # the table, or awq's scaled weight: search fit
         packed = quantize_nbits(weight, 4, setting.block_size, symmetric=False, method="search")
     else:
         packed = quantize_nbits(
@@ -367,6 +378,51 @@ class Bench:
             self._moments = sums
         return self._moments
 
+    def run_awq(self, setting: Setting, moments, names) -> tuple[Quality, float]:
+        """Activation-aware scaling (AWQ, Lin et al. 2023) before the search fit: per group of
+        linears sharing an input, the alpha whose rounded weights give the least output
+        error tr(dW H dW^T) on the calibration text; then W * s quantized, / s after."""
+        size = count = 0
+        done = set()
+        with torch.no_grad():
+            for name in names or self.params:
+                if name in done:
+                    continue
+                group = [name]
+                for members in AWQ_GROUPS:
+                    if any(f".{m}." in name for m in members):
+                        group = [re.sub(r"\.(\w+_proj)\.", f".{m}.", name) for m in members]
+                weights = {g: self.original[g].numpy() for g in group}
+                h = moments.get(name)
+                bits = {g: setting_bits(g, setting, self.num_layers) for g in group}
+                best = None
+                alphas = AWQ_ALPHAS if h is not None and any(b == 4 for b in bits.values()) else (0.0,)
+                for alpha in alphas:
+                    scale = np.ones(next(iter(weights.values())).shape[1], np.float32)
+                    if alpha:
+                        rms = np.sqrt(np.maximum(np.diag(h.numpy()), 1e-12))
+                        scale = (rms**alpha).astype(np.float32)
+                        scale /= np.sqrt(scale.max() * scale.min())
+                    rounded, error, nbytes = {}, 0.0, 0
+                    for g, w in weights.items():
+                        q, b = quantized(g, w * scale, setting, self.num_layers)
+                        q = q / scale
+                        rounded[g], nbytes = q, nbytes + b
+                        if h is not None:
+                            delta = torch.from_numpy(w - q).double()
+                            error += float(((delta @ h) * delta).sum())
+                    if best is None or error < best[0]:
+                        best = (error, rounded, nbytes)
+                _, rounded, nbytes = best
+                for g, q in rounded.items():
+                    self.params[g].copy_(torch.from_numpy(q.astype(np.float32)))
+                    count += q.size
+                    done.add(g)
+                size += nbytes
+        quality = compare(self.reference, log_probs(self.model, self.ids), self.ids)
+        self.restore()
+        return quality, 8 * size / count
+
     def restore(self) -> None:
         with torch.no_grad():
             for name, p in self.params.items():
@@ -375,7 +431,9 @@ class Bench:
     def run(self, setting: Setting, names: list[str] | None = None) -> tuple[Quality, float]:
         """Quality with `names` (default all 2-D weights) quantized; and bits per weight."""
         size = count = 0
-        moments = self.moments() if setting.method == "gptq" else {}
+        moments = self.moments() if setting.method in ("gptq", "awq") else {}
+        if setting.method == "awq":
+            return self.run_awq(setting, moments, names)
         with torch.no_grad():
             for name in names or self.params:
                 weight = self.original[name].numpy()
