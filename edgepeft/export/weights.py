@@ -45,10 +45,11 @@ com.microsoft.MatMulBnb4 instead: formats "nf4" / "fp4", in bnb4.py (`Bnb4Weight
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from edgepeft.artifacts.graph_io import PACKED_PROJECTIONS
 from edgepeft.vocab import NBITS
 
 BITS = NBITS
@@ -83,8 +84,9 @@ def _round_half_away(x: np.ndarray) -> np.ndarray:
     return whole + np.sign(x) * (np.abs(x - whole) >= 0.5)
 
 
-def _pack(values: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned codes along the last axis into bytes, lowest bits first."""
+def pack_codes(values: np.ndarray, bits: int) -> np.ndarray:
+    """Codes (..., count) in [0, 2^bits - 1] as MatMulNBits packs them along the last axis:
+    uint8, lowest bits first (4-bit codes two to a byte, the first in the low half)."""
     per_byte = 8 // bits
     if values.shape[-1] % per_byte:
         # Fill odd tails the way onnxruntime does for zero points: the unused half byte is 8.
@@ -96,12 +98,6 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     for k in range(per_byte):
         packed |= values[..., k] << (k * bits)
     return packed
-
-
-def pack_codes(values: np.ndarray, bits: int) -> np.ndarray:
-    """Codes (..., count) in [0, 2^bits - 1] as MatMulNBits packs them along the last axis
-    (uint8; 4-bit codes two to a byte, the first in the low half)."""
-    return _pack(values, bits)
 
 
 def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -216,9 +212,9 @@ def quantize_nbits(
     elif float_zero_points:
         zero_points = zeros.astype(np.float32)
     else:
-        zero_points = _pack(zeros.astype(np.uint8), bits)
+        zero_points = pack_codes(zeros.astype(np.uint8), bits)
     return PackedNBits(
-        codes=_pack(codes, bits),
+        codes=pack_codes(codes, bits),
         scales=scales,
         zero_points=zero_points,
         bits=bits,
@@ -447,13 +443,6 @@ def mixed_bits(module: str, num_layers: int) -> int:
     return 4
 
 
-PACKED_MEMBERS = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-}
-"""The modules a packed projection stands for (the fused graph's, and Phi-3's own)."""
-
-
 @dataclass(frozen=True)
 class WeightQuantization:
     """How an "int4" / "int8" export turns each weight into MatMulNBits initializers.
@@ -489,9 +478,11 @@ class WeightQuantization:
         """
         if weights != "int4" or not self.mixed:
             return BITS[weights]
-        parent, _, leaf = module.rpartition(".")
-        members = PACKED_MEMBERS.get(leaf, (leaf,))
-        return max(mixed_bits(f"{parent}.{m}", num_layers) for m in members)
+        packed = next((p for p in PACKED_PROJECTIONS if module.endswith("." + p)), None)
+        if packed is None:
+            return mixed_bits(module, num_layers)
+        prefix = module[: -len(packed)]
+        return max(mixed_bits(prefix + m, num_layers) for m in PACKED_PROJECTIONS[packed])
 
     def has_zero_points(self, bits: int) -> bool:
         """Whether a tensor of `bits` carries a zero-point initializer (int8 never does)."""
@@ -520,12 +511,7 @@ class WeightQuantization:
         )
 
     def to_dict(self) -> dict:
-        return {
-            "method": self.method,
-            "symmetric": self.symmetric,
-            "mixed": self.mixed,
-            "float_zero_points": self.float_zero_points,
-        }
+        return asdict(self)
 
 
 DEFAULT_QUANTIZATION = WeightQuantization()

@@ -19,7 +19,13 @@ from dataclasses import asdict, dataclass
 from edgepeft.devices import DeviceProfile
 from edgepeft.export.weights import DEFAULT_QUANTIZATION, WeightQuantization
 from edgepeft.plan.shape import ModelShape
-from edgepeft.plan.weights import BNB4_BLOCK, Part, data_file_bytes, tensor_bytes, weight_parts
+from edgepeft.plan.weights import (
+    BNB4_BLOCK,
+    Part,
+    data_file_bytes,
+    decoder_weight_bytes,
+    weight_parts,
+)
 from edgepeft.vocab import BNB4_FORMATS, NBITS
 
 KV_STEP = 256
@@ -131,14 +137,8 @@ def largest_linear_bytes(
     shape: ModelShape, fmt: str, block_size: int, quantization: WeightQuantization
 ) -> int:
     """Bytes of the largest decoder weight as stored (its bits as the export picks them)."""
-    def stored(layer: int, module: str, n: int, k: int) -> int:
-        bits = quantization.bits(fmt, f"model.layers.{layer}.{module}", shape.layers)
-        return sum(tensor_bytes(n, k, fmt, block_size, bits, quantization))
-
-    sizes = [
-        stored(i, m, n, k) for i in range(shape.layers) for m, n, k, _ in shape.named_linears()
-    ]
-    return max(sizes, default=0)
+    sizes = decoder_weight_bytes(shape, fmt, block_size, quantization)
+    return max((sum(tensors) for tensors in sizes), default=0)
 
 
 def plan_format(

@@ -69,6 +69,23 @@ def tensor_bytes(
     return [n * k * (2 if fmt == "fp16" else 4)]
 
 
+def decoder_weight_bytes(
+    shape: ModelShape, fmt: str, block_size: int, quantization: WeightQuantization
+) -> list[list[int]]:
+    """Initializer sizes of every decoder weight, layer by layer, each in the bits the export
+    gives it (mixed precision picks them by module name)."""
+    quantized = fmt in NBITS
+    return [
+        tensor_bytes(
+            n, k, fmt, block_size,
+            quantization.bits(fmt, f"model.layers.{i}.{module}", shape.layers) if quantized else 0,
+            quantization,
+        )
+        for i in range(shape.layers)
+        for module, n, k, _ in shape.named_linears()
+    ]  # fmt: skip
+
+
 def weight_parts(
     shape: ModelShape,
     fmt: str,
@@ -82,14 +99,10 @@ def weight_parts(
         raise ValueError(f"weights must be one of {FORMATS + ('fp4',)}, got {fmt!r}")
     dtype = 2 if fmt == "fp16" else 4  # activations, norms, biases, embeddings
     quantized = fmt in NBITS
-    layers, layer_scales, small = [], 0, []
-    for i in range(shape.layers):
-        for module, n, k, has_bias in shape.named_linears():
-            bits = quantization.bits(fmt, f"model.layers.{i}.{module}", shape.layers) if quantized else 0
-            tensors = tensor_bytes(n, k, fmt, block_size, bits, quantization)
-            layers += tensors
-            layer_scales += tensors[1] if quantized else 0
-            small += [n * dtype] if has_bias and i == 0 else []
+    weights = decoder_weight_bytes(shape, fmt, block_size, quantization)
+    layers = [size for tensors in weights for size in tensors]
+    layer_scales = sum(tensors[1] for tensors in weights) if quantized else 0
+    small = [n * dtype for _, n, _, has_bias in shape.named_linears() if has_bias]
     parts = [Part("decoder linears", sum(layers), layer_scales, quantized, tensors=tuple(layers))]
     v, h = shape.vocab, shape.hidden
     if quantized:
@@ -150,6 +163,7 @@ __all__ = [
     "ROTARY_CACHE_LIMIT",
     "Part",
     "data_file_bytes",
+    "decoder_weight_bytes",
     "file_bytes",
     "nbits_tensor_bytes",
     "tensor_bytes",
