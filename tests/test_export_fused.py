@@ -386,6 +386,7 @@ def test_rtn_recipe_is_the_symmetric_rtn_format(tied, tmp_path):
         "symmetric": True,
         "mixed": False,
         "float_zero_points": False,
+        "activation_aware": False,
         "int8_tensors": [],
         "int4_tensors": len(nodes),
     }

@@ -70,6 +70,12 @@ def add_export_parser(commands) -> argparse.ArgumentParser:
         default=None,
         help="int4: store tied embedding/lm_head, v_proj and some down_proj in int8 (default on)",
     )
+    parser.add_argument(
+        "--activation-aware",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="int4: calibrated per-channel scales before rounding (AWQ; default on)",
+    )
     parser.add_argument("--max-context", type=int, metavar="N", help="default: the model's limit")
     parser.add_argument(
         "--recipe", metavar="NAME|TOML", help="a shipped recipe (cpu-int4, ...) or a .toml file"
@@ -113,6 +119,7 @@ def run_export(args: argparse.Namespace) -> int:
         accuracy_level=args.accuracy_level,
         int4_method=args.int4_method,
         mixed_precision=args.mixed_precision,
+        activation_aware=args.activation_aware,
         max_context=args.max_context,
         recipe=args.recipe,
         verify=not args.no_verify,

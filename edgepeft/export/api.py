@@ -44,6 +44,7 @@ from edgepeft.adapters.peft_format import load_adapter, read_adapter
 from edgepeft.atomic import atomic_folder
 from edgepeft.base import base_info, fingerprint, load_base
 from edgepeft.export import fused, model_facts
+from edgepeft.export.channel_scales import calibration_ids
 from edgepeft.export.finish import finish_graph_folder
 from edgepeft.export.generic import export_generic
 from edgepeft.export.manifest import (
@@ -163,10 +164,14 @@ def _request(
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
     out = Path(out_dir).expanduser()
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(
+            f"{out} already exists; pass overwrite=True (--overwrite) to replace it"
+        )
     folders = _adapter_folders(adapters)
     if lora_everywhere and options["mode"] != "separate":
-        raise ValueError("lora_everywhere=True needs mode='separate' (graph inputs for later adapters)")
+        raise ValueError(
+            "lora_everywhere=True needs mode='separate' (graph inputs for later adapters)"
+        )
     return _Request(
         out=out,
         options=options,
@@ -274,7 +279,7 @@ def _open_base(base, quant: str | None, tokenizer, request: _Request, say: Progr
 # ---------------------------------------------------------------- step 3: the graphs
 
 
-def _build_graph(model, stream, folder: Path, options: dict, graph: str, say: Progress):
+def _build_graph(model, stream, folder: Path, options: dict, graph: str, say: Progress, tokenizer):
     """Write model.onnx(.data) into `folder` with the fused or the generic builder."""
     kwargs = dict(
         block_size=options["block_size"],
@@ -283,9 +288,17 @@ def _build_graph(model, stream, folder: Path, options: dict, graph: str, say: Pr
     )
     model_type = getattr(model.config, "model_type", None)
     if graph != "generic" and (graph == "fused" or model_type in fused.FUSED_MODEL_TYPES):
+        int4 = options["weights"] == "int4"
         try:
             say(f"building fused graph ({model_type}, {options['weights']})")
-            info = fused.export_fused(model, folder, options["weights"], stream=stream, **kwargs)
+            info = fused.export_fused(
+                model,
+                folder,
+                options["weights"],
+                stream=stream,
+                calibration_ids=calibration_ids(tokenizer) if int4 else None,
+                **kwargs,
+            )
             return info, "fused"
         except NotImplementedError as e:
             if graph == "fused":
@@ -313,7 +326,9 @@ def _export_one(
     """One graph folder (base alone, or one adapter merged in); returns its verify report."""
     options = request.options
     folder.mkdir(parents=True, exist_ok=True)
-    info, kind = _build_graph(model, base.stream, folder, options, request.graph, say)
+    info, kind = _build_graph(
+        model, base.stream, folder, options, request.graph, say, base.tokenizer
+    )
     if base.tokenizer is not None:
         base.tokenizer.save_pretrained(folder)
     manifest = Manifest(
@@ -467,6 +482,7 @@ def export(
     accuracy_level: int | None = None,
     int4_method: str | None = None,
     mixed_precision: bool | None = None,
+    activation_aware: bool | None = None,
     max_context: int | None = None,
     recipe: str | os.PathLike | None = None,
     verify: bool = True,
@@ -496,11 +512,14 @@ def export(
             no zero points: the exporter's format before search became the default).
         mixed_precision: int4 exports store the tensors `weights.mixed_bits` names (tied
             embedding / lm_head, v_proj, some down_proj) in int8 (default True).
+        activation_aware: int4 fused graphs of llama-family models scale input channels by
+            their activation size, calibrated on a shipped public-domain text, before
+            rounding (AWQ; export/channel_scales.py; default True; never with "rtn").
         max_context: Longest sequence the runtime should allow (default: the model's).
         recipe: A shipped recipe's name ("cpu-int4") or a TOML file (`recipe_path`) whose
             keys (weights, block_size, accuracy_level, mode, max_context, int4_method,
-            mixed_precision) replace the
-            defaults; explicit arguments win over it.
+            mixed_precision, activation_aware) replace the defaults; explicit arguments win
+            over it.
         verify: Compare every graph with PyTorch and store the numbers (verify.json,
             manifest "verify").
         graph: "auto" (fused where the architecture has a fused builder), "fused"
@@ -516,7 +535,11 @@ def export(
     Returns:
         ExportResult with the graph folders, the top manifest and the verify report.
     """
-    say = (lambda line: None) if quiet else (lambda line: print(f"export: {line}", file=sys.stderr, flush=True))
+    say = (
+        (lambda line: None)
+        if quiet
+        else (lambda line: print(f"export: {line}", file=sys.stderr, flush=True))
+    )
     options = export_options(
         recipe,
         weights=weights,
@@ -525,6 +548,7 @@ def export(
         accuracy_level=accuracy_level,
         int4_method=int4_method,
         mixed_precision=mixed_precision,
+        activation_aware=activation_aware,
         max_context=max_context,
     )
     request = _request(

@@ -42,7 +42,9 @@ token over a non-empty past only at batch size 1 (chunked prefill).
 
 Weights: "fp32", "fp16" (weights, activations and KV in fp16, logits cast to fp32), "int8" /
 "int4" (MatMulNBits; by default int4 "search" with uint8 zero points and int8 where
-`weights.mixed_bits` says, or plain symmetric RTN: `weights.WeightQuantization`; norms and untied embeddings stay fp32, a tied table is
+`weights.mixed_bits` says, or plain symmetric RTN: `weights.WeightQuantization`; with
+`activation_aware`, calibrated input-channel scales first, folded into the norms or a Mul:
+channel_scales.py; norms and untied embeddings stay fp32, a tied table is
 stored once, quantized, for lookup and lm_head), "nf4" / "fp4" (MatMulBnb4
 over bitsandbytes' own codes, fp32 activations; lm_head stays fp32). See weights.py, bnb4.py.
 """
@@ -62,7 +64,8 @@ from torch import nn
 
 from edgepeft.architectures import DecoderShape
 from edgepeft.base import dequantized_weight, is_linear_like
-from edgepeft.export import bnb4
+from edgepeft.export import bnb4, channel_scales
+from edgepeft.export.channel_scales import ChannelScales
 from edgepeft.export.graph_info import WEIGHT_FORMATS
 from edgepeft.export.onnx_graph import GraphBuilder
 from edgepeft.export.weights import (
@@ -71,6 +74,7 @@ from edgepeft.export.weights import (
     PackedNBits,
     WeightQuantization,
     check_block_size,
+    dequantize_packed,
     quantization_record,
 )
 
@@ -168,6 +172,69 @@ class _Emitter:
         self.adapter_branches: dict[str, AdapterBranch] = {}
         """module name -> emitter of its projection with separate-mode adapter inputs."""
         self.emitted_branches: set[str] = set()
+        self.channel_scales: ChannelScales | None = None
+        """int4 with activation-aware scales: the calibrated s per group (channel_scales.py)."""
+        self.column_scale: dict[str, np.ndarray] = {}
+        """Folded groups: module -> s its weight columns are multiplied by when read."""
+        self.row_divisor: dict[str, np.ndarray] = {}
+        """Folded down groups: up_proj -> s its weight rows are divided by when read."""
+        self.norm_divisor: dict[str, np.ndarray] = {}
+        """Folded groups: RMSNorm -> s its γ is divided by."""
+        self.input_scale: dict[str, tuple[str, np.ndarray]] = {}
+        """Explicit groups: module (or packed name) -> (group key, s): the base matmul reads
+        Mul(x, 1/s) and columns · s, while an adapter on the group reads x itself."""
+        self._scaled_inputs: dict[tuple[str, str], str] = {}
+        self.scales_skipped: str | None = None
+        """Why an int4 graph asked for channel scales got none (the manifest says it)."""
+
+    def use_channel_scales(self, scales: ChannelScales, num_layers: int) -> None:
+        """Realize each calibrated group's s: folded where no adapter reads the group's
+        input or output, else explicit (see channel_scales.py)."""
+        self.channel_scales = scales
+        for i in range(num_layers):
+            for group in channel_scales.layer_groups(i):
+                s = scales.scales.get(group.key)
+                if s is None:
+                    continue
+                touched = (*group.members, *group.packed)
+                if not group.source_is_norm:
+                    touched += (group.source,)
+                if self.packable(*touched):
+                    for member in group.members:
+                        self.column_scale[member] = s
+                    divisors = self.norm_divisor if group.source_is_norm else self.row_divisor
+                    divisors[group.source] = s
+                else:  # a norm-fed group's packed name is a base matmul too (packed_adapters)
+                    readers = group.members + (group.packed if group.source_is_norm else ())
+                    for name in readers:
+                        self.input_scale[name] = (group.key, s)
+
+    def rounding(self, group: channel_scales.ScaleGroup, name: str, w: np.ndarray) -> np.ndarray:
+        """`channel_scales.Rounding`: a member as this graph will round it (packed bits too)."""
+        unit = name
+        if group.source_is_norm and self.packable(*group.members, *group.packed):
+            unit = group.packed[0]
+        bits = self.quantization.bits(self.weights, unit, self.num_layers)
+        return dequantize_packed(self.quantization.quantize(w, bits, self.block_size))
+
+    def weight(self, model: nn.Module, name: str) -> torch.Tensor:
+        """Module `name`'s fp32 (out, in) weight, with folded channel scales applied."""
+        w = _weight(model, name)
+        if name in self.column_scale or name in self.row_divisor:
+            w = w.detach().to(torch.float32)
+            if name in self.column_scale:
+                w = w * torch.from_numpy(self.column_scale[name])
+            if name in self.row_divisor:
+                w = w / torch.from_numpy(self.row_divisor[name])[:, None]
+        return w
+
+    def _scaled_input(self, x: str, name: str) -> tuple[str, np.ndarray]:
+        """Mul(x, 1/s) for an explicit group's base matmul, made once per input tensor."""
+        key, s = self.input_scale[name]
+        if (x, key) not in self._scaled_inputs:
+            inverse = self.b.initializer(f"{key}.input_scale_inverse", (1 / s).astype(self.dtype))
+            self._scaled_inputs[(x, key)] = self.b.node("Mul", [x, inverse], name=f"{key}/ScaleMul")
+        return self._scaled_inputs[(x, key)], s
 
     def packable(self, *names: str) -> bool:
         """Sibling projections may share one MatMul only if no adapter needs one of them alone."""
@@ -219,6 +286,9 @@ class _Emitter:
             self.emitted_branches.add(name)
             return self.adapter_branches[name](self, x, name, weight, bias)
         w = _numpy(weight)
+        if name in self.input_scale:  # explicit channel scales: the base reads x / s
+            x, s = self._scaled_input(x, name)
+            w = w * s
         bias_init = (
             self.b.initializer(f"{name}.bias", _numpy(bias).astype(self.dtype))
             if bias is not None
@@ -254,6 +324,8 @@ class _Emitter:
 
     def gamma(self, name: str, norm: nn.Module) -> str:
         w = _numpy(norm.weight)
+        if name in self.norm_divisor:  # folded channel scales (never gemma: not supported)
+            w = w / self.norm_divisor[name]
         if self.gemma_norms:  # Gemma's RMSNorm multiplies by (1 + w), in fp32 as HF does
             return self.b.initializer(
                 f"{name}.weight_plus_one", (np.float32(1) + w).astype(self.dtype)
@@ -516,12 +588,12 @@ def _attention(
         qkv = e.linear(
             x,
             f"{p}.qkv_proj",
-            torch.cat([_weight(model, n) for n in names]),
+            torch.cat([e.weight(model, n) for n in names]),
             torch.cat(biases) if biases[0] is not None else None,
         )
         q, k, v = qkv, "", ""
     else:
-        q, k, v = (e.linear(x, n, _weight(model, n), _bias(model, n)) for n in names)
+        q, k, v = (e.linear(x, n, e.weight(model, n), _bias(model, n)) for n in names)
     if arch.qk_norm:
         if not k:  # packed: split for the per-head norms
             q, k, v = b.node(
@@ -574,17 +646,17 @@ def _mlp(e: _Emitter, model: nn.Module, arch: _Arch, i: int, x: str, activation)
         if arch.packed_checkpoint:
             weight = _weight(model, f"{p}.gate_up_proj")
         else:
-            weight = torch.cat([_weight(model, f"{p}.gate_proj"), _weight(model, f"{p}.up_proj")])
+            weight = torch.cat([e.weight(model, f"{p}.gate_proj"), e.weight(model, f"{p}.up_proj")])
         gate_up = e.linear(x, f"{p}.gate_up_proj", weight)
         gate, up = b.node(
             "Split", [gate_up], name=f"{p}.gate_up_proj/Split", axis=-1, num_outputs=2, outputs=2
         )
     else:
-        gate = e.linear(x, f"{p}.gate_proj", _weight(model, f"{p}.gate_proj"))
-        up = e.linear(x, f"{p}.up_proj", _weight(model, f"{p}.up_proj"))
+        gate = e.linear(x, f"{p}.gate_proj", e.weight(model, f"{p}.gate_proj"))
+        up = e.linear(x, f"{p}.up_proj", e.weight(model, f"{p}.up_proj"))
     act = b.node(op, [gate], name=f"{p}.act_fn/{op}", domain=domain, **attrs)
     hidden = b.node("Mul", [act, up], name=f"{p}/Mul")
-    return e.linear(hidden, f"{p}.down_proj", _weight(model, f"{p}.down_proj"))
+    return e.linear(hidden, f"{p}.down_proj", e.weight(model, f"{p}.down_proj"))
 
 
 @dataclass(frozen=True)
@@ -758,6 +830,8 @@ def export_fused(
     optional_inputs: Mapping[str, np.ndarray] | None = None,
     progress: Callable[[str], None] | None = None,
     stream: LayerStream | None = None,
+    calibration_ids: np.ndarray | None = None,
+    channel_scales: ChannelScales | None = None,
 ) -> GraphInfo:
     """Write a fused onnxruntime decoder graph of `model` to out_dir/model.onnx (+ .data).
 
@@ -784,6 +858,11 @@ def export_fused(
         progress: Called with one line per decoder layer (default: the "edgepeft" logger
             at INFO level, or the stream's own progress callback).
         stream: The LayerStream `skeleton` returned with `model`, when `model` is one.
+        calibration_ids: (1, T) token ids (`channel_scales.calibration_ids`) for the
+            activation-aware channel scales of an int4 graph (`quantization.activation_aware`);
+            None leaves the weights unscaled.
+        channel_scales: Scales to apply instead of calibrating (any weight format: the
+            transform is exact before rounding), e.g. those a training base was made with.
 
     Returns:
         GraphInfo describing the written graph.
@@ -809,7 +888,18 @@ def export_fused(
     )
     e.adapter_branches = dict(adapter_branches or {})
     try:
-        return _emit_graph(e, model, stream, out_dir, say, arch, dims, activation, optional_inputs)
+        return _emit_graph(
+            e,
+            model,
+            stream,
+            out_dir,
+            say,
+            arch,
+            dims,
+            activation,
+            optional_inputs,
+            (calibration_ids, channel_scales),
+        )
     finally:
         e.b.discard()  # spooled data of a graph that failed; nothing once saved
 
@@ -824,6 +914,7 @@ def _emit_graph(
     dims: DecoderShape,
     activation: tuple,
     optional_inputs: Mapping[str, np.ndarray] | None,
+    scaling: tuple[np.ndarray | None, ChannelScales | None],
 ) -> GraphInfo:
     """export_fused's body: inputs, embedding, layers, head, outputs, save."""
 
@@ -833,6 +924,7 @@ def _emit_graph(
     model_type, weights = model.config.model_type, e.weights
     if weights in bnb4.BNB4_FORMATS:
         e.bnb4 = bnb4.Bnb4Weights(model, weights)
+    _channel_scales(e, model, holding, *scaling, say)
     b, dtype = e.b, e.dtype
     kv_shape = ["batch_size", dims.kv_heads, "past_sequence_length", dims.head_dim]
     b.input("input_ids", np.int64, ["batch_size", "sequence_length"])
@@ -881,5 +973,52 @@ def _emit_graph(
         kv_dtype="float16" if dtype == np.float16 else "float32",
         weights=weights,
         op_counts=b.op_counts(),
-        quantization=quantization_record(e.quantization, e.bits_of) if e.bits_of else None,
+        quantization=_quantization_record(e),
     )
+
+
+def _channel_scales(
+    e: _Emitter, model: nn.Module, holding, calibration_ids, given: ChannelScales | None, say
+) -> None:
+    """Activation-aware channel scales: the given ones, or calibrated for an int4 graph
+    when the recipe asks for them."""
+    if given is not None:
+        reason = channel_scales.unsupported(model)
+        if reason is None and e.bnb4 is not None:
+            reason = f"{e.weights} graphs keep bitsandbytes' own codes, which cannot be scaled"
+        if reason is not None:
+            raise ValueError(f"channel_scales given, but {reason}")
+        e.use_channel_scales(given, len(model.model.layers))
+        return
+    if e.weights != "int4" or not e.quantization.activation_aware:
+        return
+    reason = channel_scales.unsupported(model)
+    if reason is None and calibration_ids is None:
+        reason = "no tokenizer for the calibration text"
+    if reason is None and int(calibration_ids.max()) >= model.get_input_embeddings().num_embeddings:
+        reason = "the tokenizer's ids exceed the model's vocabulary"
+    if reason is not None:
+        e.scales_skipped = reason
+        say(f"int4 without activation-aware channel scales: {reason}")
+        return
+    scales = channel_scales.calibrate(
+        model,
+        calibration_ids,
+        lambda name: _weight(model, name),
+        e.rounding,
+        holding=holding,
+        progress=say,
+    )
+    e.use_channel_scales(scales, len(model.model.layers))
+
+
+def _quantization_record(e: _Emitter) -> dict | None:
+    """The manifest's `quantization` entry, with the channel scales applied (or why not)."""
+    if not e.bits_of:
+        return None
+    record = quantization_record(e.quantization, e.bits_of)
+    if e.channel_scales is not None:
+        record["activation_scales"] = e.channel_scales.record()
+    elif e.scales_skipped:
+        record["activation_scales"] = {"skipped": e.scales_skipped}
+    return record

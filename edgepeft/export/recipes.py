@@ -25,6 +25,7 @@ RECIPE_KEYS = {
     "providers": list,
     "int4_method": str,
     "mixed_precision": bool,
+    "activation_aware": bool,
 }
 DEFAULTS = {
     "weights": "int4",
@@ -33,6 +34,7 @@ DEFAULTS = {
     "accuracy_level": 4,
     "int4_method": "search",
     "mixed_precision": True,
+    "activation_aware": True,
 }
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "data" / "recipes"
 """The recipes shipped inside the package (package data: the wheel holds them)."""
@@ -69,7 +71,8 @@ def load_recipe(recipe: str | os.PathLike) -> dict:
 
     Keys: weights, block_size, accuracy_level, mode, max_context, providers (the
     onnxruntime execution providers the runtime should try, recorded in the manifest),
-    int4_method ("search" or "rtn") and mixed_precision (true / false), see `quantization`.
+    int4_method ("search" or "rtn"), mixed_precision and activation_aware (true / false),
+    see `quantization_of`.
     """
     path = recipe_path(recipe)
     data = read_toml(path, "recipe")
@@ -104,5 +107,8 @@ def export_options(recipe, **given) -> dict:
 
 
 def quantization_of(options: dict) -> WeightQuantization:
-    """The int4/int8 recipe the export options ask for (int4_method, mixed_precision)."""
-    return weight_quantization(options["int4_method"], options["mixed_precision"])
+    """The int4/int8 recipe the export options ask for (int4_method, mixed_precision,
+    activation_aware)."""
+    return weight_quantization(
+        options["int4_method"], options["mixed_precision"], options["activation_aware"]
+    )

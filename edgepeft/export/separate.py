@@ -81,6 +81,7 @@ from edgepeft.export.adapter_slots import (
     ia3_input,
     lora_inputs,
 )
+from edgepeft.export.channel_scales import calibration_ids
 from edgepeft.export.files import record_files
 from edgepeft.export.fused import export_fused, unsupported
 from edgepeft.export.generic import export_generic
@@ -350,7 +351,13 @@ def export_separate(
         slots = pack_slots(model, slots)
         say(f"building the {model_type} base graph ({weights}) with adapter inputs on {len(slots)} layers")
         info = export_fused(
-            model, out_dir, weights, adapter_branches=slots, stream=stream, **kwargs
+            model,
+            out_dir,
+            weights,
+            adapter_branches=slots,
+            stream=stream,
+            calibration_ids=calibration_ids(tokenizer) if weights == "int4" else None,
+            **kwargs,
         )
     else:  # traced: one slot per module, no packing
         say(f"tracing the {model_type} base graph ({weights}) with adapter inputs on {len(slots)} layers")

@@ -223,9 +223,7 @@ def quantize_nbits(
     )
 
 
-def rtn_parameters(
-    blocks: np.ndarray, bits: int, symmetric: bool
-) -> tuple[np.ndarray, np.ndarray]:
+def rtn_parameters(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
     """onnxruntime's round-to-nearest (scale, zero point) of each (N, k_blocks, block) block."""
     qmax = (1 << bits) - 1
     if symmetric:
@@ -461,12 +459,17 @@ class WeightQuantization:
     """In an int4 export, the tensors `mixed_bits` names are stored int8 instead."""
     float_zero_points: bool = False
     """int4 asymmetric only: float32 zero points (measured: not worth the extra bytes)."""
+    activation_aware: bool = True
+    """int4 fused graphs: calibrated input-channel scales before rounding (AWQ;
+    export/channel_scales.py), folded into the norms where no adapter reads them."""
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"int4 method must be one of {METHODS}, got {self.method!r}")
         if self.float_zero_points and self.symmetric:
-            raise ValueError("float_zero_points needs symmetric=False: symmetric has no zero points")
+            raise ValueError(
+                "float_zero_points needs symmetric=False: symmetric has no zero points"
+            )
 
     def bits(self, weights: str, module: str, num_layers: int) -> int:
         """The bits of module `module`'s weight in a `weights` ("int4" / "int8") export.
@@ -488,7 +491,9 @@ class WeightQuantization:
         """Whether a tensor of `bits` carries a zero-point initializer (int8 never does)."""
         return bits == 4 and not self.symmetric
 
-    def zero_point_bytes(self, out_features: int, k_blocks: int, bits: int, float_bytes: int) -> int:
+    def zero_point_bytes(
+        self, out_features: int, k_blocks: int, bits: int, float_bytes: int
+    ) -> int:
         """Bytes of one weight's zero points: packed uint8, or one float (`float_bytes`,
         the activation dtype's) per block."""
         if not self.has_zero_points(bits):
@@ -516,16 +521,24 @@ class WeightQuantization:
 
 DEFAULT_QUANTIZATION = WeightQuantization()
 """search, asymmetric uint8 zero points, mixed int8/int4: `edgepeft export`'s default."""
-RTN = WeightQuantization(method="rtn", symmetric=True, mixed=False)
+RTN = WeightQuantization(method="rtn", symmetric=True, mixed=False, activation_aware=False)
 """Plain symmetric round-to-nearest int4 everywhere: the exporter's format before the default."""
 
 
-def weight_quantization(method: str = "search", mixed: bool = True) -> WeightQuantization:
+def weight_quantization(
+    method: str = "search", mixed: bool = True, activation_aware: bool = True
+) -> WeightQuantization:
     """The recipe for the export options int4_method ("search": asymmetric, "rtn":
-    symmetric, the old format) and mixed_precision."""
+    symmetric, the old format byte for byte, so never channel-scaled), mixed_precision and
+    activation_aware."""
     if method not in METHODS:
         raise ValueError(f"int4_method must be one of {METHODS}, got {method!r}")
-    return WeightQuantization(method=method, symmetric=method == "rtn", mixed=mixed)
+    return WeightQuantization(
+        method=method,
+        symmetric=method == "rtn",
+        mixed=mixed,
+        activation_aware=activation_aware and method != "rtn",
+    )
 
 
 def quantization_record(recipe: WeightQuantization, bits: dict[str, int]) -> dict:
