@@ -13,6 +13,7 @@ _EXPORTS = {
     "LoraConfig": "edgepeft.config",
     "IA3Config": "edgepeft.config",
     "PromptTuningConfig": "edgepeft.config",
+    "PromptEncoderConfig": "edgepeft.config",
     "PrefixTuningConfig": "edgepeft.config",
     "BottleneckConfig": "edgepeft.config",
     "SelectiveConfig": "edgepeft.config",

@@ -111,6 +111,35 @@ class PrefixTuningConfig:
 
 
 @dataclass(frozen=True)
+class PromptEncoderConfig:
+    """P-tuning (Liu et al., 2021): N virtual tokens produced by a trained encoder.
+
+    The encoder (an MLP, or a bidirectional LSTM and an MLP) trains; what is saved is its
+    output, one (N, token_dim) table, so a saved adapter runs exactly like prompt tuning.
+    Field names and defaults are HF peft's `PromptEncoderConfig`.
+    """
+
+    peft_type: ClassVar[str] = "P_TUNING"
+
+    num_virtual_tokens: int = 20
+    """Virtual tokens prepended to every input."""
+    encoder_reparameterization_type: Literal["MLP", "LSTM"] = "MLP"
+    """"MLP": Linear-ReLU-Linear-ReLU-Linear on each token; "LSTM": a bidirectional LSTM over
+    the N tokens, then Linear-ReLU-Linear."""
+    encoder_hidden_size: int | None = None
+    """Hidden width of the encoder; None means `token_dim` (HF peft's default)."""
+    encoder_num_layers: int = 2
+    """LSTM layers; the MLP always has peft's three linear layers (other values are ignored)."""
+    encoder_dropout: float = 0.0
+    """Dropout between LSTM layers while training (the MLP has none, as in peft)."""
+    # Model facts HF peft writes to adapter_config.json; None until `add_adapter` fills them.
+    token_dim: int | None = None
+    """Width of one virtual token: the model's hidden size."""
+    num_layers: int | None = None
+    num_attention_heads: int | None = None
+
+
+@dataclass(frozen=True)
 class BottleneckConfig:
     """Bottleneck adapters: x + up(act(down(x))) after a sublayer's output projection.
 
@@ -160,6 +189,7 @@ AdapterConfig = (
     LoraConfig
     | IA3Config
     | PromptTuningConfig
+    | PromptEncoderConfig
     | PrefixTuningConfig
     | BottleneckConfig
     | SelectiveConfig
@@ -173,6 +203,7 @@ CONFIG_TYPES: dict[str, type] = {
         LoraConfig,
         IA3Config,
         PromptTuningConfig,
+        PromptEncoderConfig,
         PrefixTuningConfig,
         BottleneckConfig,
         SelectiveConfig,

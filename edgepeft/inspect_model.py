@@ -27,6 +27,7 @@ from typing import Any
 
 from torch import nn
 
+from edgepeft.adapters.p_tuning import encoder_parameter_count
 from edgepeft.adapters.targets import select_modules, suffix_match
 from edgepeft.architectures import Architecture, DecoderShape, architecture_of
 from edgepeft.base import fingerprint, is_linear_like, linear_features, load_base
@@ -35,6 +36,7 @@ from edgepeft.config import (
     IA3Config,
     LoraConfig,
     PrefixTuningConfig,
+    PromptEncoderConfig,
     PromptTuningConfig,
     SelectiveConfig,
     config_to_dict,
@@ -304,6 +306,8 @@ def adapter_cost(model: nn.Module, config) -> int | None:
         return None if arch is None else _ia3_cost(model, arch)
     if isinstance(config, PromptTuningConfig):
         return config.num_virtual_tokens * model.get_input_embeddings().embedding_dim
+    if isinstance(config, PromptEncoderConfig):  # the encoder while it trains; N*d once saved
+        return encoder_parameter_count(config, model.get_input_embeddings().embedding_dim)
     if isinstance(config, PrefixTuningConfig):
         return _prefix_cost(model.config, config.num_virtual_tokens)
     if isinstance(config, BottleneckConfig):

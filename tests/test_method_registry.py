@@ -31,6 +31,7 @@ MODULE_CLASSES = {
     "LORA": LoraLayer,
     "IA3": IA3Layer,
     "PROMPT_TUNING": VirtualTokens,
+    "P_TUNING": VirtualTokens,
     "PREFIX_TUNING": VirtualTokens,
     "BOTTLENECK": BottleneckLayer,
     "SELECTIVE": SelectiveLayer,
@@ -51,8 +52,8 @@ def test_capability_lists_keep_their_values():
     assert SEPARATE_PEFT_TYPES == ("LORA", "IA3", "BOTTLENECK")
     assert _STREAMED_MERGED == ("LORA", "IA3")
     assert _STREAMED_SEPARATE == ("LORA", "IA3", "BOTTLENECK")
-    assert KV_PREFIX_PEFT_TYPES == ("PROMPT_TUNING", "PREFIX_TUNING")
-    assert list(METHOD_TYPES) == ["lora", "dora", "ia3", "prompt", "prefix", "bottleneck", "selective"]
+    assert KV_PREFIX_PEFT_TYPES == ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+    assert list(METHOD_TYPES) == ["lora", "dora", "ia3", "prompt", "p_tuning", "prefix", "bottleneck", "selective"]
     assert METHOD_TYPES["dora"] is METHOD_TYPES["lora"] is CONFIG_TYPES["LORA"]
 
 
@@ -95,7 +96,7 @@ def test_base_never_imports_adapters():
     assert not {m for m in _edgepeft_imports(PACKAGE / "base.py") if m.startswith("edgepeft.adapters")}
 
 
-@pytest.mark.parametrize("name", ["bottleneck", "dora", "ia3", "layer", "lora", "prompt",
+@pytest.mark.parametrize("name", ["bottleneck", "dora", "ia3", "layer", "lora", "p_tuning", "prompt",
                                   "saved_modules", "selective", "targets"])  # fmt: skip
 def test_methods_never_import_the_registry(name):
     """The registry imports the methods, so they import their siblings, never the package."""

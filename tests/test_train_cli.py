@@ -14,6 +14,7 @@ from edgepeft.config import (
     IA3Config,
     LoraConfig,
     PrefixTuningConfig,
+    PromptEncoderConfig,
     PromptTuningConfig,
     SelectiveConfig,
     TrainConfig,
@@ -179,7 +180,7 @@ def test_every_method_type_builds_its_config(run_dir):
     built = {kind: from_dict({**base, "method": {"type": kind}}).method for kind in METHOD_TYPES}
     assert {kind: type(config) for kind, config in built.items()} == {
         "lora": LoraConfig, "dora": LoraConfig, "ia3": IA3Config, "prompt": PromptTuningConfig,
-        "prefix": PrefixTuningConfig, "bottleneck": BottleneckConfig, "selective": SelectiveConfig,
+        "p_tuning": PromptEncoderConfig, "prefix": PrefixTuningConfig, "bottleneck": BottleneckConfig, "selective": SelectiveConfig,
     }  # fmt: skip
     assert built["dora"].use_dora and not built["lora"].use_dora
     with pytest.raises(ConfigError, match="use_dora = false"):

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from edgepeft.adapters import bottleneck, ia3, lora, prompt, selective
+from edgepeft.adapters import bottleneck, ia3, lora, p_tuning, prompt, selective
 from edgepeft.adapters.layer import SEPARATE_FILES, MethodSpec
 from edgepeft.config import CONFIG_TYPES
 
@@ -25,6 +25,7 @@ METHODS: dict[str, MethodSpec] = {
     "LORA": lora.METHOD,
     "IA3": ia3.METHOD,
     "PROMPT_TUNING": prompt.PROMPT_METHOD,
+    "P_TUNING": p_tuning.METHOD,
     "PREFIX_TUNING": prompt.PREFIX_METHOD,
     "BOTTLENECK": bottleneck.METHOD,
     "SELECTIVE": selective.METHOD,

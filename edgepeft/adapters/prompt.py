@@ -17,6 +17,8 @@ With `projection=True` a prefix is trained through peft's MLP
 (embedding (N, token_dim) ─► Linear ─► Tanh ─► Linear); only the MLP's output is
 saved ("prompt_embeddings", as peft saves it), and a loaded prefix is that output
 as a plain tensor. Neither method changes a weight, so neither can be merged.
+P-tuning (p_tuning.py) is prompt tuning whose table comes out of a trained encoder; it
+comes in through `add_virtual_prompt` and is saved, loaded and exported as prompt tuning.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ class VirtualTokens(AdapterModule):
         self.embeddings = nn.ParameterDict()
         """name -> (N, token_dim) prompts, or (N, L*2*H*D) prefixes."""
         self.projections = nn.ModuleDict()
-        """name -> PrefixProjection, for prefixes trained with `projection=True`."""
+        """name -> a module whose forward() gives the flat tensor: PrefixProjection (prefixes
+        trained with `projection=True`) or p-tuning's PromptEncoder."""
         self.plans: dict[str, _Plan] = {}
         self._hooks: list = []
         self._keep_last: int | None = None  # caller's length, set per forward by prompt tuning
@@ -133,7 +136,16 @@ class VirtualTokens(AdapterModule):
         return self.embeddings[name]
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return {SAVED_KEY: self.flat(name)}
+        encoder = self.projections[name] if name in self.projections else None
+        if encoder is None or not encoder.training:
+            return {SAVED_KEY: self.flat(name)}
+        # What is saved is the encoder's output without dropout (p-tuning's LSTM has some):
+        # a dropout sample in the file would be noise on every request.
+        encoder.eval()
+        try:
+            return {SAVED_KEY: self.flat(name)}
+        finally:
+            encoder.train()
 
     def load_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         value = tensors[SAVED_KEY]
@@ -282,14 +294,20 @@ def _check_tokens(config) -> None:
         raise ValueError(f"num_virtual_tokens must be at least 1, got {config.num_virtual_tokens}")
 
 
-def resolve_prompt(model: nn.Module, config: PromptTuningConfig) -> PromptTuningConfig:
-    """The config with the model facts peft records (token_dim, num_layers, heads)."""
+def prompt_facts(model: nn.Module, config, method: str) -> dict[str, int]:
+    """token_dim (the hidden size), num_layers and num_attention_heads, as peft records them
+    for methods that prepend input embeddings; values `config` already holds must agree."""
     _check_tokens(config)
-    if config.init == "text" and not config.init_text:
-        raise ValueError('prompt tuning with init="text" needs init_text (the text to start from)')
     text = DecoderShape.from_config(_text_config(model))
     facts = {"token_dim": text.hidden, "num_layers": text.layers, "num_attention_heads": text.heads}
-    resolved = {k: _check_fact(config, k, v, "prompt tuning") for k, v in facts.items()}
+    return {k: _check_fact(config, k, v, method) for k, v in facts.items()}
+
+
+def resolve_prompt(model: nn.Module, config: PromptTuningConfig) -> PromptTuningConfig:
+    """The config with the model facts peft records (token_dim, num_layers, heads)."""
+    if config.init == "text" and not config.init_text:
+        raise ValueError('prompt tuning with init="text" needs init_text (the text to start from)')
+    resolved = prompt_facts(model, config, "prompt tuning")
     if config.init == "text" and config.tokenizer_name_or_path is None:
         # peft insists on a tokenizer path with text init; the base's folder holds it.
         resolved["tokenizer_name_or_path"] = base_info(model).name_or_path or None
@@ -339,13 +357,28 @@ def _initial_prompts(
         return embeddings(ids).detach().float().clone()
 
 
+def add_virtual_prompt(
+    model: nn.Module, name: str, num_virtual_tokens: int, source: nn.Parameter | nn.Module
+) -> list[str]:
+    """Put adapter `name` on `model` as N input embeddings prepended to every input.
+
+    `source` is the (N, token_dim) table itself (prompt tuning) or a module whose `forward()`
+    returns it (p-tuning's encoder, which is what trains; only its output is saved).
+    Returns the one module the adapter lives in.
+    """
+    module = VirtualTokens.on(model)
+    if isinstance(source, nn.Parameter):
+        module.embeddings[name] = source
+    else:
+        module.projections[name] = source
+    module.plans[name] = _Plan("prompt", num_virtual_tokens)
+    return [ATTRIBUTE]
+
+
 def inject_prompt(model: nn.Module, config: PromptTuningConfig, name: str, tokenizer=None) -> list[str]:
     """Add prompt-tuning adapter `name`; returns the one module it lives in."""
     prompts = _initial_prompts(config, model.get_input_embeddings(), tokenizer, name)
-    module = VirtualTokens.on(model)
-    module.embeddings[name] = nn.Parameter(prompts)
-    module.plans[name] = _Plan("prompt", config.num_virtual_tokens)
-    return [ATTRIBUTE]
+    return add_virtual_prompt(model, name, config.num_virtual_tokens, nn.Parameter(prompts))
 
 
 def inject_prefix(model: nn.Module, config: PrefixTuningConfig, name: str) -> list[str]:
@@ -375,7 +408,8 @@ def inject_prefix(model: nn.Module, config: PrefixTuningConfig, name: str) -> li
 _PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 
 
-def _common_to_peft(config) -> dict:
+def common_to_peft(config) -> dict:
+    """The adapter_config.json fields every prompt-learning method writes."""
     return {
         "num_virtual_tokens": config.num_virtual_tokens,
         "token_dim": config.token_dim,
@@ -386,7 +420,8 @@ def _common_to_peft(config) -> dict:
     }
 
 
-def _check_common(data: dict) -> None:
+def check_common_peft(data: dict) -> None:
+    """Refuse prompt-learning folders for setups edgepeft does not run."""
     submodules = data.get("num_transformer_submodules")
     if submodules not in (None, 1):
         raise ValueError(
@@ -400,13 +435,13 @@ def _check_common(data: dict) -> None:
         )
 
 
-def _optional_int(data: dict, key: str) -> int | None:
+def optional_int(data: dict, key: str) -> int | None:
     return None if data.get(key) is None else int(data[key])
 
 
 def prompt_to_peft(config: PromptTuningConfig) -> dict:
     return {
-        **_common_to_peft(config),
+        **common_to_peft(config),
         "prompt_tuning_init": _PEFT_INIT[config.init],
         "prompt_tuning_init_text": config.init_text,
         "tokenizer_name_or_path": config.tokenizer_name_or_path,
@@ -415,7 +450,7 @@ def prompt_to_peft(config: PromptTuningConfig) -> dict:
 
 
 def prompt_from_peft(data: dict) -> PromptTuningConfig:
-    _check_common(data)
+    check_common_peft(data)
     init = data.get("prompt_tuning_init", "RANDOM")
     by_peft_name = {v: k for k, v in _PEFT_INIT.items()}
     if init not in by_peft_name:
@@ -429,15 +464,15 @@ def prompt_from_peft(data: dict) -> PromptTuningConfig:
         init="random" if init == "TEXT" else by_peft_name[init],
         init_text=data.get("prompt_tuning_init_text"),
         tokenizer_name_or_path=data.get("tokenizer_name_or_path"),
-        token_dim=_optional_int(data, "token_dim"),
-        num_layers=_optional_int(data, "num_layers"),
-        num_attention_heads=_optional_int(data, "num_attention_heads"),
+        token_dim=optional_int(data, "token_dim"),
+        num_layers=optional_int(data, "num_layers"),
+        num_attention_heads=optional_int(data, "num_attention_heads"),
     )
 
 
 def prefix_to_peft(config: PrefixTuningConfig) -> dict:
     return {
-        **_common_to_peft(config),
+        **common_to_peft(config),
         "prefix_projection": config.projection,
         "encoder_hidden_size": config.projection_hidden,
         "init_weights": None,
@@ -446,14 +481,14 @@ def prefix_to_peft(config: PrefixTuningConfig) -> dict:
 
 def prefix_from_peft(data: dict) -> PrefixTuningConfig:
     # init_weights ("zero") only sets starting values, which the folder's replace.
-    _check_common(data)
+    check_common_peft(data)
     return PrefixTuningConfig(
         num_virtual_tokens=int(data["num_virtual_tokens"]),
         projection=bool(data.get("prefix_projection", False)),
-        projection_hidden=_optional_int(data, "encoder_hidden_size"),
-        token_dim=_optional_int(data, "token_dim"),
-        num_layers=_optional_int(data, "num_layers"),
-        num_attention_heads=_optional_int(data, "num_attention_heads"),
+        projection_hidden=optional_int(data, "encoder_hidden_size"),
+        token_dim=optional_int(data, "token_dim"),
+        num_layers=optional_int(data, "num_layers"),
+        num_attention_heads=optional_int(data, "num_attention_heads"),
     )
 
 

@@ -1,6 +1,7 @@
 """`edgepeft inspect` and `edgepeft merge`: a model folder described, an adapter folded in.
 
-    edgepeft inspect MODEL
+    edgepeft inspect MODEL [--json]
+    edgepeft inspect ADAPTER_DIR [--base DIR] [--top-k K] [--json]   soft prompts' neighbours
     edgepeft merge --base MODEL --adapter DIR --out DIR [--quant Q] [--base-quant Q] [--dtype D]
 
         adapter metadata ──► base quant ──► load_base ──► load_adapter (fingerprint checked)
@@ -27,18 +28,42 @@ REPORT_FILE = "merge_report.json"
 
 
 def add_inspect_parser(commands) -> argparse.ArgumentParser:
-    parser = commands.add_parser("inspect", help="describe a model folder and what it can run")
-    parser.add_argument("model", metavar="MODEL", help="HF model folder")
+    parser = commands.add_parser(
+        "inspect",
+        help="describe a model folder and what it can run, or a soft prompt's nearest tokens",
+        description="Describe a base model, or, given a prompt-tuning / p-tuning adapter folder, "
+        "list each virtual token's nearest vocabulary tokens (cosine similarity against the "
+        "base's input embedding).",
+    )
+    parser.add_argument("model", metavar="MODEL", help="HF model folder, or an adapter folder")
+    parser.add_argument(
+        "--base",
+        metavar="DIR",
+        default=None,
+        help="adapters: the base model (default: the adapter's base_model_name_or_path)",
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=5, metavar="K", help="adapters: neighbours per token (5)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    is_adapter = (Path(args.model) / "adapter_config.json").is_file()
+    if not is_adapter and args.base is not None:
+        raise UserError(f"--base is for adapter folders; {args.model} holds no adapter_config.json")
     try:
-        # lazy: inspect_model imports torch; the other commands' startup stays free of it
+        # lazy: both reports import torch; the other commands' startup stays free of it
         from edgepeft.inspect_model import inspect_model
+        from edgepeft.prompt_inspect import inspect_prompt
     except ImportError as e:
         raise UserError(f"`edgepeft inspect` is not available in this install ({e})") from e
-    print(inspect_model(args.model))
+    if is_adapter:
+        report = inspect_prompt(args.model, base=args.base, top_k=args.top_k)
+    else:
+        report = inspect_model(args.model)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return 0
 
 

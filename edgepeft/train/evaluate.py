@@ -104,8 +104,9 @@ def _batches(ids: list[list[int]], batch_size: int, equal_length: bool = False) 
 
 
 def _pads_shift_outputs(config) -> bool:
-    """Left padding changes this adapter's outputs: prompt tuning (module docstring)."""
-    return getattr(config, "peft_type", None) == "PROMPT_TUNING"
+    """Left padding changes this adapter's outputs: prompt tuning and P-tuning, whose
+    virtual tokens sit before the pads (module docstring)."""
+    return getattr(config, "peft_type", None) in ("PROMPT_TUNING", "P_TUNING")
 
 
 @dataclass(frozen=True)

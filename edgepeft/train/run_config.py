@@ -16,7 +16,7 @@ A file looks like this (TOML; YAML with the same keys works too):
     output_dir = "runs/reverse"
     max_memory = "2GiB"                 # optional: refuse configs the planner says won't fit
     [method]                            # type + that config's fields
-    type = "lora"                       # lora | dora | ia3 | prompt | prefix | bottleneck | selective
+    type = "lora"                       # lora | dora | ia3 | prompt | p_tuning | prefix | ...
     r = 8
     [data]
     train = "reverse/train.jsonl"
