@@ -5,6 +5,7 @@
                           · export, verify (cli/export.py) · train (cli/train.py)
         COMMAND_MODULES   run, chat (edgepeft.runtime.cli) · plan (edgepeft.plan)
                           · demo (edgepeft.demo.cli) · bench (edgepeft.bench_cli)
+                          · serve (edgepeft.serve.cli; FastAPI loads when it runs)
     main ──parse──► args.run(args) ──► exit code
         UserError, OSError, ValueError, KeyError ──► "edgepeft CMD: error: ..." (exit 2)
         a module of the [train] extra missing ──► "pip install 'edgepeft[train]'" (exit 2)
@@ -45,6 +46,7 @@ COMMANDS: dict[str, tuple[AddParser, Run]] = {
 
 COMMAND_MODULES: tuple[str, ...] = (
     "edgepeft.runtime.cli", "edgepeft.plan", "edgepeft.demo.cli", "edgepeft.bench_cli",
+    "edgepeft.serve.cli",
 )  # fmt: skip
 """Commands that live beside the code they drive: each module has `add_parser(commands)`,
 which adds its subparser(s) with `set_defaults(run=...)`; importing it must stay light."""

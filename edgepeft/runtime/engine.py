@@ -322,12 +322,15 @@ class Engine:
         truncate: bool = False,
         min_new_tokens: int = 0,
         ignore_eos: bool = False,
-    ) -> Iterator[str]:
+        return_result: bool = False,
+    ) -> Iterator[str | GenerationResult]:
         """Yield the continuation of one prompt in text pieces as tokens are decoded.
 
         Pieces hold whole characters (a multi-byte character split over tokens comes out
         once complete) and never the start of a stop string; "".join(pieces) equals
-        `generate(...)` with the same arguments.
+        `generate(...)` with the same arguments. With `return_result`, the last item is the
+        GenerationResult (token counts, finish reason: what a server reports). Closing the
+        iterator early ends the request between two decode steps and frees its slot.
         """
         prompts, batched = self._prompts(prompt_or_messages)
         if batched:
@@ -339,14 +342,19 @@ class Engine:
         run = self._run(
             prompts, adapter, max_new_tokens, sampling, stops, truncate, True, min_new=min_new
         )
-        for text, final in run:
-            text = text[0] if not final else text[0].text
-            safe = len(text) if final else len(text) - _held_back(text, stops)
-            if safe > sent:
-                yield text[sent:safe]
-                sent = safe
-            if final:
-                return
+        try:
+            for value, final in run:
+                text = value[0] if not final else value[0].text
+                safe = len(text) if final else len(text) - _held_back(text, stops)
+                if safe > sent:
+                    yield text[sent:safe]
+                    sent = safe
+                if final:
+                    if return_result:
+                        yield value[0]
+                    return
+        finally:
+            run.close()  # closed early: the slot goes back now, not when collected
 
     def _generate(self, prompts, adapter, max_new_tokens, sampling, stops, truncate, min_new=0):
         run = self._run(

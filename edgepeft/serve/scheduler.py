@@ -1,0 +1,265 @@
+"""The queue between HTTP handlers and the engine: bounded, one worker, cancellable.
+
+    handler ─ submit(job, sink) ─► deque (≤ max_queue waiting; full: QueueFullError → 429)
+                                     │ one worker thread, oldest first
+                                     ▼
+              Engine.stream(job.prompt, adapter=job.adapter, return_result=True)
+                  each text piece ──► sink(Piece)       cancelled / past deadline: the stream
+                  the result      ──► sink(Finished)    is closed between two decode steps,
+                  an exception    ──► sink(Failed)      its slot freed, sink(Failed)
+    cancel(ticket): a waiting ticket leaves the queue at once; a running one stops at its
+    next piece.  close(): no new submits; what is queued or running finishes; the worker ends.
+
+`sink` is called on the worker thread and must not block (the app hands events to its
+event loop). One request runs at a time; the Engine batches rows only when they share an
+adapter. A continuous-batching scheduler (rows joining and leaving between decode steps,
+mixed adapters) replaces this class behind the same submit / cancel / close.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from edgepeft.runtime.engine import GenerationResult
+from edgepeft.serve.errors import (
+    QueueFullError,
+    RequestCancelledError,
+    RequestTimeoutError,
+    ShuttingDownError,
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request as the engine sees it."""
+
+    prompt: object
+    """A string, token ids, or chat messages [{"role", "content"}] (Engine.encode)."""
+    adapter: str | None
+    """A loaded adapter's name; None: the base."""
+    model: str
+    """The name the request used (the base's or the adapter's): metrics are counted by it."""
+    options: dict = field(default_factory=dict)
+    """Keyword arguments of Engine.stream: max_new_tokens, temperature, top_p, stop, seed, ..."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    result: GenerationResult
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: BaseException
+
+
+Event = Piece | Finished | Failed
+Sink = Callable[[Event], None]
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A submitted job: where its events go and whether it should stop."""
+
+    id: int
+    job: Job
+    sink: Sink
+    deadline: float
+    """time.monotonic() after which the job is stopped (RequestTimeoutError)."""
+    submitted: float
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    reason: BaseException | None = None
+    """What a cancelled ticket fails with (default: RequestCancelledError)."""
+    done: threading.Event = field(default_factory=threading.Event)
+    """Set once the last event (Finished or Failed) went to the sink."""
+
+
+class Scheduler:
+    """Runs submitted jobs through one Engine on one worker thread, oldest first.
+
+    Args:
+        engine: An edgepeft.runtime.Engine (or anything with its `stream`).
+        max_queue: Jobs that may wait; one more raises QueueFullError.
+        timeout_s: A job's deadline, counted from submit (waiting included).
+        metrics: An edgepeft.serve.metrics.Metrics to count requests and tokens in.
+    """
+
+    def __init__(self, engine, *, max_queue: int = 16, timeout_s: float = 300.0, metrics=None):
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.engine = engine
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+        self._queue: deque[Ticket] = deque()
+        self._lock = threading.Condition()
+        self._ids = itertools.count(1)
+        self._running: Ticket | None = None
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ the handlers' side
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                # daemon: a hard exit never hangs on it; close() is the orderly way out
+                self._thread = threading.Thread(
+                    target=self._work, name="edgepeft-serve-worker", daemon=True
+                )
+                self._thread.start()
+
+    def submit(self, job: Job, sink: Sink) -> Ticket:
+        """Queue `job`; its events go to `sink` (on the worker thread).
+
+        Raises:
+            QueueFullError: max_queue jobs are waiting already.
+            ShuttingDownError: close() was called.
+        """
+        now = time.monotonic()
+        with self._lock:
+            if self._closing:
+                raise ShuttingDownError("the server is shutting down; retry on another instance")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFullError(
+                    f"{len(self._queue)} requests are waiting already (the server's --max-queue "
+                    f"{self.max_queue}); retry later"
+                )
+            ticket = Ticket(next(self._ids), job, sink, now + self.timeout_s, now)
+            self._queue.append(ticket)
+            self._lock.notify_all()
+        return ticket
+
+    def cancel(self, ticket: Ticket, reason: BaseException | None = None) -> None:
+        """Stop `ticket`: out of the queue now, or at the running job's next piece.
+
+        Its sink gets Failed(reason), by default RequestCancelledError (the client left).
+        """
+        with self._lock:
+            if ticket.done.is_set() or ticket.cancelled.is_set():
+                return
+            ticket.reason = reason or RequestCancelledError("the client went away")
+            ticket.cancelled.set()
+            try:
+                self._queue.remove(ticket)
+            except ValueError:
+                return  # running (the worker sees the flag) or finishing
+        self._fail(ticket, ticket.reason)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Take no more jobs, let the queued and running ones finish, end the worker.
+
+        Returns:
+            True if the worker ended within `timeout` seconds.
+        """
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+            thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return int(self._running is not None)
+
+    # ------------------------------------------------------------ the worker's side
+
+    def _next(self) -> Ticket | None:
+        with self._lock:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._lock.wait()
+            self._running = self._queue.popleft()
+            return self._running
+
+    def _work(self) -> None:
+        while (ticket := self._next()) is not None:
+            try:
+                self._run(ticket)
+            finally:
+                with self._lock:
+                    self._running = None
+
+    def _run(self, ticket: Ticket) -> None:
+        job = ticket.job
+        if time.monotonic() > ticket.deadline:
+            self._fail(ticket, self._timeout("waiting in the queue"))
+            return
+        start = time.monotonic()
+        pieces = self.engine.stream(
+            job.prompt, adapter=job.adapter, return_result=True, **job.options
+        )
+        try:
+            for item in pieces:
+                if isinstance(item, GenerationResult):
+                    self._finish(ticket, item, time.monotonic() - start)
+                    return
+                self._send(ticket, Piece(item))
+                if ticket.cancelled.is_set():
+                    raise ticket.reason or RequestCancelledError("the client went away")
+                if time.monotonic() > ticket.deadline:
+                    raise self._timeout("generating")
+            raise RuntimeError("Engine.stream ended without its result")
+        except Exception as e:  # the worker outlives any one request
+            self._fail(ticket, e)
+        finally:
+            pieces.close()  # ends the request between decode steps; frees its slot
+
+    def _timeout(self, where: str) -> RequestTimeoutError:
+        return RequestTimeoutError(
+            f"the request took longer than the server's --timeout {self.timeout_s:g} s "
+            f"(stopped while {where}); ask for fewer tokens or retry when the server is less busy"
+        )
+
+    def _finish(self, ticket: Ticket, result: GenerationResult, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.finished(ticket.job.model, result, seconds)
+        self._send(ticket, Finished(result))
+        ticket.done.set()
+
+    def _fail(self, ticket: Ticket, error: BaseException) -> None:
+        if ticket.done.is_set():
+            return
+        if self.metrics is not None:
+            self.metrics.failed(ticket.job.model, _outcome(error))
+        self._send(ticket, Failed(error))
+        ticket.done.set()
+
+    def _send(self, ticket: Ticket, event: Event) -> None:
+        try:
+            ticket.sink(event)
+        except Exception:  # a sink whose reader is gone must not stop the worker
+            ticket.cancelled.set()
+
+
+def _outcome(error: BaseException) -> str:
+    if isinstance(error, RequestCancelledError):
+        return "cancelled"
+    if isinstance(error, RequestTimeoutError):
+        return "timeout"
+    return "error"
+
+
+__all__ = ["Event", "Failed", "Finished", "Job", "Piece", "Scheduler", "Sink", "Ticket"]
