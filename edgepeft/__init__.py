@@ -37,6 +37,8 @@ _EXPORTS = {
     "train": "edgepeft.train",
     "TrainConfig": "edgepeft.config",
     "evaluate": "edgepeft.train.evaluate",
+    "truncate_rank": "edgepeft.truncate",
+    "set_active_rank": "edgepeft.adapters.lora",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

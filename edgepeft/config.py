@@ -50,6 +50,26 @@ class LoraConfig:
     """Whole modules (e.g. "lm_head") trained in full and saved with the adapter."""
     exclude_modules: tuple[str, ...] | None = None
     """Module names never adapted, even when `target_modules` matches them."""
+    dylora_min_rank: int | None = None
+    """DyLoRA (Valipour et al., 2022): each training step uses a rank b drawn uniformly from
+    [dylora_min_rank, r] (the first b rows of A, columns of B, scaled alpha / b), so every
+    such rank works alone afterwards (`edgepeft.truncate_rank`). None: plain LoRA."""
+
+    def __post_init__(self) -> None:
+        low = self.dylora_min_rank
+        if low is None:
+            return
+        if isinstance(low, bool) or not isinstance(low, int) or not 1 <= low <= self.r:
+            raise ValueError(
+                f"LoraConfig.dylora_min_rank must be an integer from 1 to r={self.r}, got {low!r}"
+            )
+        # Nested ranks need one rank for every module and a delta linear in B A.
+        if self.use_dora or self.rank_pattern:
+            other = "use_dora=True" if self.use_dora else f"rank_pattern={self.rank_pattern!r}"
+            raise ValueError(
+                f"LoraConfig.dylora_min_rank cannot be combined with {other}; DyLoRA trains one "
+                "nested rank range for every module of a plain LoRA"
+            )
 
 
 @dataclass(frozen=True)
@@ -91,26 +111,6 @@ class PromptTuningConfig:
 
 
 @dataclass(frozen=True)
-class PrefixTuningConfig:
-    """Prefix tuning: learned key/value prefixes in every attention layer."""
-
-    peft_type: ClassVar[str] = "PREFIX_TUNING"
-
-    num_virtual_tokens: int = 20
-    projection: bool = False
-    """Train the prefixes through a two-layer MLP (reparameterisation); only its
-    output is saved, so inference needs no MLP."""
-    projection_hidden: int | None = None
-    """Hidden width of that MLP; None means `token_dim` (HF peft's default)."""
-    # Model facts HF peft writes to adapter_config.json; None until `add_adapter` fills them.
-    token_dim: int | None = None
-    """Width of one layer's keys (or values): key/value heads x head size."""
-    num_layers: int | None = None
-    num_attention_heads: int | None = None
-    """Key/value heads (fewer than query heads under grouped-query attention)."""
-
-
-@dataclass(frozen=True)
 class PromptEncoderConfig:
     """P-tuning (Liu et al., 2021): N virtual tokens produced by a trained encoder.
 
@@ -137,6 +137,26 @@ class PromptEncoderConfig:
     """Width of one virtual token: the model's hidden size."""
     num_layers: int | None = None
     num_attention_heads: int | None = None
+
+
+@dataclass(frozen=True)
+class PrefixTuningConfig:
+    """Prefix tuning: learned key/value prefixes in every attention layer."""
+
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+
+    num_virtual_tokens: int = 20
+    projection: bool = False
+    """Train the prefixes through a two-layer MLP (reparameterisation); only its
+    output is saved, so inference needs no MLP."""
+    projection_hidden: int | None = None
+    """Hidden width of that MLP; None means `token_dim` (HF peft's default)."""
+    # Model facts HF peft writes to adapter_config.json; None until `add_adapter` fills them.
+    token_dim: int | None = None
+    """Width of one layer's keys (or values): key/value heads x head size."""
+    num_layers: int | None = None
+    num_attention_heads: int | None = None
+    """Key/value heads (fewer than query heads under grouped-query attention)."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +193,55 @@ class SelectiveConfig:
     """Regexes searched in full parameter names; the default trains every bias (BitFit)."""
     init: Literal["zeros", "random"] = "zeros"
     """Initial delta; "random" is for tests."""
+    mask: Literal["importance"] | None = None
+    """None: every entry of the selected parameters trains (a dense delta). "importance":
+    only the `budget` entries that score highest on a few calibration batches train; the
+    rest of the delta stays exactly 0 and is never stored (a sparse delta)."""
+    budget: int | float | None = None
+    """With a mask: how many units train, an int, or a float in (0, 1) for a share of all
+    of them over the selected parameters. A unit is an entry ("unstructured"), or a whole
+    row / column ("rows", "columns"; each entry of a 1-D parameter is a unit of its own)."""
+    score: Literal["fisher", "grad_x_weight"] = "fisher"
+    """How an entry is scored: "fisher", the empirical Fisher sum of g^2 over the batches
+    (FISH mask, Sung et al., 2021); "grad_x_weight", the saliency sum of |g * w|."""
+    structure: Literal["unstructured", "rows", "columns"] = "unstructured"
+    """Rank single entries, or whole rows / columns of a 2-D weight by their summed score."""
+    calibration_batches: int = 8
+    """Training batches (the first ones, in file order) the score is summed over."""
+    selected: Mapping[str, int] = field(default_factory=dict)
+    """Filled when the mask is chosen: units kept per selected parameter (full name), the
+    layout a saved adapter needs. Empty: the mask is still to be chosen."""
+    density: float | None = None
+    """Filled when the mask is chosen: trained entries / entries of the selected parameters."""
+
+    def __post_init__(self) -> None:
+        budget = self.budget
+        if self.mask is None:
+            if budget is not None or self.selected:
+                raise ValueError(
+                    f"SelectiveConfig.budget={budget!r} needs mask='importance'; without a mask "
+                    "every entry of the selected parameters trains"
+                )
+            return
+        if self.mask != "importance":
+            raise ValueError(f"SelectiveConfig.mask must be None or 'importance', got {self.mask!r}")
+        share = isinstance(budget, float) and 0.0 < budget < 1.0
+        count = isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1
+        if not (share or count):
+            raise ValueError(
+                f"SelectiveConfig budget={budget!r} is not usable: give a positive integer count "
+                "of trained units or a float share in (0, 1)"
+            )
+        if self.score not in ("fisher", "grad_x_weight"):
+            raise ValueError(f"SelectiveConfig.score must be 'fisher' or 'grad_x_weight', got {self.score!r}")
+        if self.structure not in ("unstructured", "rows", "columns"):
+            raise ValueError(
+                "SelectiveConfig.structure must be 'unstructured', 'rows' or 'columns', "
+                f"got {self.structure!r}"
+            )
+        n = self.calibration_batches
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"SelectiveConfig.calibration_batches must be a positive integer, got {n!r}")
 
     @classmethod
     def bitfit(cls) -> SelectiveConfig:

@@ -28,6 +28,14 @@ every linear layer, a few `edgepeft.train` steps per case in a fresh process; th
 own report: planned peak, measured live-tensor peak (the planner's measure), process RSS.
 
     python scripts/bench_train.py --real   # a few minutes; rewrites section "train-real"
+
+The DyLoRA quality curve (`--dylora`, its own section "dylora"): on the demo base (NF4) and
+its "reverse" task, one DyLoRA adapter (ranks 1-16, one rank sampled per step) evaluated at
+each rank of DYLORA_RANKS against a plain LoRA trained at that rank alone, same alpha, steps
+and data: test exact match (greedy) and test loss per label token. A second DyLoRA adapter
+trains as many steps as the plain LoRAs together (the same total compute).
+
+    python scripts/bench_train.py --dylora   # ~5 minutes on one core; section "dylora"
 """
 
 from __future__ import annotations
@@ -698,6 +706,138 @@ def run_real(args) -> str:
     return render_real(results, command)
 
 
+# ---------------------------------------------------------------- DyLoRA: quality per rank
+
+
+@dataclass(frozen=True)
+class DyloraSize:
+    """One DyLoRA curve run: the task's size, the schedule, the ranks compared."""
+
+    steps: int
+    n_train: int
+    n_test: int
+    ranks: tuple[int, ...]
+
+
+DYLORA_FULL = DyloraSize(steps=150, n_train=2000, n_test=32, ranks=(1, 2, 4, 8, 16))
+DYLORA_SMOKE = DyloraSize(steps=2, n_train=32, n_test=4, ranks=(1, 2))
+DYLORA_TASK = "reverse"
+DYLORA_ALPHA = 32
+"""alpha at every rank: DyLoRA at rank b scales by alpha / b, as a plain rank-b LoRA with the
+same alpha does, so both sides of each row parametrize the same model."""
+
+
+def dylora_train(config, steps: int, rows: list[dict], workdir: Path):
+    """(model, tokenizer, seconds): `config` trained `steps` steps on the demo task, as the
+    demo trains its LoRA."""
+    import torch
+
+    import edgepeft as ep
+    from edgepeft.demo.paths import BASE_DIR
+
+    model, tokenizer = ep.load_base(BASE_DIR, quant="nf4", device="cpu")
+    torch.manual_seed(0)
+    ep.add_adapter(model, config, name="task")
+    train = ep.TrainConfig(
+        max_steps=steps, lr=5e-3, warmup_steps=min(10, steps - 1), batch_size=32,
+        max_seq_len=24, val_fraction=0.0, eval_every=None, save_every=None, quiet=True,
+    )  # fmt: skip
+    tick = time.perf_counter()
+    ep.train(model, tokenizer, rows, train, workdir)
+    return model.eval(), tokenizer, time.perf_counter() - tick
+
+
+def dylora_score(model, tokenizer, test_rows: list[dict]) -> dict:
+    """Exact match of greedy answers and the loss per label token on the test rows."""
+    import edgepeft as ep
+    from edgepeft.train import load_rows, tokenize_rows
+    from edgepeft.train.data import pad_id_of
+    from edgepeft.train.loss import evaluate_loss
+
+    report = ep.evaluate(model, tokenizer, test_rows, adapters=["task"], max_new_tokens=8,
+                         include_base=False, progress=False)  # fmt: skip
+    rows, _ = load_rows(test_rows)
+    examples = tokenize_rows(rows, tokenizer, ep.TrainConfig(max_seq_len=24))
+    loss, _ = evaluate_loss(model, examples, batch_size=32, pad_id=pad_id_of(tokenizer))
+    return {"exact_match": report["task"].metrics["exact_match"], "loss": loss}
+
+
+def run_dylora(args) -> str:
+    """One DyLoRA adapter at every rank against a plain LoRA per rank; the markdown."""
+    import torch
+
+    import edgepeft as ep
+    from edgepeft.demo import corpus
+
+    size = DYLORA_SMOKE if args.smoke else DYLORA_FULL
+    torch.set_num_threads(1)
+    train_rows, test_rows = corpus.task_splits(DYLORA_TASK, size.n_train, size.n_test)
+    top = max(size.ranks)
+    lora = dict(alpha=DYLORA_ALPHA, target_modules="all-linear")
+    results: dict = {"size": dataclasses.asdict(size), "plain": {}}
+    with tempfile.TemporaryDirectory(prefix="bench_dylora.") as tmp:
+        workdir = Path(tmp)
+        config = ep.LoraConfig(r=top, dylora_min_rank=min(size.ranks), **lora)
+        for key, steps in (("dylora", size.steps), ("dylora_long", size.steps * len(size.ranks))):
+            model, tok, seconds = dylora_train(config, steps, train_rows, workdir / key)
+            results[key] = {"steps": steps, "seconds": seconds, "ranks": {}}
+            for rank in size.ranks:
+                ep.set_active_rank(model, rank, name="task")
+                results[key]["ranks"][rank] = dylora_score(model, tok, test_rows)
+                print(f"{key} at rank {rank}: {results[key]['ranks'][rank]}", flush=True)
+        for rank in size.ranks:
+            plain, tok, seconds = dylora_train(
+                ep.LoraConfig(r=rank, **lora), size.steps, train_rows, workdir / f"lora-{rank}"
+            )
+            results["plain"][rank] = {**dylora_score(plain, tok, test_rows), "seconds": seconds}
+            print(f"plain LoRA r={rank}: {results['plain'][rank]}", flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    command = "python scripts/bench_train.py --dylora" + " --smoke" * args.smoke
+    return render_dylora(results, command, trial=args.smoke)
+
+
+def render_dylora(results: dict, command: str, trial: bool = False) -> str:
+    """The "dylora" section: per rank, the DyLoRA adapter cut there vs a LoRA of that rank."""
+    size = DyloraSize(**{**results["size"], "ranks": tuple(results["size"]["ranks"])})
+    plain_seconds = sum(r["seconds"] for r in results["plain"].values())
+    lines = [
+        "## DyLoRA: one adapter at every rank vs a LoRA trained per rank (demo task, CPU)",
+        "",
+        *(["**Trial run (--smoke): checks the script; the numbers mean nothing.**", ""] * trial),
+        f"The demo base (edgepeft/demo/base_model, NF4) and its {DYLORA_TASK!r} task: "
+        f"{size.n_train} training words, {size.n_test} held-out test words. LoRA alpha "
+        f"{DYLORA_ALPHA} on every linear layer, {size.steps} steps of batch 32, lr 5e-3, cosine, "
+        f"one thread. DyLoRA: r={max(size.ranks)}, dylora_min_rank={min(size.ranks)}, one rank "
+        "drawn uniformly per step and all its leading rows/columns updated (the paper's "
+        "'all first b' variant), evaluated with `set_active_rank` (equal to its `truncate_rank` "
+        f"folder); 'x{len(size.ranks)} steps': the same trained "
+        f"{size.steps * len(size.ranks)} steps, as many as the plain LoRAs together. Plain: a "
+        "separate LoRA trained at that rank alone. EM: greedy exact match on "
+        "the test words; loss: mean cross-entropy per completion token on them.",
+        "",
+        f"| rank | plain LoRA EM | DyLoRA EM | DyLoRA x{len(size.ranks)} steps EM | plain LoRA "
+        f"loss | DyLoRA loss | DyLoRA x{len(size.ranks)} steps loss |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for rank in size.ranks:
+        p = results["plain"][rank]
+        d, long = results["dylora"]["ranks"][rank], results["dylora_long"]["ranks"][rank]
+        lines.append(
+            f"| {rank} | {p['exact_match']:.3f} | {d['exact_match']:.3f} "
+            f"| {long['exact_match']:.3f} | {p['loss']:.3f} | {d['loss']:.3f} | {long['loss']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Training time: DyLoRA {results['dylora']['seconds']:.0f} s ({size.steps} steps), "
+        f"{results['dylora_long']['seconds']:.0f} s ({results['dylora_long']['steps']} steps); "
+        f"the {len(size.ranks)} plain LoRAs {plain_seconds:.0f} s together.",
+        "",
+        f"Command: `{command}`",
+    ]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -721,6 +861,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--real", action="store_true",
         help="only the real-model memory check (SmolLM2-135M; section train-real)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dylora", action="store_true",
+        help="only the DyLoRA quality-per-rank curve (demo task; section dylora)",
     )  # fmt: skip
     parser.add_argument("--real-case", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -750,6 +894,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         return ""
     if args.real:
         return _publish(args, "train-real", run_real(args))
+    if args.dylora:
+        return _publish(args, "dylora", run_dylora(args))
 
     size = SMOKE if args.smoke else FULL
     started = time.perf_counter()

@@ -5,6 +5,8 @@
     └──► dropout ──► A (r × in) ──► B (out × r) ──► × alpha/r ──────┘
                                                      (alpha/√r with rsLoRA)
     DoRA: y = base(x) + dora_extra(...)   (see dora.py)
+    DyLoRA: at rank b <= r (`set_active_rank`, or `sampled_rank` per training step) only
+            A[:b] (b × in) and B[:, :b] (out × b) take part, scaled alpha/b (alpha/√b)
 
 The wrapper calls the base layer's own forward, so bitsandbytes does the
 quantized matmul; LoRA never branches on the backend.
@@ -14,8 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgepeft.adapters.dora import dora_delta, dora_extra, initial_magnitude
@@ -39,6 +45,10 @@ class LoraLayer(AdapterLayer):
         self.lora_magnitude_vector = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
+        self.alpha: dict[str, float] = {}
+        self.rslora: dict[str, bool] = {}
+        self.active_rank: dict[str, int] = {}
+        """DyLoRA: adapter name -> the leading rank in use; absent: the full rank."""
 
     def add(self, name: str, r: int, alpha: float, config: LoraConfig) -> None:
         in_f, out_f = linear_features(self.innermost())
@@ -55,12 +65,24 @@ class LoraLayer(AdapterLayer):
         self.lora_A[name], self.lora_B[name] = A, B
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scaling[name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self.alpha[name], self.rslora[name] = alpha, config.use_rslora
         if config.use_dora:
             m = initial_magnitude(self.innermost(), A, B, self.scaling[name])
             self.lora_magnitude_vector[name] = nn.Parameter(m)
 
     def forget(self, name: str) -> None:
-        self.scaling.pop(name, None)
+        for state in (self.scaling, self.alpha, self.rslora, self.active_rank):
+            state.pop(name, None)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """A (b, in), B (out, b) and the scaling of adapter `name` at its active rank b
+        (DyLoRA, `set_active_rank`), or at its full rank r."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        b = self.active_rank.get(name)
+        if b is None or b == A.shape[0]:
+            return A, B, self.scaling[name]
+        scaling = self.alpha[name] / (math.sqrt(b) if self.rslora[name] else b)
+        return A[:b], B[:, :b], scaling
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         # peft stores the DoRA magnitude under the bare container name.
@@ -93,7 +115,8 @@ class LoraLayer(AdapterLayer):
                 self.scaling[name],
             )
         else:
-            extra = B(A(x_in)) * self.scaling[name]
+            a, b, scaling = self.factors(name)
+            extra = F.linear(F.linear(x_in, a), b) * scaling  # (..., in) -> (..., b) -> (..., out)
         return out + extra.to(out.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -102,7 +125,8 @@ class LoraLayer(AdapterLayer):
             return dora_delta(
                 self.innermost(), A, B, self.lora_magnitude_vector[name], self.scaling[name]
             )
-        return (B.weight.detach().float() @ A.weight.detach().float()) * self.scaling[name]
+        a, b, scaling = self.factors(name)
+        return (b.detach().float() @ a.detach().float()) * scaling
 
 
 def resolve(model: nn.Module, config: LoraConfig) -> LoraConfig:
@@ -139,6 +163,94 @@ def inject(model: nn.Module, config: LoraConfig, name: str) -> list[str]:
         alpha = pattern_value(module_name, dict(config.alpha_pattern), config.alpha)
         wrap(model, module_name, LoraLayer).add(name, r, alpha, config)
     return selected + add_modules_to_save(model, config.modules_to_save, name)
+
+
+# ---------------------------------------------------------------- DyLoRA: nested ranks
+
+DYLORA_METADATA = "edgepeft_dylora_min_rank"
+"""safetensors metadata key of a DyLoRA folder's lowest trained rank. It stays out of
+adapter_config.json, so HF peft loads the folder as the plain rank-r LoRA it is, with no
+warning about an unknown field."""
+
+
+def _lora_config(model: nn.Module, name: str | None) -> tuple[str, LoraConfig]:
+    # The model's config table (inject.list_adapters) read directly: inject imports the
+    # registry, which imports this module.
+    configs = getattr(model, "edgepeft_adapters", {})
+    name = name or getattr(model, "edgepeft_active", None)
+    if name not in configs:
+        have = ", ".join(configs) or "none"
+        raise KeyError(f"no adapter named {name!r} on this model (adapters: {have})")
+    config = configs[name]
+    if not isinstance(config, LoraConfig) or config.dylora_min_rank is None:
+        raise ValueError(
+            f"adapter {name!r} is not a DyLoRA adapter (LoraConfig(dylora_min_rank=...)): its "
+            "ranks below r were never trained on their own, so it runs at its full rank only"
+        )
+    return name, config
+
+
+def set_active_rank(model: nn.Module, rank: int | None, name: str | None = None) -> None:
+    """Run DyLoRA adapter `name` (default: the active one) at its first `rank` ranks.
+
+    Every LoRA layer of the adapter then uses A[:rank], B[:, :rank] and alpha/rank, in
+    training and evaluation alike; None goes back to the full rank. A plain LoRA folder of
+    that rank is `edgepeft.truncate_rank`.
+    """
+    name, config = _lora_config(model, name)
+    if rank is not None and not config.dylora_min_rank <= rank <= config.r:
+        raise ValueError(
+            f"adapter {name!r} was trained at ranks {config.dylora_min_rank} to {config.r}; "
+            f"got rank {rank}"
+        )
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and name in module.scaling:
+            if rank is None:
+                module.active_rank.pop(name, None)
+            else:
+                module.active_rank[name] = rank
+
+
+def step_rank(config: LoraConfig, seed: int, step: int) -> int:
+    """DyLoRA's rank for optimizer step `step` of a run seeded `seed`: uniform in
+    [dylora_min_rank, r], a function of (seed, step) alone, so a resumed run and every
+    data-parallel rank draw the same one, and no other random stream moves."""
+    return random.Random(f"dylora:{seed}:{step}").randint(config.dylora_min_rank, config.r)
+
+
+@contextmanager
+def sampled_rank(model: nn.Module, name: str, seed: int, step: int) -> Iterator[int | None]:
+    """During the block, DyLoRA adapter `name` runs at `step_rank(...)` in every layer;
+    the rank it had before is restored after. A no-op (yields None) for other adapters."""
+    config = getattr(model, "edgepeft_adapters", {}).get(name)
+    if not isinstance(config, LoraConfig) or config.dylora_min_rank is None:
+        yield None
+        return
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and name in m.scaling]
+    before = [m.active_rank.get(name) for m in layers]
+    rank = step_rank(config, seed, step)
+    set_active_rank(model, rank, name)
+    try:
+        yield rank
+    finally:
+        for module, old in zip(layers, before, strict=True):
+            if old is None:
+                module.active_rank.pop(name, None)
+            else:
+                module.active_rank[name] = old
+
+
+def dylora_metadata(config) -> dict[str, str]:
+    """The safetensors metadata that marks a saved adapter as DyLoRA (empty otherwise)."""
+    low = getattr(config, "dylora_min_rank", None)
+    return {} if low is None else {DYLORA_METADATA: str(low)}
+
+
+def with_dylora_metadata(config, metadata: dict) -> object:
+    """`config` with the DyLoRA lowest rank a saved folder's metadata records."""
+    if DYLORA_METADATA not in metadata or not isinstance(config, LoraConfig):
+        return config
+    return dataclasses.replace(config, dylora_min_rank=int(metadata[DYLORA_METADATA]))
 
 
 # ---------------------------------------------------------------- HF peft JSON

@@ -4,6 +4,7 @@
     adapter_model.safetensors   "base_model.model.<module path>.<tensor>" (peft's keys);
                                 soft prompts: "prompt_embeddings"
                                 metadata: edgepeft_base_fingerprint, edgepeft_base_quant
+                                (DyLoRA: edgepeft_dylora_min_rank, see lora.py)
 
 Bottleneck and selective adapters use the same layout with their own peft_type.
 Only safetensors are read; a folder holding pickled weights is refused.
@@ -25,6 +26,7 @@ from edgepeft import __version__
 from edgepeft.adapters import METHODS, method_for
 from edgepeft.adapters.inject import add_adapter, delete_adapter, list_adapters, set_adapter
 from edgepeft.adapters.layer import adapter_modules
+from edgepeft.adapters.lora import dylora_metadata, with_dylora_metadata
 from edgepeft.atomic import staging_folder
 from edgepeft.base import base_info, is_conv1d_origin
 from edgepeft.finite import check_finite_torch
@@ -91,6 +93,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
         "edgepeft_base_fingerprint": info.fingerprint,
         "edgepeft_base_quant": info.quant,
         "edgepeft_adapter_name": name,
+        **dylora_metadata(config),
     }
     directory = Path(directory)
     with staging_folder(directory) as staging:  # removed on failure and on SIGTERM / SIGINT
@@ -161,6 +164,10 @@ def read_adapter(directory: str | os.PathLike) -> tuple[object, dict[str, torch.
             f"{weights_path} is not a readable safetensors file ({e}); it may be truncated or corrupt"
         ) from e
     metadata = {**metadata, "base_model_name_or_path": document.get("base_model_name_or_path")}
+    try:
+        config = with_dylora_metadata(config, metadata)
+    except ValueError as e:
+        raise ValueError(f"{weights_path}: metadata: {e}") from e
     return config, tensors, metadata
 
 

@@ -4,6 +4,8 @@
         --recipe TOML (weights, block_size, accuracy_level, mode, max_context) < explicit flags
             ──► edgepeft.export.export ──► <out>/ (model.onnx + .data, tokenizer,
             edgepeft.json, genai_config.json, verify.json; one folder per adapter in merged mode)
+        --rank R: each (DyLoRA) adapter first cut to rank R by edgepeft.truncate_rank into
+            <out>-adapters-r<R>/<NAME>, which the export records and verify reloads
     edgepeft verify EXPORT_DIR
         the export against PyTorch; exit 1 if any check fails (every weight format is
         judged, see verify.CRITERIA); --files: sizes and sha256 only, no PyTorch
@@ -38,6 +40,13 @@ def add_export_parser(commands) -> argparse.ArgumentParser:
         help="adapter folder, exported as NAME (default: the folder's name); repeatable",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument(
+        "--rank",
+        type=int,
+        metavar="R",
+        help="DyLoRA adapters: export rank R (written first to <out>-adapters-r<R>/NAME, a plain "
+        "LoRA folder that the export's manifest points to)",
+    )
     parser.add_argument(
         "--weights",
         choices=WEIGHT_FORMATS,
@@ -108,6 +117,8 @@ def run_export(args: argparse.Namespace) -> int:
     )
     if looks_like_path(args.base) and not Path(args.base).expanduser().is_dir():
         raise UserError(f"base model folder {args.base} does not exist")
+    if args.rank is not None:
+        adapters = truncated_adapters(adapters, args.rank, Path(args.out))
     result = export(
         args.base,
         args.out,
@@ -130,6 +141,20 @@ def run_export(args: argparse.Namespace) -> int:
     )
     print(result)
     return 0
+
+
+def truncated_adapters(adapters: dict, rank: int, out: Path) -> dict:
+    """`edgepeft export --rank R`: every adapter cut to rank R beside the export (kept, since
+    the manifest records each adapter's folder and `edgepeft verify` reloads it)."""
+    # lazy: truncation reads the folders with torch
+    from edgepeft.truncate import truncate_rank
+
+    if not adapters:
+        raise UserError("--rank needs at least one --adapter NAME=DIR (a DyLoRA adapter) to cut")
+    folder = out.with_name(f"{out.name}-adapters-r{rank}")
+    cut = {name: truncate_rank(path, rank, folder / name) for name, path in adapters.items()}
+    print(f"cut {len(cut)} adapter(s) to rank {rank} in {folder}", flush=True)
+    return cut
 
 
 # ---------------------------------------------------------------- verify

@@ -11,6 +11,7 @@ import json
 
 from edgepeft.plan.budget import DEFAULT_PREFILL
 from edgepeft.plan.planner import plan
+from edgepeft.plan.rank import fit_rank
 from edgepeft.plan.shape import model_shape
 from edgepeft.plan.text import render_training
 from edgepeft.plan.training import plan_training
@@ -40,6 +41,11 @@ def add_parser(commands) -> None:
         "--prefill", type=int, default=DEFAULT_PREFILL, metavar="N",
         help=f"prompt tokens per forward (default {DEFAULT_PREFILL})",
     )  # fmt: skip
+    parser.add_argument(
+        "--adapter", metavar="DIR",
+        help="a LoRA folder (DyLoRA: nested ranks): the largest of its ranks that fits, with "
+        "--adapters N copies loaded (default 1)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     train = parser.add_argument_group("training (--train)")
     train.add_argument("--train", action="store_true", help="plan training on the device instead")
@@ -62,6 +68,14 @@ def run(args: argparse.Namespace) -> int:
             quant=args.quant, optimizer=args.optimizer, checkpointing=args.checkpointing,
         )  # fmt: skip
         print(json.dumps(result, indent=2) if args.json else render_training(result, args.model))
+        return 0
+    if args.adapter is not None:
+        fit = fit_rank(
+            args.model, args.device, args.adapter, adapters=max(args.adapters, 1),
+            context=args.context, prefill=args.prefill, weights=args.weights,
+            block_size=args.block_size,
+        )  # fmt: skip
+        print(json.dumps(fit.to_dict(), indent=2) if args.json else fit)
         return 0
     result = plan(
         args.model,

@@ -155,7 +155,7 @@ def train(
     try:
         with StopOnSignal() as stop:
             while state.step < run.total and not state.saved["stopped_early"]:
-                stats = train_step(run, opt, outputs.meter)
+                stats = train_step(run, opt, outputs.meter, step=state.step + 1)
                 state.step += 1
                 log_step(run, opt, state, outputs, stats)
                 if evaluation_due(run, state.step):

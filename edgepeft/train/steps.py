@@ -5,6 +5,7 @@
     open_outputs     train_config.json, metrics.jsonl, the progress bar, the peak meter
     each optimizer step:
         train_step       grad_accum micro-batches ──► backward ──► (all-reduce) ──► update
+                         (DyLoRA: the whole step at one rank drawn from (seed, step))
         log_step         loss, lr, tokens/s ──► metrics.jsonl, progress bar
         evaluate_step    val loss, perplexity ──► best/ adapter, early stopping
         save_checkpoint  parameters, optimizer, schedule, RNGs, sampler, progress (rank 0)
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from edgepeft.adapters.inject import active_adapter, adapter_parameters, list_adapters, set_adapter
+from edgepeft.adapters.lora import sampled_rank
 from edgepeft.adapters.peft_format import save_adapter
 from edgepeft.base import base_info
 from edgepeft.config import TrainConfig
@@ -290,8 +292,8 @@ def open_outputs(run: Run, state: RunState) -> Outputs:
 # ---------------------------------------------------------------- each optimizer step
 
 
-def train_step(run: Run, opt: Optimization, meter: PeakMeter) -> StepStats:
-    """One optimizer step over `grad_accum` micro-batches, each rank on its shard."""
+def train_step(run: Run, opt: Optimization, meter: PeakMeter, *, step: int) -> StepStats:
+    """Optimizer step `step` (from 1) over `grad_accum` micro-batches, each rank on its shard."""
     tick = time.perf_counter()
     config, ddp, train_set = run.config, run.ddp, run.data.train
     run.model.train()
@@ -300,7 +302,8 @@ def train_step(run: Run, opt: Optimization, meter: PeakMeter) -> StepStats:
     rows = [[train_set[i] for i in opt.sampler.next_batch()] for _ in range(config.grad_accum)]
     label_tokens = sum(e.label_tokens for part in rows for e in part)
     micro = [collate(part, run.pad_id) for part in map(ddp.shard, rows) if part]
-    with meter.step():
+    # DyLoRA samples its rank once per optimizer step, for every layer and micro-batch.
+    with meter.step(), sampled_rank(run.model, run.name, config.seed, step):
         loss = accumulate_gradients(run.model, micro, run.precision, opt.scaler, label_tokens)
         loss = ddp.reduce_gradients(run.params, loss)
         lr, grad_norm = optimizer_step(
