@@ -39,6 +39,7 @@ _EXPORTS = {
     "evaluate": "edgepeft.train.evaluate",
     "truncate_rank": "edgepeft.truncate",
     "set_active_rank": "edgepeft.adapters.lora",
+    "choose_mask": "edgepeft.adapters.importance",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -224,7 +224,9 @@ class SelectiveConfig:
                 )
             return
         if self.mask != "importance":
-            raise ValueError(f"SelectiveConfig.mask must be None or 'importance', got {self.mask!r}")
+            raise ValueError(
+                f"SelectiveConfig.mask must be None or 'importance', got {self.mask!r}"
+            )
         share = isinstance(budget, float) and 0.0 < budget < 1.0
         count = isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1
         if not (share or count):
@@ -233,7 +235,9 @@ class SelectiveConfig:
                 "of trained units or a float share in (0, 1)"
             )
         if self.score not in ("fisher", "grad_x_weight"):
-            raise ValueError(f"SelectiveConfig.score must be 'fisher' or 'grad_x_weight', got {self.score!r}")
+            raise ValueError(
+                f"SelectiveConfig.score must be 'fisher' or 'grad_x_weight', got {self.score!r}"
+            )
         if self.structure not in ("unstructured", "rows", "columns"):
             raise ValueError(
                 "SelectiveConfig.structure must be 'unstructured', 'rows' or 'columns', "
@@ -241,7 +245,9 @@ class SelectiveConfig:
             )
         n = self.calibration_batches
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"SelectiveConfig.calibration_batches must be a positive integer, got {n!r}")
+            raise ValueError(
+                f"SelectiveConfig.calibration_batches must be a positive integer, got {n!r}"
+            )
 
     @classmethod
     def bitfit(cls) -> SelectiveConfig:

@@ -37,7 +37,11 @@ PRESETS = {
     "llama-norms": (
         "llama",
         NORMS,
-        {f"model.layers.{i}.{n}.weight" for i in range(LAYERS) for n in ("input_layernorm", "post_attention_layernorm")}
+        {
+            f"model.layers.{i}.{n}.weight"
+            for i in range(LAYERS)
+            for n in ("input_layernorm", "post_attention_layernorm")
+        }
         | {"model.norm.weight"},
     ),
     "qwen2-bitfit": (
@@ -54,7 +58,12 @@ PRESETS = {
     "gpt2-norms": (
         "gpt2",
         NORMS,
-        {f"transformer.h.{i}.{n}.{p}" for i in range(LAYERS) for n in ("ln_1", "ln_2") for p in ("weight", "bias")}
+        {
+            f"transformer.h.{i}.{n}.{p}"
+            for i in range(LAYERS)
+            for n in ("ln_1", "ln_2")
+            for p in ("weight", "bias")
+        }
         | {"transformer.ln_f.weight", "transformer.ln_f.bias"},
     ),
 }
@@ -145,7 +154,9 @@ def test_tied_parameter_shares_one_delta(tiny_dir):
     assert count_parameters(model) == original.numel()
 
 
-@pytest.mark.parametrize("arch, config, quant", [("qwen2", BITFIT, "nf4"), ("llama", NORMS, "none")])
+@pytest.mark.parametrize(
+    "arch, config, quant", [("qwen2", BITFIT, "nf4"), ("llama", NORMS, "none")]
+)
 def test_merge_update_is_base_plus_delta_exactly(tiny_dir, arch, config, quant):
     model, _ = load_base(tiny_dir(arch), quant=quant)
     torch.manual_seed(0)
@@ -167,13 +178,17 @@ def test_merge_update_is_base_plus_delta_exactly(tiny_dir, arch, config, quant):
 def test_merge_update_gives_a_conv1d_weight_as_out_by_in(tiny_dir):
     model, _ = load_base(tiny_dir("gpt2"), quant="none")
     torch.manual_seed(0)
-    add_adapter(model, SelectiveConfig(patterns=(r"h\.0\.mlp\.c_fc\.(weight|bias)$",), init="random"))
+    add_adapter(
+        model, SelectiveConfig(patterns=(r"h\.0\.mlp\.c_fc\.(weight|bias)$",), init="random")
+    )
     layer = model.transformer.h[0].mlp.c_fc
     stored = layer.base_layer.weight  # Conv1D keeps (in, out) = (64, 256)
     update = layer.merge_update("default")
     assert update["weight"].shape == (256, 64)
     assert torch.equal(update["weight"], (stored + layer.selective_delta["default"]["weight"]).t())
-    assert torch.equal(update["bias"], layer.base_layer.bias + layer.selective_delta["default"]["bias"])
+    assert torch.equal(
+        update["bias"], layer.base_layer.bias + layer.selective_delta["default"]["bias"]
+    )
 
 
 def test_two_adapters_switch_with_their_own_outputs(tiny_dir, input_ids):
@@ -267,5 +282,10 @@ def test_pattern_matching_nothing_lists_parameter_names(tiny_dir):
 def test_config_json_round_trip():
     config = SelectiveConfig(patterns=(r"\.bias$", r"norm\.weight$"), init="random")
     assert from_peft({"peft_type": "SELECTIVE", **to_peft(config)}) == config
+    assert set(to_peft(config)) == {"patterns", "init"}  # no mask: the JSON is as it always was
     with pytest.raises(ValueError, match="patterns"):
         from_peft({"peft_type": "SELECTIVE"})
+    masked = SelectiveConfig(mask="importance", budget=0.1, selected={"lm_head.weight": 3})
+    assert from_peft({"peft_type": "SELECTIVE", **to_peft(masked)}) == masked
+    with pytest.raises(ValueError, match="no 'selected' layout"):
+        from_peft({"peft_type": "SELECTIVE", **to_peft(dataclasses.replace(masked, selected={}))})

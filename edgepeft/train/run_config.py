@@ -399,6 +399,12 @@ def _method(table: Mapping[str, Any], source: str) -> tuple[str, Any]:
         if kwargs.get("use_dora") is False:
             raise ConfigError(f"{source}: method.type = 'dora' with use_dora = false; pick one")
         kwargs["use_dora"] = True
+    if kind == "selective" and (kwargs.get("selected") or kwargs.get("density") is not None):
+        # They describe a mask already chosen; a run chooses its own before the first step.
+        raise ConfigError(
+            f"{source}: method.selected and method.density are filled in when training chooses "
+            "the importance mask; leave them out of the run config"
+        )
     kwargs = _numbers(cls, kwargs)
     _check_types(cls, kwargs, "method.", source)
     try:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgepeft.adapters.importance import choose_mask, mask_pending
 from edgepeft.adapters.inject import active_adapter, adapter_parameters, list_adapters, set_adapter
 from edgepeft.adapters.lora import sampled_rank
 from edgepeft.adapters.peft_format import save_adapter
@@ -54,7 +55,14 @@ from edgepeft.train.data import (
     prepare_data,
 )
 from edgepeft.train.distributed import Context, current
-from edgepeft.train.loss import accumulate_gradients, evaluate_loss, resolve_precision
+from edgepeft.train.loss import (
+    accumulate_gradients,
+    autocast,
+    evaluate_loss,
+    input_device,
+    resolve_precision,
+    token_loss_sum,
+)
 from edgepeft.train.memory import check_fits, estimate_memory
 from edgepeft.train.optim import lr_factor, make_optimizer, optimizer_step, total_steps
 from edgepeft.train.report import (
@@ -218,6 +226,10 @@ def prepare(
     data_id = examples_fingerprint(train_set, prepared.val)
     total = total_steps(config, len(train_set))
     pad_id = pad_id_of(tokenizer)
+    if mask_pending(list_adapters(model)[name]):  # before the optimizer: it gets the masked values
+        choose_training_mask(model, name, train_set, config, pad_id, precision)
+        params = adapter_parameters(model, name)
+        named = named_parameters(model, params)
     planned_peak = planned_memory(
         model, name, config, seq_len=max(len(e.input_ids) for e in train_set),
         world_size=ddp.world_size, precision=precision, device=device, max_memory=max_memory,
@@ -465,6 +477,37 @@ def adapter_to_train(model: nn.Module, adapter: str | None) -> str:
         have = ", ".join(list_adapters(model)) or "none"
         raise KeyError(f"no adapter named {name!r} on this model (adapters: {have})")
     return name
+
+
+def choose_training_mask(
+    model: nn.Module,
+    name: str,
+    examples: Sequence,
+    config: TrainConfig,
+    pad_id: int,
+    precision: str,
+) -> None:
+    """Importance-masked selective tuning: the mask from the first training batches in file
+    order (not the sampler's), so a resumed run chooses the same mask again."""
+    rows = config.batch_size
+    count = list_adapters(model)[name].calibration_batches * rows
+    batches = [
+        collate(examples[i : i + rows], pad_id) for i in range(0, min(count, len(examples)), rows)
+    ]
+    device = input_device(model)
+
+    def mean_loss(model: nn.Module, batch) -> torch.Tensor:
+        batch = batch.to(device)
+        with autocast(device, precision):
+            return token_loss_sum(model, batch) / max(batch.label_tokens, 1)
+
+    chosen = choose_mask(model, name, batches, loss=mean_loss)
+    if not config.quiet:
+        kept = sum(chosen.selected.values())
+        print(
+            f"selective adapter {name!r}: {chosen.score} importance mask keeps {kept} "
+            f"{chosen.structure} units (density {chosen.density:.4f})"
+        )
 
 
 def named_parameters(model: nn.Module, params: Sequence[nn.Parameter]) -> dict[str, nn.Parameter]:
