@@ -113,12 +113,12 @@ def test_separate_int4_keeps_the_base_packed(tiny_dir, tmp_path):
     layers = separate.manifest.num_layers
     # every projection's base matmul as in the fused graph: qkv and gate_up stay one each
     assert ops["MatMulNBits"] == base_ops["MatMulNBits"] == 4 * layers + 1
-    # one LoRA branch (2 MatMul + Add) per packed or single projection: 4 per layer
+    # one LoRA branch (2 MatMul, the row-mask Mul, Add) per packed or single projection: 4
+    # per layer; and where an adapter reads a channel-scaled input (q|k|v, gate|up, down),
+    # the base matmul gets Mul(x, 1/s) instead of the norm folding the fused graph does
     assert ops["MatMul"] - base_ops.get("MatMul", 0) == 2 * 4 * layers
-    # and where an adapter reads a channel-scaled input (q|k|v, gate|up, down), the base
-    # matmul gets Mul(x, 1/s) instead of the norm folding the fused graph does
-    assert ops["Mul"] - base_ops["Mul"] == 3 * layers
-    assert separate.manifest.num_nodes - fused.manifest.num_nodes == 3 * 4 * layers + 3 * layers
+    assert ops["Mul"] - base_ops["Mul"] == 4 * layers + 3 * layers
+    assert separate.manifest.num_nodes - fused.manifest.num_nodes == 4 * 4 * layers + 3 * layers
     inputs = optional_graph_inputs(tmp_path / "sep" / "model.onnx")
     assert {f"{QKV}.lora_A", "model.layers.0.mlp.gate_up_proj.lora_B"} <= set(inputs)
     assert f"{Q}.lora_A" not in inputs

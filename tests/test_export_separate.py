@@ -199,7 +199,7 @@ def _expected_adapter_inputs(model, fingerprint):
         parent, _, leaf = path.rpartition(".")
         path = f"{parent}.{PACKED.get(leaf, leaf)}"
         if module.peft_type == "LORA":
-            names |= {f"{path}.lora_A", f"{path}.lora_B"}
+            names |= {f"{path}.lora_A", f"{path}.lora_B", f"{path}.lora_row_mask"}
             if len(module.lora_magnitude_vector):
                 names.add(f"{path}.dora_scale")
         elif module.peft_type == "IA3":

@@ -1,7 +1,7 @@
 """Separate-mode adapter inputs of one projection: their names, defaults and graph nodes.
 
     x ─[× ia3_scale (in,)]──► x' ──► base MatMul(NBits)(x')  (bias left out under DoRA) ──┐
-                               └──► MatMul lora_A (in, r) ──► MatMul lora_B (r, out) ─────+─► h
+                               └──► MatMul lora_A (in, r) ─[× lora_row_mask]─► MatMul lora_B ─+─► h
     h ─[× dora_scale (out,) + bias]─[× ia3_scale (out,)]──► y
     y ─[+ adapter_up(act(adapter_down(y)))]──► output          (bottleneck)
 
@@ -13,10 +13,16 @@ name is its default, which makes its branch the identity (rank-0 LoRA: zeros of 
 alone when no adapter is fed. One adapter is active at a time, so whatever an adapter leaves
 unfed stays the identity and the order of the branches does not change its output.
 
+Mixed-adapter batches (runtime/mixed.py): K LoRA adapters stacked along the rank, lora_A
+(in, R = Σ r_k), lora_B (R, out), and lora_row_mask (B, 1, R) holding 1 where row b's adapter
+owns the column, 0 elsewhere (all 0 for a row without adapter): each row then computes its
+own adapter's B A x in one forward. Unfed, the mask is ones (1, 1, 1): one adapter as before.
+
 A slot exposes the union of the kinds the exported adapters put on that module:
 
     kind         inputs                                           default
     lora         lora_A (in, r), lora_B (r, out)   r dynamic      zeros (in, 0), (0, out)
+                 lora_row_mask (B, 1, r)                          ones (1, 1, 1)
     dora         + dora_scale (out,)                              ones
     ia3          ia3_scale (out,) output target | (in,) feedforward   ones
     bottleneck   adapter_down.weight (out, w), adapter_down.bias (w,),    zeros, w = 0
@@ -44,6 +50,11 @@ def lora_inputs(module: str) -> tuple[str, str]:
     return f"{module}.lora_A", f"{module}.lora_B"
 
 
+def lora_row_mask_input(module: str) -> str:
+    """The (B, 1, R) mask that gives each row of a mixed batch its own adapter's columns."""
+    return f"{module}.lora_row_mask"
+
+
 def dora_input(module: str) -> str:
     return f"{module}.dora_scale"
 
@@ -53,7 +64,7 @@ def ia3_input(module: str) -> str:
 
 
 INPUT_SUFFIXES = (
-    "lora_A", "lora_B", "dora_scale", "ia3_scale",
+    "lora_A", "lora_B", "lora_row_mask", "dora_scale", "ia3_scale",
     "adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias",
 )
 
@@ -123,6 +134,7 @@ class AdapterSlot:
             rank = f"{m}.lora_rank"
             out[a] = ([n_in, rank], np.zeros((n_in, 0), dtype))
             out[b] = ([rank, n_out], np.zeros((0, n_out), dtype))
+            out[lora_row_mask_input(m)] = ([None, 1, None], np.ones((1, 1, 1), dtype))
         if self.dora:
             out[dora_input(m)] = ([n_out], np.ones(n_out, dtype))
         if self.ia3 == "output":
@@ -155,6 +167,9 @@ class AdapterSlot:
         if self.lora or self.dora:
             a, lora_b = lora_inputs(name)
             low = b.node("MatMul", [x, inputs[a]], name=f"{name}/lora/MatMul_A")  # (B, T, r)
+            low = b.node(
+                "Mul", [low, inputs[lora_row_mask_input(name)]], name=f"{name}/lora/Mul_rows"
+            )
             delta = b.node("MatMul", [low, inputs[lora_b]], name=f"{name}/lora/MatMul_B")
             y = b.node("Add", [y, delta], name=f"{name}/lora/Add")
         if self.dora:

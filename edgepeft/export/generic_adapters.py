@@ -35,6 +35,7 @@ from edgepeft.export.adapter_slots import (
     dora_input,
     ia3_input,
     lora_inputs,
+    lora_row_mask_input,
 )
 
 MS_DOMAIN = "com.microsoft"
@@ -161,9 +162,12 @@ def _branch(s: _Splicer, slot: AdapterSlot, site: LinearSite) -> None:
 
         def lora(base: str) -> list[onnx.NodeProto]:
             low = s.node("MatMul", [x, a], f"{m}/lora/low", f"{m}/lora/MatMul_A")  # (B, T, r)
-            delta = s.node("MatMul", [low.output[0], b], f"{m}/lora/delta", f"{m}/lora/MatMul_B")
+            rows = s.node(  # a mixed batch's per-row columns (adapter_slots.py)
+                "Mul", [low.output[0], lora_row_mask_input(m)], f"{m}/lora/rows", f"{m}/lora/Mul_rows"
+            )
+            delta = s.node("MatMul", [rows.output[0], b], f"{m}/lora/delta", f"{m}/lora/MatMul_B")
             out = site.matmul if not slot.dora else f"{m}/lora/sum"
-            nodes = [low, delta, s.node("Add", [base, delta.output[0]], out, f"{m}/lora/Add")]
+            nodes = [low, rows, delta, s.node("Add", [base, delta.output[0]], out, f"{m}/lora/Add")]
             if slot.dora:  # before the traced bias Add: DoRA leaves the bias unscaled
                 nodes.append(s.node("Mul", [out, dora_input(m)], site.matmul, f"{m}/dora/Mul"))
             return nodes

@@ -5,6 +5,7 @@
         │                                adapters listed in the manifest ─► loaded, checked
         ├─ load_adapter(path, name) / unload_adapter(name) / adapters()
         ├─ generate(prompt | [prompts] | messages, adapter=name, ...) ─► str | [str]
+        │      adapter=[name per row]: a mixed-adapter batch, one forward (mixed.py)
         │      prompts ─► ids (chat.py) ─► prepare(adapter, batch): a free Slot and its
         │      IOBinding for the adapter (kv_cache.py) ─► prefill + decode steps (decode.py)
         │      ─► sampling.py picks tokens ─► stop at eos / stop strings / max_new_tokens
@@ -20,6 +21,7 @@ which binding a request uses; the base weights are never reloaded or copied.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,10 +39,13 @@ from edgepeft.runtime.decode import fused_steps, generic_steps
 from edgepeft.runtime.errors import ContextLengthError
 from edgepeft.runtime.kv_cache import CacheSpec, Slot, SlotPool
 from edgepeft.runtime.memory import MemoryReport, graph_bytes
+from edgepeft.runtime.mixed import mixed_adapter
 from edgepeft.runtime.sampling import Sampler, SamplingConfig
 from edgepeft.runtime.session import LOG, choose_providers, create_session, device_settings
 
 FINISH_REASONS = ("eos", "stop", "length", "context")
+MIXED_CACHE = 8
+"""Mixed-adapter batches whose stacked tensors stay ready (each costs its adapters' bytes)."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,9 @@ class Engine:
         )
         self._pool = SlotPool(self.session, self.spec)
         self._registry = AdapterRegistry()
+        self._mixed: dict[tuple, LoadedAdapter] = {}
+        """Row adapters -> their stacked LoadedAdapter (mixed.py), the last MIXED_CACHE kept."""
+        self._mixed_lock = threading.Lock()
         self._codec: TextCodec | None = None
         self.eos_token_ids = _eos_ids(manifest.eos_token_id)
         self.pad_token_id = manifest.pad_token_id if manifest.pad_token_id is not None else 0
@@ -193,6 +201,9 @@ class Engine:
         """Forget an adapter; requests already running with it finish with it."""
         self._registry.remove(name)
         self._pool.forget(name)
+        with self._mixed_lock:
+            for rows in [rows for rows in self._mixed if name in rows]:
+                self._pool.forget(self._mixed.pop(rows).name)
 
     def adapters(self) -> dict[str, AdapterInfo]:
         """name -> AdapterInfo (kind, rank, bytes, file, ...) of every loaded adapter."""
@@ -209,6 +220,30 @@ class Engine:
         """
         loaded = None if adapter is None else self._registry.get(adapter)
         return self._prepare(loaded, batch_size, capacity)
+
+    def _row_adapters(self, adapter, batch: int) -> tuple[LoadedAdapter | None, list]:
+        """(what the batch binds, each row's adapter name) for adapter=name or [name per row]."""
+        if adapter is None or isinstance(adapter, str):
+            loaded = None if adapter is None else self._registry.get(adapter)
+            return loaded, [adapter] * batch
+        names = list(adapter)
+        if len(names) != batch:
+            raise ValueError(f"adapter lists {len(names)} names for a batch of {batch} prompts")
+        if len(set(names)) == 1:
+            return self._row_adapters(names[0], batch)[0], names
+        rows = tuple(names)
+        with self._mixed_lock:
+            hit = self._mixed.get(rows)
+        if hit is None:
+            import onnxruntime as ort
+
+            loaded = [None if n is None else self._registry.get(n) for n in names]
+            hit = mixed_adapter(loaded, self.graph_inputs, ort.OrtValue.ortvalue_from_numpy)
+            with self._mixed_lock:
+                self._mixed[rows] = hit
+                while len(self._mixed) > MIXED_CACHE:  # the oldest batch's stacked copies
+                    self._pool.forget(self._mixed.pop(next(iter(self._mixed))).name)
+        return hit, names
 
     def _prepare(self, loaded: LoadedAdapter | None, batch_size: int, capacity: int) -> Request:
         if not self.spec.shared:
@@ -273,12 +308,14 @@ class Engine:
         min_new_tokens: int = 0,
         ignore_eos: bool = False,
     ):
-        """Continue a prompt (or a batch of prompts, sharing one adapter).
+        """Continue a prompt (or a batch of prompts).
 
         Args:
             prompt_or_messages: A string, chat messages [{"role", "content"}] (the export's
                 chat template), token ids, or a list of those (a batch, left padded).
-            adapter: A loaded adapter's name; None runs the base.
+            adapter: A loaded adapter's name; None runs the base. For a batch, also a list
+                with one name (or None) per prompt: LoRA adapters then share one forward,
+                each row computing its own (runtime/mixed.py).
             max_new_tokens: Most tokens to generate per prompt.
             temperature: 0 is greedy; else sample with top_k / top_p.
             repetition_penalty: HF-style penalty on tokens already in the row.
@@ -376,7 +413,8 @@ class Engine:
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        loaded = None if adapter_name is None else self._registry.get(adapter_name)
+        loaded, row_names = self._row_adapters(adapter_name, len(prompts))
+        adapter_name = loaded.name if loaded is not None else None
         prefix = loaded.prefix if loaded is not None else None
         n_virtual = prefix.num_virtual_tokens if prefix is not None else 0
         rows = [self.encode(p) for p in prompts]
@@ -465,7 +503,7 @@ class Engine:
                     token_ids=generated[b],
                     prompt_ids=rows[b],
                     finish_reason=reasons[b] or ended,
-                    adapter=adapter_name,
+                    adapter=row_names[b],
                     prefill_ms=prefill_ms,
                     decode_ms=decode_ms,
                 )
