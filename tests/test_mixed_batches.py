@@ -131,3 +131,16 @@ def test_unloading_drops_the_stacked_copies(engine):
     batch = engine.generate(PROMPTS[:2], adapter=rows, max_new_tokens=4, return_result=True)
     alone = [_alone(engine, p, n, 4) for p, n in zip(PROMPTS[:2], rows, strict=True)]
     assert [r.token_ids for r in batch] == alone
+
+
+def test_stream_batch_streams_each_row_to_its_own_limit(engine):
+    rows, limits = ["wide", None, "narrow", "wide"], [3, 7, 5, 1]
+    items = list(engine.stream_batch(PROMPTS[:4], adapter=rows, max_new_tokens=limits))
+    results, steps = items[-1], items[:-1]
+    for b, (prompt, name, limit) in enumerate(zip(PROMPTS, rows, limits, strict=False)):
+        alone = engine.generate(prompt, adapter=name, max_new_tokens=limit, return_result=True)
+        assert results[b].token_ids == alone.token_ids, (name, limit)
+        assert results[b].finish_reason == alone.finish_reason
+        assert "".join(step[b] for step in steps) == results[b].text == alone.text
+    with pytest.raises(ValueError, match="2 limits for a batch of 4"):
+        next(engine.stream_batch(PROMPTS[:4], max_new_tokens=[1, 2]))

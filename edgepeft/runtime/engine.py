@@ -393,6 +393,57 @@ class Engine:
         finally:
             run.close()  # closed early: the slot goes back now, not when collected
 
+    def stream_batch(
+        self,
+        prompts: Sequence,
+        adapter: str | Sequence[str | None] | None = None,
+        max_new_tokens: int | Sequence[int] = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        *,
+        truncate: bool = False,
+        min_new_tokens: int = 0,
+        ignore_eos: bool = False,
+    ) -> Iterator[list]:
+        """A batch decoded together, streamed: after each decode step one text piece per row
+        ("" when a row has nothing new, as `stream` holds back a possible stop string), then
+        as the last item the list of GenerationResults.
+
+        `adapter` may name one adapter per row (a mixed batch) and `max_new_tokens` give one
+        limit per row; the other arguments are `generate`'s, shared by every row. Closing the
+        iterator ends the batch between two decode steps and frees its slot.
+        """
+        if not prompts:
+            raise ValueError("stream_batch() needs at least one prompt")
+        stops = _stops(stop)
+        sampling = _sampling(temperature, top_k, top_p, repetition_penalty, seed)
+        limits = _row_limits(max_new_tokens, len(prompts))
+        min_new = _min_new(min_new_tokens, max(limits), ignore_eos)
+        sent = [0] * len(prompts)
+        run = self._run(
+            list(prompts), adapter, limits, sampling, stops, truncate, True, min_new=min_new
+        )
+        try:
+            for value, final in run:
+                texts = [r.text for r in value] if final else value
+                pieces = []
+                for b, text in enumerate(texts):
+                    safe = len(text) if final else len(text) - _held_back(text, stops)
+                    pieces.append(text[sent[b] : safe] if safe > sent[b] else "")
+                    sent[b] = max(sent[b], safe)
+                if final:
+                    if any(pieces):
+                        yield pieces
+                    yield value
+                    return
+                yield pieces
+        finally:
+            run.close()
+
     def _generate(self, prompts, adapter, max_new_tokens, sampling, stops, truncate, min_new=0):
         run = self._run(
             prompts, adapter, max_new_tokens, sampling, stops, truncate, bool(stops), min_new=min_new
@@ -411,8 +462,8 @@ class Engine:
         is decoded once at the end (the hot loop then only samples and runs the graph).
         `min_new`: tokens before which eos is not sampled and no stop string ends a row.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        limits = _row_limits(max_new_tokens, len(prompts))
+        max_new_tokens = max(limits)
         loaded, row_names = self._row_adapters(adapter_name, len(prompts))
         adapter_name = loaded.name if loaded is not None else None
         prefix = loaded.prefix if loaded is not None else None
@@ -469,6 +520,8 @@ class Engine:
                             reasons[b] = "eos"
                             continue
                         generated[b].append(token)
+                        if len(generated[b]) == limits[b] < max_new_tokens:
+                            reasons[b] = "length"  # this row's own limit, below the batch's
                         if seen is not None:
                             seen[b].append(token)
                         if decoders[b] is not None:
@@ -594,6 +647,20 @@ def _min_new(min_new_tokens: int, max_new_tokens: int, ignore_eos: bool) -> int:
             f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}"
         )
     return min_new_tokens
+
+
+def _row_limits(max_new_tokens, batch: int) -> list[int]:
+    """max_new_tokens as one limit per row (an int applies to every row)."""
+    limits = (
+        [max_new_tokens] * batch
+        if isinstance(max_new_tokens, (int, np.integer))
+        else [int(n) for n in max_new_tokens]
+    )
+    if len(limits) != batch:
+        raise ValueError(f"max_new_tokens lists {len(limits)} limits for a batch of {batch}")
+    if min(limits) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {min(limits)}")
+    return limits
 
 
 def _stops(stop) -> tuple[str, ...]:

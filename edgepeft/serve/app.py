@@ -132,6 +132,7 @@ class Server:
         self.scheduler = Scheduler(
             engine,
             max_queue=config.max_queue,
+            max_batch=config.max_batch,
             timeout_s=config.request_timeout_s,
             metrics=self.metrics,
         )

@@ -71,6 +71,14 @@ def add_parser(commands) -> None:
         help=f"requests that may wait; more get 429 (default: {DEFAULTS.max_queue})",
     )
     serve.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULTS.max_batch,
+        metavar="N",
+        help="most greedy requests decoded together, mixed adapters included "
+        f"(default: {DEFAULTS.max_batch}; 1: one at a time)",
+    )
+    serve.add_argument(
         "--max-tokens",
         type=int,
         default=DEFAULTS.max_tokens_limit,
@@ -158,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         model_name=args.served_model_name,
         max_queue=args.max_queue,
+        max_batch=args.max_batch,
         max_tokens_limit=args.max_tokens,
         default_max_tokens=min(args.default_max_tokens, args.max_tokens),
         max_body_bytes=parse_size(args.max_body_bytes, "--max-body-bytes"),

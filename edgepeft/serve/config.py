@@ -14,7 +14,10 @@ class ServeConfig:
     model_name: str | None = None
     """The name the base answers to in `model`; None: the manifest's base (a path's folder)."""
     max_queue: int = 16
-    """Requests that may wait for the worker (the running one not counted); more get 429."""
+    """Requests that may wait for the worker (the running ones not counted); more get 429."""
+    max_batch: int = 8
+    """Most greedy requests decoded together in one forward, mixed adapters included (1: one
+    at a time)."""
     max_tokens_limit: int = 2048
     """Largest `max_tokens` a request may ask for; more get 400."""
     default_max_tokens: int = 256
@@ -27,7 +30,14 @@ class ServeConfig:
     """Serve /v1/load_lora_adapter and /v1/unload_lora_adapter (else 403)."""
 
     def __post_init__(self):
-        for field in ("max_queue", "max_tokens_limit", "default_max_tokens", "max_body_bytes"):
+        limits = (
+            "max_queue",
+            "max_batch",
+            "max_tokens_limit",
+            "default_max_tokens",
+            "max_body_bytes",
+        )
+        for field in limits:
             if getattr(self, field) < 1:
                 raise ValueError(f"ServeConfig.{field} must be >= 1, got {getattr(self, field)}")
         if self.request_timeout_s <= 0:

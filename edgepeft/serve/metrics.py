@@ -7,6 +7,8 @@
     edgepeft_prompt_tokens_total{model}     counter
     edgepeft_generation_tokens_total{model} counter
     edgepeft_generation_seconds_total       counter  worker time spent generating
+    edgepeft_batches_total                  counter  forwards the worker ran requests in
+    edgepeft_batch_rows_total               counter  requests in them (/ batches: mean size)
     edgepeft_tokens_per_second              gauge    generated tokens / generation seconds of
                                                      the requests finished in the last WINDOW_S
 
@@ -31,6 +33,8 @@ class Metrics:
         self.prompt_tokens: Counter[str] = Counter()
         self.generation_tokens: Counter[str] = Counter()
         self.generation_seconds = 0.0
+        self.batches = 0
+        self.batch_rows = 0
         self._recent: deque[tuple[float, int, float]] = deque()  # (when, tokens, seconds)
 
     def finished(self, model: str, result, seconds: float) -> None:
@@ -41,6 +45,12 @@ class Metrics:
             self.generation_tokens[model] += tokens
             self.generation_seconds += seconds
             self._recent.append((time.monotonic(), tokens, seconds))
+
+    def batched(self, rows: int) -> None:
+        """The worker started a batch of `rows` requests (1: a request alone)."""
+        with self._lock:
+            self.batches += 1
+            self.batch_rows += rows
 
     def failed(self, model: str, outcome: str) -> None:
         with self._lock:
@@ -62,6 +72,7 @@ class Metrics:
             prompt = dict(self.prompt_tokens)
             generated = dict(self.generation_tokens)
             seconds = self.generation_seconds
+            batches, batch_rows = self.batches, self.batch_rows
         lines: list[str] = []
         _metric(lines, "queue_length", "gauge", "Requests waiting for the worker.", [((), waiting)])
         _metric(lines, "requests_running", "gauge", "Requests being generated.", [((), running)])
@@ -75,6 +86,10 @@ class Metrics:
                 [((("model", m),), n) for m, n in sorted(generated.items())])  # fmt: skip
         _metric(lines, "generation_seconds_total", "counter",
                 "Seconds the worker spent generating.", [((), seconds)])  # fmt: skip
+        _metric(lines, "batches_total", "counter", "Batches the worker ran requests in.",
+                [((), batches)])  # fmt: skip
+        _metric(lines, "batch_rows_total", "counter", "Requests in those batches.",
+                [((), batch_rows)])  # fmt: skip
         _metric(lines, "tokens_per_second", "gauge",
                 f"Generated tokens per generation second, requests of the last {WINDOW_S:g} s.",
                 [((), rate)])  # fmt: skip

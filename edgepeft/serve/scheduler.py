@@ -1,9 +1,14 @@
-"""The queue between HTTP handlers and the engine: bounded, one worker, cancellable.
+"""The queue between HTTP handlers and the engine: bounded, one worker, cancellable, batching.
 
     handler ─ submit(job, sink) ─► deque (≤ max_queue waiting; full: QueueFullError → 429)
-                                     │ one worker thread, oldest first
+                                     │ one worker thread, oldest first, which takes with it
+                                     │ up to max_batch - 1 waiting jobs it can batch with
                                      ▼
-              Engine.stream(job.prompt, adapter=job.adapter, return_result=True)
+              one job:  Engine.stream(job.prompt, adapter=job.adapter, return_result=True)
+              a batch:  Engine.stream_batch(prompts, adapter=[per row], max_new_tokens=[per row])
+                        greedy jobs with the same options but max_tokens; LoRA adapters and
+                        the base mix in one forward (runtime/mixed.py), any other adapter
+                        batches with itself only; each row equals that job run alone
                   each text piece ──► sink(Piece)       cancelled / past deadline: the stream
                   the result      ──► sink(Finished)    is closed between two decode steps,
                   an exception    ──► sink(Failed)      its slot freed, sink(Failed)
@@ -11,9 +16,8 @@
     next piece.  close(): no new submits; what is queued or running finishes; the worker ends.
 
 `sink` is called on the worker thread and must not block (the app hands events to its
-event loop). One request runs at a time; the Engine batches rows only when they share an
-adapter. A continuous-batching scheduler (rows joining and leaving between decode steps,
-mixed adapters) replaces this class behind the same submit / cancel / close.
+event loop). A batch runs until its last row ends: a job arriving meanwhile waits for the
+next batch (rows do not yet join a running batch between decode steps).
 """
 
 from __future__ import annotations
@@ -92,19 +96,31 @@ class Scheduler:
         max_queue: Jobs that may wait; one more raises QueueFullError.
         timeout_s: A job's deadline, counted from submit (waiting included).
         metrics: An edgepeft.serve.metrics.Metrics to count requests and tokens in.
+        max_batch: Most jobs decoded together in one batch (1: one at a time).
     """
 
-    def __init__(self, engine, *, max_queue: int = 16, timeout_s: float = 300.0, metrics=None):
+    def __init__(
+        self,
+        engine,
+        *,
+        max_queue: int = 16,
+        timeout_s: float = 300.0,
+        metrics=None,
+        max_batch: int = 8,
+    ):
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.engine = engine
         self.max_queue = max_queue
+        self.max_batch = max_batch
         self.timeout_s = timeout_s
         self.metrics = metrics
         self._queue: deque[Ticket] = deque()
         self._lock = threading.Condition()
         self._ids = itertools.count(1)
-        self._running: Ticket | None = None
+        self._running: list[Ticket] = []
         self._closing = False
         self._thread: threading.Thread | None = None
 
@@ -181,26 +197,60 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return int(self._running is not None)
+        return len(self._running)
 
     # ------------------------------------------------------------ the worker's side
 
-    def _next(self) -> Ticket | None:
+    def _next(self) -> list[Ticket]:
+        """The oldest job and the waiting ones it can batch with (empty: closing)."""
         with self._lock:
             while not self._queue:
                 if self._closing:
-                    return None
+                    return []
                 self._lock.wait()
-            self._running = self._queue.popleft()
-            return self._running
+            first = self._queue.popleft()
+            batch = [first]
+            key = self._batch_key(first.job)
+            if key is not None:
+                for ticket in list(self._queue):
+                    if len(batch) == self.max_batch:
+                        break
+                    if self._batch_key(ticket.job) == key:
+                        self._queue.remove(ticket)
+                        batch.append(ticket)
+            self._running = batch
+            return batch
+
+    def _batch_key(self, job: Job) -> tuple | None:
+        """Jobs with equal keys decode together, each as it would alone; None: alone only.
+
+        Greedy only (a sampled row draws from the batch's one generator), the same options
+        but max_new_tokens; the adapter must be LoRA (stacked per row) or the base, else
+        the key names it, so it batches only with itself.
+        """
+        options = {k: v for k, v in job.options.items() if k != "max_new_tokens"}
+        if self.max_batch == 1 or options.get("temperature", 0.0) != 0:
+            return None
+        options.pop("seed", None)  # greedy: the seed draws nothing
+        kind = None
+        if job.adapter is not None:
+            info = self.engine.adapters().get(job.adapter)
+            kind = info.kind if info is not None else None
+        mixes = job.adapter is None or kind == "lora"
+        return (repr(sorted(options.items())), None if mixes else job.adapter)
 
     def _work(self) -> None:
-        while (ticket := self._next()) is not None:
+        while batch := self._next():
+            if self.metrics is not None:
+                self.metrics.batched(len(batch))
             try:
-                self._run(ticket)
+                if len(batch) == 1:
+                    self._run(batch[0])
+                else:
+                    self._run_batch(batch)
             finally:
                 with self._lock:
-                    self._running = None
+                    self._running = []
 
     def _run(self, ticket: Ticket) -> None:
         job = ticket.job
@@ -226,6 +276,58 @@ class Scheduler:
             self._fail(ticket, e)
         finally:
             pieces.close()  # ends the request between decode steps; frees its slot
+
+    def _run_batch(self, tickets: list[Ticket]) -> None:
+        now = time.monotonic()
+        for ticket in [t for t in tickets if now > t.deadline]:
+            self._fail(ticket, self._timeout("waiting in the queue"))
+        live = [t for t in tickets if not t.done.is_set()]
+        if len(live) < 2:
+            for ticket in live:
+                self._run(ticket)
+            return
+        jobs = [t.job for t in live]
+        shared = {k: v for k, v in jobs[0].options.items() if k != "max_new_tokens"}
+        start = time.monotonic()
+        steps = self.engine.stream_batch(
+            [j.prompt for j in jobs],
+            adapter=[j.adapter for j in jobs],
+            max_new_tokens=[j.options.get("max_new_tokens", 64) for j in jobs],
+            **shared,
+        )
+        try:
+            first = next(steps)  # prefill: where a batch-wide failure shows
+        except Exception:  # e.g. an adapter unloaded meanwhile: each job says so alone
+            steps.close()
+            for ticket in live:
+                self._run(ticket)
+            return
+        try:
+            for item in itertools.chain([first], steps):
+                if item and isinstance(item[0], GenerationResult):
+                    for ticket, result in zip(live, item, strict=True):
+                        if not ticket.done.is_set():
+                            self._finish(ticket, result, time.monotonic() - start)
+                    return
+                for ticket, piece in zip(live, item, strict=True):
+                    if ticket.done.is_set():
+                        continue
+                    if piece:
+                        self._send(ticket, Piece(piece))
+                    if ticket.cancelled.is_set():
+                        self._fail(
+                            ticket, ticket.reason or RequestCancelledError("the client went away")
+                        )
+                    elif time.monotonic() > ticket.deadline:
+                        self._fail(ticket, self._timeout("generating"))
+                if all(t.done.is_set() for t in live):
+                    return
+            raise RuntimeError("Engine.stream_batch ended without its results")
+        except Exception as e:  # the worker outlives any one batch
+            for ticket in live:
+                self._fail(ticket, e)
+        finally:
+            steps.close()
 
     def _timeout(self, where: str) -> RequestTimeoutError:
         return RequestTimeoutError(
