@@ -25,11 +25,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from edgepeft.int4_base import Int4Linear
 from edgepeft.vocab import BNB4_FORMATS, QUANTS
 
 log = logging.getLogger("edgepeft")
 
-Quant = Literal["nf4", "fp4", "int8", "none"]
+Quant = Literal["nf4", "fp4", "int8", "int4", "none"]
 """`load_base`'s quant argument: one of `edgepeft.vocab.QUANTS`."""
 
 
@@ -71,10 +72,14 @@ _bnb = bitsandbytes  # old private name, kept for callers not yet moved
 def is_linear_like(module: nn.Module) -> bool:
     """A layer computing x @ W^T + b that an adapter can wrap (incl. bnb and GPT-2 Conv1D)."""
     conv1d = _conv1d_type()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+    return isinstance(module, (nn.Linear, Int4Linear)) or (
+        conv1d is not None and isinstance(module, conv1d)
+    )
 
 
 def is_quantized(module: nn.Module) -> bool:
+    if isinstance(module, Int4Linear):
+        return True
     bnb = bitsandbytes()
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
@@ -89,6 +94,8 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The layer's weight as a new fp32 tensor of shape (out, in), whatever its storage."""
+    if isinstance(module, Int4Linear):  # dequant(codes) / s: what its forward computes with
+        return module.weight
     bnb = bitsandbytes()
     weight = module.weight
     if isinstance(module, bnb.nn.Linear4bit):
@@ -173,6 +180,12 @@ def quantized_linear(
         layer.weight = bnb.nn.Int8Params(
             weight.detach().to(torch.float16).contiguous(), requires_grad=False, has_fp16_weights=False
         )
+    elif quant == "int4":
+        raise ValueError(
+            "an int4 layer is made by load_base(quant='int4') (calibrated channel scales, "
+            "per-layer bits), not from one weight: merge with quant='none' and export with "
+            "weights='int4'"
+        )
     else:
         raise ValueError(f"quant must be one of {QUANTS[:-1]} here, got {quant!r}")
     if bias is not None:
@@ -213,6 +226,49 @@ def quantize_linears(
             new.edgepeft_conv1d = True  # remembers GPT-2's (in, out) layout for merges
         set_submodule(model, name, new)
         replaced += 1
+    return replaced
+
+
+@torch.no_grad()
+def quantize_int4(model: nn.Module, tokenizer, skip_modules: tuple[str, ...] = ("lm_head",)) -> int:
+    """Replace every linear layer (but `skip_modules`) by an Int4Linear, in place, on CPU.
+
+    The channel scales are calibrated first on the model's fp32 weights (the int4 export's
+    calibration); then each layer is quantized and its fp32 weight dropped. lm_head (tied:
+    the embedding table) keeps fp32 storage holding the export's int8 values: training sees
+    the table the device looks up and multiplies with, at the memory an nf4 base spends on
+    it. Sets `model.edgepeft_int4` (`int4_base.Int4Base`); returns the layers replaced.
+    """
+    from edgepeft import int4_base
+
+    model.to(device="cpu", dtype=torch.float32)  # one set of codes, whatever the device
+    num_layers = model.config.get_text_config().num_hidden_layers
+    scales, skipped = int4_base.calibrate_scales(
+        model, tokenizer, lambda name: dequantized_weight(model.get_submodule(name))
+    )
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not is_linear_like(module) or is_quantized(module):
+            continue
+        if any(name == s or name.endswith("." + s) for s in skip_modules):
+            continue
+        new = Int4Linear.quantize(
+            dequantized_weight(module),
+            module.bias,
+            int4_base.stored_bits(name, num_layers),
+            int4_base.member_scale(scales, name),
+        )
+        new.train(module.training)
+        if not isinstance(module, nn.Linear):
+            new.edgepeft_conv1d = True  # remembers GPT-2's (in, out) layout for merges
+        set_submodule(model, name, new)  # the fp32 layer goes with its last reference
+        replaced += 1
+    head = model.get_output_embeddings()
+    if head is not None and not isinstance(head, Int4Linear):
+        int4_base.round_table(head.weight, num_layers)
+    model.edgepeft_int4 = int4_base.Int4Base(
+        int4_base.RECIPE, int4_base.BLOCK_SIZE, scales, skipped
+    )
     return replaced
 
 
@@ -305,7 +361,12 @@ def base_info(model: nn.Module) -> BaseInfo:
     quant = "none"
     if quantized:
         q = quantized[0]
-        quant = "int8" if isinstance(q, bitsandbytes().nn.Linear8bitLt) else q.weight.quant_type
+        if isinstance(q, Int4Linear):
+            quant = "int4"
+        elif isinstance(q, bitsandbytes().nn.Linear8bitLt):
+            quant = "int8"
+        else:
+            quant = q.weight.quant_type
     info = BaseInfo(
         name_or_path=str(getattr(model.config, "_name_or_path", "") or ""),
         fingerprint=fingerprint(model),
@@ -362,7 +423,9 @@ def load_base(
 
     Args:
         name_or_path: Local HF model folder or hub id.
-        quant: "nf4" / "fp4" (4-bit, QLoRA), "int8" (LLM.int8) or "none".
+        quant: "nf4" / "fp4" (4-bit, QLoRA), "int8" (LLM.int8), "int4" (the int4 export's
+            own codes, so `export(weights="int4")` runs what was trained: int4_base.py)
+            or "none".
         double_quant: Quantize the 4-bit absmax statistics too (saves ~0.4 bit/param).
         compute_dtype: Dtype of activations and unquantized weights; default fp32 on
             CPU, bf16 (or fp16) on CUDA.
@@ -394,8 +457,16 @@ def load_base(
     fp = weights_fingerprint(
         model.config.to_dict(), [(n, t) for n, t in model.state_dict().items()]
     )
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        log.warning("no tokenizer loaded from %s (%s)", name_or_path, e)
     if quant == "none":
         model.to(device=device, dtype=compute_dtype)
+    elif quant == "int4":
+        quantize_int4(model, tokenizer, skip_modules)
+        model.to(device=device, dtype=compute_dtype)  # Int4Linear keeps its state fp32
     else:
         # Unquantized parts (embeddings, norms, lm_head) live in compute_dtype on the device.
         model.to(dtype=compute_dtype)
@@ -417,11 +488,6 @@ def load_base(
         double_quant=double_quant and quant in BNB4_FORMATS,
         compute_dtype=str(compute_dtype).removeprefix("torch."),
     )
-    tokenizer = None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        log.warning("no tokenizer loaded from %s (%s)", name_or_path, e)
     log.info("%s", describe_base(model))
     return model, tokenizer
 
@@ -489,16 +555,19 @@ def describe_base(model: nn.Module) -> BaseReport:
     """Parameter count and bytes actually held by the base weights (quantization included)."""
     seen: set[int] = set()
     total = nbytes = 0
+    int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    packed = {id(m.codes) for m in int4}  # bytes, not parameters: counted below
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) in seen:
             continue  # tied embeddings count once
         seen.add(id(t))
         nbytes += t.numel() * t.element_size()
-        total += _param_count(t) if isinstance(t, nn.Parameter) else 0
+        total += _param_count(t) if isinstance(t, nn.Parameter) and id(t) not in packed else 0
         for extra in _quantization_statistics(t):
             if id(extra) not in seen:
                 seen.add(id(extra))
                 nbytes += extra.numel() * extra.element_size()
+    total += sum(m.in_features * m.out_features for m in int4)  # Int4Linear's logical weights
     linear = [m for m in model.modules() if is_linear_like(m)]
     quantized = [m for m in linear if is_quantized(m)]
     info = getattr(model, "edgepeft_base", None)

@@ -6,8 +6,9 @@ runtime all take these facts from one place. A new format or file kind is added 
 
 from __future__ import annotations
 
-QUANTS = ("nf4", "fp4", "int8", "none")
-"""How `load_base` holds the frozen base (bitsandbytes 4-bit, LLM.int8, or full precision)."""
+QUANTS = ("nf4", "fp4", "int8", "int4", "none")
+"""How `load_base` holds the frozen base (bitsandbytes 4-bit, LLM.int8, the int4 export's own
+MatMulNBits codes, or full precision)."""
 BNB4_FORMATS = ("nf4", "fp4")
 """bitsandbytes' 4-bit codes: a base quant and, exactly, an export weight format (MatMulBnb4)."""
 

@@ -4,6 +4,7 @@
     adapter_model.safetensors   "base_model.model.<module path>.<tensor>" (peft's keys);
                                 soft prompts: "prompt_embeddings"
                                 metadata: edgepeft_base_fingerprint, edgepeft_base_quant
+                                (int4 base: edgepeft_base_int4, its recipe and codes hash)
                                 (DyLoRA: edgepeft_dylora_min_rank, see lora.py)
 
 Bottleneck and selective adapters use the same layout with their own peft_type.
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgepeft import __version__
+from edgepeft import __version__, int4_base
 from edgepeft.adapters import METHODS, method_for
 from edgepeft.adapters.inject import add_adapter, delete_adapter, list_adapters, set_adapter
 from edgepeft.adapters.layer import adapter_modules
@@ -94,6 +95,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
         "edgepeft_base_quant": info.quant,
         "edgepeft_adapter_name": name,
         **dylora_metadata(config),
+        **int4_base.metadata(model),
     }
     directory = Path(directory)
     with staging_folder(directory) as staging:  # removed on failure and on SIGTERM / SIGINT
@@ -205,6 +207,9 @@ def load_adapter(
         )
     if not saved_fp:
         log.info("%s records no base fingerprint (written by HF peft?); checking shapes only", directory)
+    other_int4 = int4_base.mismatch(metadata, model, info.quant)
+    if other_int4 is not None:  # the same weights, rounded otherwise: loads, but say so
+        log.warning("%s: %s; it will not compute what was trained", directory, other_int4)
 
     previous = getattr(model, "edgepeft_active", None)
     add_adapter(model, config, name)

@@ -4,6 +4,8 @@ export() runs these steps, each a function below:
 
     _request      options (a recipe, then explicit arguments), out/, the adapter folders
     _open_base    base ──load_base(quant: given, else the adapters' recorded one, else "none")──► model
+                  (an adapter trained over an int4 base refuses a base quantized otherwise:
+                   `_check_int4`; an int4 base loads whole, never streamed)
                   (an HF folder the fused builder takes is not loaded: stream.skeleton reads it
                    layer by layer while the graph is built, merging LoRA/DoRA/IA3 per layer;
                    `_streamed`); fingerprint(model), before any merge
@@ -38,6 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from edgepeft import int4_base
 from edgepeft.adapters import peft_types
 from edgepeft.adapters.inject import delete_adapter, list_adapters
 from edgepeft.adapters.peft_format import load_adapter, read_adapter
@@ -274,6 +277,28 @@ def _open_base(base, quant: str | None, tokenizer, request: _Request, say: Progr
         stream = None
     name = str(path.resolve()) if path.is_dir() else str(base)
     return _Base(model, stream, tokenizer or loaded_tokenizer, name, base_quant, fingerprint(model))
+
+
+def _check_int4(base: _Base, folders: dict[str, Path], say: Progress) -> None:
+    """An adapter trained over an int4 base is exported over that base's very codes.
+
+    Another quantization is refused (the adapter corrects the int4 codes' error, not
+    another's); an int4 base whose codes differ from those recorded (another recipe, or a
+    calibration that came out otherwise) is exported with a warning.
+    """
+    for name, folder in folders.items():
+        _, _, metadata = read_adapter(folder)
+        why = int4_base.mismatch(metadata, base.model, base.quant)
+        if why is None:
+            continue
+        if base.quant != "int4":
+            raise ValueError(
+                f"adapter {name!r} ({folder}): {why}. Export it over the codes it was trained "
+                "with: load the base with quant='int4' (the default when quant= is not given "
+                "and the base is a folder), or retrain the adapter over this base"
+            )
+        say(f"warning: adapter {name!r}: {why}; the device will not compute what was trained")
+        log.warning("adapter %r (%s): %s", name, folder, why)
 
 
 # ---------------------------------------------------------------- step 3: the graphs
@@ -561,6 +586,7 @@ def export(
         verify=verify,
     )
     loaded = _open_base(base, quant, tokenizer, request, say)
+    _check_int4(loaded, request.folders, say)
     if request.separate:
         step = _export_separate
     elif request.folders:

@@ -8,7 +8,8 @@
     (model, stream: LayerStream)           export_fused(model, ..., stream=stream) brackets
         with stream.holding("model.layers.3"):              each part it emits:
             read that layer's tensors (plain file reads, no memory map) ─► fp32
-            [quant nf4/fp4/int8: each linear through bitsandbytes, as load_base does]
+            [quant nf4/fp4/int8: each linear through bitsandbytes, as load_base does;
+             int4 is never streamed: `skeleton` returns None, the base loads whole]
             [stream.merging(name): each adapter stack folded, fold.py's per-module math]
             ... the builder quantizes and spools the layer to model.onnx.data ...
         └─ on exit the placeholders come back: the layer's memory is freed
@@ -300,10 +301,14 @@ def skeleton(
     Returns (model, stream): the model eval, frozen, `edgepeft_base` recorded as `load_base`
     records it; pass the stream to `export_fused(..., stream=stream)`. None when the
     checkpoint's tensor names do not cover the model's parameters, or the config needs
-    remote code: load it whole then.
+    remote code, or quant is "int4": load it whole then (an int4 base calibrates its channel
+    scales over every layer before it rounds the first, so one layer at a time cannot make
+    the same codes; `load_base(quant="int4")` does, deterministically).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    if quant == "int4":
+        return None
     folder = Path(folder)
     checkpoint = Checkpoint(folder)
     try:

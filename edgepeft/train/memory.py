@@ -1,6 +1,7 @@
 """Will a training step fit? Peak memory from shapes, before any weight is loaded.
 
-    model config ──meta model (free)──► base bytes per quant   (inspect_model.estimate_base_bytes)
+    model config ──meta model (free)──► base bytes per quant   (inspect_model.estimate_base_bytes,
+        │                                  int4: int4_base.estimate_bytes)
         │                               trainable params        (adapter_cost, or all for full FT)
         ▼
     per token, per decoder layer:       what autograd saves for backward (see _layer_saved)
@@ -36,6 +37,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from edgepeft import int4_base
 from edgepeft.adapters import method_for
 from edgepeft.adapters.targets import pattern_value, select_configured
 from edgepeft.architectures import DecoderShape
@@ -249,7 +251,10 @@ def _plan(model_config, quant, adapter_config, optimizer, precision, device, dou
             f"full fine-tuning (adapter_config=None) trains every weight, but quant={quant!r} "
             "freezes the base in 4/8 bits; use quant='none' or pass an adapter config"
         )
-    base = estimate_base_bytes(meta, quant, double_quant, compute_bytes)
+    if quant == "int4":
+        base = int4_base.estimate_bytes(meta, compute_bytes)
+    else:
+        base = estimate_base_bytes(meta, quant, double_quant, compute_bytes)
     if full:
         sizes = [p.numel() for p in meta.parameters()]
         param_bytes, adapter, adapter_saved = compute_bytes, 0, 0
@@ -269,12 +274,16 @@ def _plan(model_config, quant, adapter_config, optimizer, precision, device, dou
             )
     dequant = 0
     if quant != "none":
-        # bitsandbytes dequantizes one weight at a time, in forward and again in backward.
+        # bitsandbytes dequantizes one weight at a time, in forward and again in backward;
+        # Int4Linear too, through its uint8 codes unpacked and an fp32 matrix (+ a cast).
+        per_weight = compute_bytes
+        if quant == "int4":
+            per_weight = 1 + FP32 + (compute_bytes if compute_bytes != FP32 else 0)
         dequant = max(
             (m.weight.numel() for n, m in meta.named_modules()
              if is_linear_like(m) and not n.endswith("lm_head")),
             default=0,
-        ) * compute_bytes  # fmt: skip
+        ) * per_weight  # fmt: skip
     return _Plan(
         shape=shape,
         compute_bytes=compute_bytes,
@@ -385,7 +394,8 @@ def estimate_memory(
 
     Args:
         model_config: An HF `PretrainedConfig`, or a model (its `.config` is read).
-        quant: The base's quantization as `load_base` takes it ("nf4", "fp4", "int8", "none").
+        quant: The base's quantization as `load_base` takes it ("nf4", "fp4", "int8", "int4",
+            "none").
         adapter_config: An adapter config (LoraConfig, ...); None means full fine-tuning.
         optimizer: "adamw" (torch), "adamw8bit" or "paged_adamw8bit" (bitsandbytes).
         batch_size: Sequences per step.

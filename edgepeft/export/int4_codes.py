@@ -1,0 +1,117 @@
+"""An int4 export of an int4 base: the graph stores the codes the base was trained with.
+
+    load_base(quant="int4"): Int4Linear per decoder linear (int4_base.py)
+      codes / scales / zero_points buffers ─ Int4Codes.packed(name) ─► PackedNBits
+      packed q|k|v, gate|up: the members' buffers stacked along N (each holds the packed
+      unit's bits, whole blocks per row, so they join exactly)
+          ─► fused._Emitter.linear ─► <name>.weight.q{bits} / .scales / .zero_points
+              ─► MatMulNBits(x or Mul(x, 1/s), ...)         nothing rounded again
+    the base's channel scales (Int4Base.channel_scales) replace calibration: norm-fed groups
+    fold into the norm (the codes stay), the down group always stays explicit (folding it
+    would divide up_proj's rows, whose codes are fixed)
+
+A projection whose layers are not all Int4Linear (a merged layer, lm_head) is quantized as
+in any int4 export. The export's recipe and block size must be the base's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgepeft.artifacts.graph_io import PACKED_PROJECTIONS
+from edgepeft.export.channel_scales import ChannelScales
+from edgepeft.export.weights import PackedNBits, WeightQuantization
+from edgepeft.int4_base import Int4Base, Int4Linear
+
+
+def concat(parts: list[PackedNBits], name: str) -> PackedNBits:
+    """Stack weights along `out` (q;k;v): rows are independent, so the arrays just join."""
+    first = parts[0]
+    layouts = {(p.bits, p.block_size, p.in_features, p.zero_points is None) for p in parts}
+    if len(layouts) > 1:
+        raise ValueError(f"{name}: the int4 base's parts differ in layout {sorted(layouts)}")
+    return PackedNBits(
+        codes=np.concatenate([p.codes for p in parts]),
+        scales=np.concatenate([p.scales for p in parts]),
+        zero_points=None
+        if first.zero_points is None
+        else np.concatenate([p.zero_points for p in parts]),
+        bits=first.bits,
+        block_size=first.block_size,
+        in_features=first.in_features,
+    )
+
+
+def _core(recipe: WeightQuantization) -> tuple:
+    return (recipe.method, recipe.symmetric, recipe.mixed, recipe.float_zero_points)
+
+
+class Int4Codes:
+    """Finds, per projection the fused builder emits, the int4 base's own codes."""
+
+    def __init__(self, model: nn.Module, info: Int4Base):
+        self.model = model
+        self.info = info
+
+    @classmethod
+    def of(cls, model: nn.Module, block_size: int, recipe: WeightQuantization) -> Int4Codes | None:
+        """The codes of an int4 base (`load_base(quant="int4")`), or None for any other model.
+
+        Raises:
+            ValueError: the export's block size or recipe is not the one the base holds.
+        """
+        info: Int4Base | None = getattr(model, "edgepeft_int4", None)
+        if info is None or not any(isinstance(m, Int4Linear) for m in model.modules()):
+            return None
+        if block_size != info.block_size or _core(recipe) != _core(info.recipe):
+            raise ValueError(
+                f"the base holds int4 codes in blocks of {info.block_size} ({info.recipe}); "
+                f"this export asks for blocks of {block_size} ({recipe}). Export with the "
+                "base's settings (the defaults) to reuse its codes, or load the base with "
+                "quant='none' to quantize afresh"
+            )
+        return cls(model, info)
+
+    @property
+    def channel_scales(self) -> ChannelScales | None:
+        return self.info.channel_scales
+
+    def _layers(self, name: str) -> list[nn.Module]:
+        try:
+            return [self.model.get_submodule(name)]
+        except AttributeError:
+            for key, members in PACKED_PROJECTIONS.items():
+                if name.endswith("." + key):  # a packed unit the checkpoint holds apart
+                    head = name[: -len(key)]
+                    return [self.model.get_submodule(head + m) for m in members]
+            raise
+
+    def packed(self, name: str, weight: torch.Tensor) -> PackedNBits | None:
+        """Projection `name`'s codes as the base holds them, or None (not all Int4Linear).
+
+        `name` is a module of the model or a packed "<...>.qkv_proj" / ".gate_up_proj" whose
+        members are (`weight`, their concatenation, only checks the shape).
+        """
+        layers = [_innermost(m) for m in self._layers(name)]
+        if not all(isinstance(m, Int4Linear) for m in layers):
+            return None
+        parts = [m.packed() for m in layers]
+        packed = parts[0] if len(parts) == 1 else concat(parts, name)
+        shape = (packed.out_features, packed.in_features)
+        if shape != tuple(weight.shape):
+            raise ValueError(
+                f"{name}: the int4 base's codes are {shape}, the projection {tuple(weight.shape)}"
+            )
+        return packed
+
+
+def _innermost(module: nn.Module) -> nn.Module:
+    """The base layer under adapter wrappers (a merged export's model may still hold some)."""
+    while hasattr(module, "base_layer") and isinstance(module.base_layer, nn.Module):
+        module = module.base_layer
+    return module
+
+
+__all__ = ["Int4Codes", "concat"]
