@@ -1,17 +1,22 @@
 """Serving benchmark: `edgepeft serve` under N concurrent openai clients, one adapter each.
 
-    build (or --export DIR)  random HF llama + 8 random LoRA r=16 ─► int4 separate export
+    build (or --export DIR)  a llama (random demo shape, or --real: SmolLM2-135M-Instruct)
+                             + 8 random LoRA r=16 on every linear layer ─► int4 separate export
     server                   `edgepeft serve EXPORT --port 0` in a subprocess (8 adapters loaded)
     one at a time            each client's requests in turn: TTFT, per-token latency
     concurrent               N threads, each its own openai client and adapter, R requests each
-    ─► a table on stdout: aggregate tok/s, p50/p99 TTFT and per-token latency, server RSS
+                             (the scheduler batches the waiting greedy requests: mixed adapters
+                             in one forward, serve/scheduler.py)
+    same adapter             the same N threads all on one adapter: what mixing costs
+    ─► a table: aggregate tok/s and its ratio to one at a time, p50/p99 TTFT and per-token
+       latency, server RSS; BENCHMARKS.md section "serve" with --real, or --output FILE
 
     python scripts/bench_serve.py                      demo shape (~1 min on 2 cores)
     python scripts/bench_serve.py --quick              tiny shape, a smoke run
+    python scripts/bench_serve.py --real --clients 8   SmolLM2 (scripts/real_model.py), ~5 min
     python scripts/bench_serve.py --export out/        an existing separate export (its adapters)
 
-Requests stream with ignore_eos, so every one decodes exactly --new-tokens tokens. The server
-runs one request at a time (edgepeft.serve.scheduler): concurrency shows queueing, not batching.
+Requests stream with ignore_eos, so every one decodes exactly --new-tokens tokens.
 """
 
 from __future__ import annotations
@@ -41,8 +46,9 @@ def log(line: str) -> None:
     print(f"bench_serve: {line}", file=sys.stderr, flush=True)
 
 
-def build(shape: dict, work: Path) -> Path:
-    """A random llama with 8 random LoRA adapters, exported int4 in separate mode."""
+def build(shape: dict | None, work: Path) -> Path:
+    """A llama (random of `shape`, or None: the real SmolLM2) with 8 random LoRA adapters,
+    exported int4 in separate mode."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -54,16 +60,26 @@ def build(shape: dict, work: Path) -> Path:
     from edgepeft.tiny import tiny_tokenizer
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", **shape, **SPECIAL_IDS)
-    folder = work / "hf"
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    if shape is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from real_model import smollm2_dir
+
+        folder = smollm2_dir()
+    else:
+        config = AutoConfig.for_model("llama", **shape, **SPECIAL_IDS)
+        folder = work / "hf"
+        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
     base, _ = load_base(folder, quant="none")
     lora = LoraConfig(r=LORA_RANK, alpha=2 * LORA_RANK, target_modules="all-linear", init="random")
     adapters = {}
     for i, name in enumerate(ADAPTERS):
         torch.manual_seed(1 + i)
         add_adapter(base, lora, name)
+        with torch.no_grad():  # random init's B is not 0, but small: a real adapter's size
+            for p in base.parameters():
+                if p.requires_grad:
+                    p.mul_(0.1)
         adapters[name] = save_adapter(base, work / "lora" / name, name)
     out = work / "separate"
     api.export(folder, out, adapters=adapters, weights="int4", mode="separate", verify=False,
@@ -81,9 +97,10 @@ def rss_bytes(pid: int) -> int:
 class Served:
     """`edgepeft serve` in a subprocess; its URL read from uvicorn's start line."""
 
-    def __init__(self, export: Path, threads: int, max_queue: int):
+    def __init__(self, export: Path, threads: int, max_queue: int, max_batch: int = 8):
         command = [sys.executable, "-m", "edgepeft.cli", "serve", str(export), "--port", "0",
                    "--threads", str(threads), "--max-queue", str(max_queue),
+                   "--max-batch", str(max_batch),
                    "--served-model-name", "base", "--log-level", "info"]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -157,32 +174,38 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(int(round(q * (len(ordered) - 1))), len(ordered) - 1)]
 
 
-def row(label: str, results: list[dict], wall: float) -> str:
-    tokens = sum(r["tokens"] for r in results)
+def row(label: str, results: list[dict], wall: float, base_rate: float) -> str:
+    rate = tokens_per_s(results, wall)
     ttft = [r["ttft"] * 1000 for r in results]
     per = [r["per_token"] * 1000 for r in results]
-    return (f"| {label} | {len(results)} | {tokens / wall:.0f} | {percentile(ttft, .5):.1f} | "
-            f"{percentile(ttft, .99):.1f} | {percentile(per, .5):.2f} | {percentile(per, .99):.2f} |")  # fmt: skip
+    return (f"| {label} | {len(results)} | {rate:.0f} | {rate / base_rate:.2f}x | "
+            f"{percentile(ttft, .5):.1f} | {percentile(ttft, .99):.1f} | "
+            f"{percentile(per, .5):.2f} | {percentile(per, .99):.2f} |")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export", type=Path, help="an existing separate export (default: build)")
+    parser.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct (cached)")
     parser.add_argument("--quick", action="store_true", help="tiny shape, few requests")
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=4, help="requests per client")
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=3, help="requests per client")
+    parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads of the server")
+    parser.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
+    parser.add_argument("--output", type=Path, help="write the markdown here (default with "
+                        "--real: BENCHMARKS.md, section serve)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.new_tokens = min(args.requests, 2), min(args.new_tokens, 16)
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as work:
         export = args.export
         if export is None:
-            log("building a random llama with 8 LoRA adapters (int4, separate)")
-            export = build(TINY if args.quick else DEMO, Path(work))
+            what = "SmolLM2-135M-Instruct" if args.real else "a random llama"
+            log(f"building {what} with 8 LoRA adapters (int4, separate)")
+            export = build(None if args.real else TINY if args.quick else DEMO, Path(work))
         log(f"serving {export}")
-        server = Served(export, args.threads, max_queue=max(args.clients * 2, 16))
+        server = Served(export, args.threads, max(args.clients * 2, 16), args.max_batch)
         try:
             import openai
 
@@ -191,23 +214,67 @@ def main(argv: list[str] | None = None) -> int:
                 adapters = names[1:] or names
                 one_request(client, adapters[0], 4)  # warm up
             models = [adapters[i % len(adapters)] for i in range(args.clients)]
+            log("one at a time")
             alone = run_clients(server.url, models, args.requests, args.new_tokens, False)
-            together = run_clients(server.url, models, args.requests, args.new_tokens, True)
+            log(f"{args.clients} concurrent clients, {len(set(models))} adapters")
+            mixed = run_clients(server.url, models, args.requests, args.new_tokens, True)
+            log(f"{args.clients} concurrent clients, one adapter")
+            same = run_clients(server.url, [models[0]] * args.clients, args.requests,
+                               args.new_tokens, True)  # fmt: skip
             rss = rss_bytes(server.process.pid)
         finally:
             server.close()
-    print(f"\nedgepeft serve, {export.name if args.export else 'random llama'}: "
-          f"{args.clients} clients x {args.requests} requests x {args.new_tokens} tokens, "
-          f"{len(names) - 1} adapters loaded, {args.threads} threads\n")  # fmt: skip
-    print("| run | requests | tok/s | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | "
-          "per-token p99 ms |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    print(row("one at a time", *alone))
-    print(row(f"{args.clients} concurrent", *together))
-    print(f"\nserver RSS with {len(names) - 1} adapters loaded: {rss / 2**20:.1f} MiB "
-          f"(median TTFT ratio concurrent/alone: "
-          f"{statistics.median(r['ttft'] for r in together[0]) / statistics.median(r['ttft'] for r in alone[0]):.1f}x)")  # fmt: skip
+    model = export.name if args.export else "SmolLM2-135M-Instruct" if args.real else "random llama"
+    text = markdown(model, args, len(names) - 1, alone, mixed, same, rss)
+    print(text)
+    if args.output:
+        args.output.write_text(text)
+    elif args.real and args.export is None:
+        from benchmarks_md import write_section
+
+        log(f"wrote {write_section('serve', text)}")
     return 0
+
+
+def tokens_per_s(results: list[dict], wall: float) -> float:
+    return sum(r["tokens"] for r in results) / wall
+
+
+def markdown(model, args, loaded, alone, mixed, same, rss) -> str:
+    base = tokens_per_s(*alone)
+    mixed_rate, same_rate = tokens_per_s(*mixed), tokens_per_s(*same)
+    per_token = statistics.median(r["per_token"] for r in mixed[0]) / statistics.median(
+        r["per_token"] for r in same[0]
+    )
+    lines = [
+        "## serve",
+        "",
+        f"`scripts/bench_serve.py{' --real' if args.real else ''}`: `edgepeft serve` on {model}, "
+        f"int4 separate export, {loaded} LoRA r={LORA_RANK} adapters on every linear layer "
+        f"loaded; {args.clients} streaming `openai` clients x {args.requests} requests x "
+        f"{args.new_tokens} tokens (ignore_eos), greedy; server: {args.threads} onnxruntime "
+        f"threads, --max-batch {args.max_batch}; loopback.",
+        "",
+        "| run | requests | tok/s | vs one at a time | TTFT p50 ms | TTFT p99 ms | "
+        "per-token p50 ms | per-token p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
+        row("one at a time", *alone, base),
+        row(f"{args.clients} concurrent, {len(set(args_models(args)))} adapters", *mixed, base),
+        row(f"{args.clients} concurrent, one adapter", *same, base),
+        "",
+        f"- Aggregate decode with {args.clients} clients on different adapters: "
+        f"**{mixed_rate / base:.2f}x** one at a time (goal >= 4x with 8 clients).",
+        f"- A mixed-adapter batch against a same-adapter batch, per token (median): "
+        f"**{per_token:.2f}x** (goal <= 1.15x); aggregate {mixed_rate:.0f} vs {same_rate:.0f} tok/s.",
+        f"- Server RSS with {loaded} adapters loaded: {rss / 2**20:.1f} MiB.",
+        "- Batches form from requests waiting when the worker takes the next one; a batch runs to "
+        "its last row, so a request arriving meanwhile waits for it (TTFT).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def args_models(args) -> list[int]:
+    return [i % len(ADAPTERS) for i in range(args.clients)]
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from edgepeft.config import LoraConfig
 from edgepeft.export import api
 from edgepeft.runtime import Engine
 from edgepeft.runtime.errors import UnknownAdapterError
-from edgepeft.runtime.mixed import MixedBatchError, mixed_adapter
+from edgepeft.runtime.mixed import MixedBatchError, mixed_adapter, stack_adapters
 
 ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,8 +114,19 @@ def test_a_graph_without_row_masks_is_named():
             "m.lora_B": ort.OrtValue.ortvalue_from_numpy(np.ones((2, 4), np.float32)),
         }
 
+    to_ort = ort.OrtValue.ortvalue_from_numpy
     with pytest.raises(MixedBatchError, match="m.lora_row_mask"):
-        mixed_adapter([Adapter(), None], {"m.lora_A", "m.lora_B"}, ort.OrtValue.ortvalue_from_numpy)
+        stack_adapters([Adapter()], {"m.lora_A", "m.lora_B"}, to_ort)
+    stack = stack_adapters([Adapter()], {"m.lora_A", "m.lora_B", "m.lora_row_mask"}, to_ort)
+    masks = mixed_adapter(stack, ["a", None], to_ort).parameters["m.lora_row_mask"].numpy()
+    assert masks.tolist() == [[[1, 1]], [[0, 0]]]
+
+
+def test_row_orders_share_one_stack(engine):
+    for rows in (["wide", "narrow"], ["narrow", "wide"], ["wide", None]):
+        engine.generate(PROMPTS[:2], adapter=rows, max_new_tokens=1)
+    stacks = engine._stacks  # noqa: SLF001  the cache itself is what is checked
+    assert ("narrow", "wide") in stacks and len(stacks) <= 2
 
 
 def test_unloading_drops_the_stacked_copies(engine):

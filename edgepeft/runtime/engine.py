@@ -39,13 +39,15 @@ from edgepeft.runtime.decode import fused_steps, generic_steps
 from edgepeft.runtime.errors import ContextLengthError
 from edgepeft.runtime.kv_cache import CacheSpec, Slot, SlotPool
 from edgepeft.runtime.memory import MemoryReport, graph_bytes
-from edgepeft.runtime.mixed import mixed_adapter
+from edgepeft.runtime.mixed import mixed_adapter, stack_adapters
 from edgepeft.runtime.sampling import Sampler, SamplingConfig
 from edgepeft.runtime.session import LOG, choose_providers, create_session, device_settings
 
 FINISH_REASONS = ("eos", "stop", "length", "context")
-MIXED_CACHE = 8
-"""Mixed-adapter batches whose stacked tensors stay ready (each costs its adapters' bytes)."""
+MIXED_STACKS = 2
+"""Sets of adapters whose stacked tensors stay ready (each costs its adapters' bytes)."""
+MIXED_BATCHES = 64
+"""Row orders of those sets whose masks stay bound (each costs a few KiB)."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,9 @@ class Engine:
         self.manifest = manifest
         listed = {entry.name: entry.file for entry in manifest.adapters if entry.file}
         graph_files, adapter_files = split_records(manifest.files or {}, listed)
+        for entry in manifest.adapters:  # a hybrid's prefix part is checked with its adapter
+            if entry.prefix_file in graph_files and entry.name in adapter_files:
+                adapter_files[entry.name][entry.prefix_file] = graph_files.pop(entry.prefix_file)
         # before onnxruntime reads a truncated file; each adapter's when it is loaded
         check_files(self.export_dir, graph_files, hashes=verify_files)
         device_providers, device_threads = device_settings(device)
@@ -160,8 +165,10 @@ class Engine:
         )
         self._pool = SlotPool(self.session, self.spec)
         self._registry = AdapterRegistry()
+        self._stacks: dict[tuple, object] = {}
+        """Sorted adapter names -> their LoraStack (mixed.py), the last MIXED_STACKS kept."""
         self._mixed: dict[tuple, LoadedAdapter] = {}
-        """Row adapters -> their stacked LoadedAdapter (mixed.py), the last MIXED_CACHE kept."""
+        """Row adapters -> the stack plus row masks, the last MIXED_BATCHES kept."""
         self._mixed_lock = threading.Lock()
         self._codec: TextCodec | None = None
         self.eos_token_ids = _eos_ids(manifest.eos_token_id)
@@ -204,6 +211,8 @@ class Engine:
         with self._mixed_lock:
             for rows in [rows for rows in self._mixed if name in rows]:
                 self._pool.forget(self._mixed.pop(rows).name)
+            for names in [names for names in self._stacks if name in names]:
+                del self._stacks[names]
 
     def adapters(self) -> dict[str, AdapterInfo]:
         """name -> AdapterInfo (kind, rank, bytes, file, ...) of every loaded adapter."""
@@ -237,11 +246,22 @@ class Engine:
         if hit is None:
             import onnxruntime as ort
 
-            loaded = [None if n is None else self._registry.get(n) for n in names]
-            hit = mixed_adapter(loaded, self.graph_inputs, ort.OrtValue.ortvalue_from_numpy)
+            to_ort = ort.OrtValue.ortvalue_from_numpy
+            distinct = tuple(sorted({n for n in names if n is not None}))
             with self._mixed_lock:
+                stack = self._stacks.get(distinct)
+            if stack is None:
+                loaded = [self._registry.get(n) for n in distinct]
+                stack = stack_adapters(loaded, self.graph_inputs, to_ort)
+            hit = mixed_adapter(stack, names, to_ort)
+            with self._mixed_lock:
+                self._stacks[distinct] = stack
+                while len(self._stacks) > MIXED_STACKS:  # the oldest set's stacked copies
+                    old = self._stacks.pop(next(iter(self._stacks)))
+                    for key in [k for k, v in self._mixed.items() if v.keep_alive[0] is old]:
+                        self._pool.forget(self._mixed.pop(key).name)
                 self._mixed[rows] = hit
-                while len(self._mixed) > MIXED_CACHE:  # the oldest batch's stacked copies
+                while len(self._mixed) > MIXED_BATCHES:
                     self._pool.forget(self._mixed.pop(next(iter(self._mixed))).name)
         return hit, names
 

@@ -7,6 +7,9 @@
         mask     row b: 1 on its adapter's columns, 0 elsewhere      (B, 1, r_sql + r_chat)
     ─► a LoadedAdapter like any other: the Slot binds it, the decode loop runs unchanged
 
+The stacked tensors (`stack_adapters`, a copy of the adapters' bytes) serve every row order
+of the same adapters; each row order adds only its masks (`mixed_adapter`).
+
 Each row then computes x W + B_k A_k x for its own adapter k (the others' columns are
 multiplied by 0 before lora_B), and a row without adapter gets only zeros: the base.
 An adapter missing from a slot adds no column there. The cost per token is that of all
@@ -21,6 +24,7 @@ that holds one of those with another adapter is refused with the adapter named.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -59,13 +63,29 @@ def _lora_modules(adapter: LoadedAdapter) -> dict[str, tuple[np.ndarray, np.ndar
     return {m: (t[".lora_A"], t[".lora_B"]) for m, t in modules.items()}
 
 
-def mixed_adapter(
-    rows: Sequence[LoadedAdapter | None], graph_inputs: set[str], ort_value
-) -> LoadedAdapter:
-    """One LoadedAdapter giving row b the adapter rows[b] (None: the base).
+@dataclass(frozen=True)
+class LoraStack:
+    """Some LoRA adapters stacked along the rank, shared by every row order of them."""
+
+    names: tuple[str, ...]
+    """The adapters, in stacking order (sorted)."""
+    parameters: dict
+    """lora_A / lora_B input name -> OrtValue of the stacked tensor."""
+    columns: dict[str, tuple[int, ...]]
+    """module -> where each adapter's columns start (and the end): len(names) + 1 offsets."""
+    nbytes: int
+    dtype: np.dtype
+    """The adapters' dtype (the graph's: fp32, or fp16 for an fp16 graph): the masks' too."""
+    keep_alive: tuple = ()
+
+
+def stack_adapters(
+    adapters: Sequence[LoadedAdapter], graph_inputs: set[str], ort_value
+) -> LoraStack:
+    """Stack distinct LoRA adapters (sorted by name) for every slot any of them sets.
 
     Args:
-        rows: Per row, the loaded adapter or None.
+        adapters: The batch's distinct adapters.
         graph_inputs: The graph's overridable inputs (the row masks must be among them).
         ort_value: `onnxruntime.OrtValue.ortvalue_from_numpy` (kept out of the imports here).
 
@@ -73,14 +93,10 @@ def mixed_adapter(
         MixedBatchError: an adapter that is not plain LoRA, or a graph without row masks
             (exported before mixed batches: re-export it).
     """
-    distinct: list[LoadedAdapter] = []
-    for adapter in rows:
-        if adapter is not None and all(adapter is not d for d in distinct):
-            distinct.append(adapter)
-    tensors = [_lora_modules(a) for a in distinct]
-    modules = sorted({m for t in tensors for m in t})
-    parameters, arrays, nbytes = {}, [], 0
-    for module in modules:
+    adapters = sorted(adapters, key=lambda a: a.name)
+    tensors = [_lora_modules(a) for a in adapters]
+    parameters, columns, arrays = {}, {}, []
+    for module in sorted({m for t in tensors for m in t}):
         mask_name = module + ROW_MASK_SUFFIX
         if mask_name not in graph_inputs:
             raise MixedBatchError(
@@ -91,26 +107,45 @@ def mixed_adapter(
         widths = [0 if b is None else b[0].shape[1] for b in blocks]
         a = np.concatenate([b[0] for b in blocks if b is not None], axis=1)
         b = np.concatenate([b[1] for b in blocks if b is not None], axis=0)
-        mask = np.zeros((len(rows), 1, a.shape[1]), a.dtype)
-        starts = np.cumsum([0, *widths])
-        for row, adapter in enumerate(rows):
-            if adapter is not None:
-                k = next(i for i, d in enumerate(distinct) if d is adapter)
-                mask[row, 0, starts[k] : starts[k + 1]] = 1
-        for name, array in ((module + ".lora_A", a), (module + ".lora_B", b), (mask_name, mask)):
+        columns[module] = tuple(int(c) for c in np.cumsum([0, *widths]))
+        for name, array in ((module + ".lora_A", a), (module + ".lora_B", b)):
             array = np.ascontiguousarray(array)
             arrays.append(array)
             parameters[name] = ort_value(array)
-            nbytes += array.nbytes
-    names = [None if a is None else a.name for a in rows]
-    info = AdapterInfo(
-        name=batch_key(names),
-        kind="mixed",
-        rank=max((a.info.rank or 0 for a in distinct), default=None),
-        bytes=nbytes,
-        file=", ".join(a.info.file for a in distinct),
+    return LoraStack(
+        tuple(a.name for a in adapters),
+        parameters,
+        columns,
+        sum(x.nbytes for x in arrays),
+        arrays[0].dtype if arrays else np.dtype(np.float32),
+        (tuple(arrays), tuple(adapters)),
     )
-    return LoadedAdapter(info, parameters, keep_alive=(arrays, distinct))
 
 
-__all__ = ["MixedBatchError", "batch_key", "mixed_adapter"]
+def mixed_adapter(stack: LoraStack, rows: Sequence[str | None], ort_value) -> LoadedAdapter:
+    """One LoadedAdapter giving row b the adapter named rows[b] (None: the base): the
+    stack's tensors plus one (B, 1, R) row mask per slot."""
+    index = {name: k for k, name in enumerate(stack.names)}
+    unknown = sorted({n for n in rows if n is not None and n not in index})
+    if unknown:
+        raise MixedBatchError(f"rows name {unknown}, which the stack {stack.names} lacks")
+    parameters, masks = dict(stack.parameters), []
+    for module, starts in stack.columns.items():
+        mask = np.zeros((len(rows), 1, starts[-1]), stack.dtype)
+        for row, name in enumerate(rows):
+            if name is not None:
+                k = index[name]
+                mask[row, 0, starts[k] : starts[k + 1]] = 1
+        masks.append(mask)
+        parameters[module + ROW_MASK_SUFFIX] = ort_value(mask)
+    info = AdapterInfo(
+        name=batch_key(rows),
+        kind="mixed",
+        rank=None,
+        bytes=stack.nbytes + sum(m.nbytes for m in masks),
+        file="",
+    )
+    return LoadedAdapter(info, parameters, keep_alive=(stack, tuple(masks)))
+
+
+__all__ = ["LoraStack", "MixedBatchError", "batch_key", "mixed_adapter", "stack_adapters"]
