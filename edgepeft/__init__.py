@@ -17,6 +17,8 @@ _EXPORTS = {
     "PrefixTuningConfig": "edgepeft.config",
     "BottleneckConfig": "edgepeft.config",
     "SelectiveConfig": "edgepeft.config",
+    "ParallelAdapterConfig": "edgepeft.config",
+    "MAMConfig": "edgepeft.config",
     "add_adapter": "edgepeft.adapters.inject",
     "set_adapter": "edgepeft.adapters.inject",
     "disable_adapters": "edgepeft.adapters.inject",

@@ -180,6 +180,54 @@ class BottleneckConfig:
 
 
 @dataclass(frozen=True)
+class ParallelAdapterConfig:
+    """Parallel bottleneck adapter at the FFN (He et al., 2022; AdapterHub's `ParBnConfig`).
+
+    Each decoder layer's FFN output gains scaling * up(act(down(h))), where h is the FFN
+    sub-block's input (the residual stream before its norm, as AdapterHub reads it). The up
+    projection starts at zero, so a new adapter is the identity. Defaults are `ParBnConfig`'s.
+    """
+
+    peft_type: ClassVar[str] = "PARALLEL_ADAPTER"
+
+    reduction_factor: int = 2
+    """Bottleneck width = hidden size // reduction_factor."""
+    scaling: float = 4.0
+    """Fixed multiplier of the branch (He et al.'s s)."""
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    init: Literal["zeros", "random"] = "zeros"
+    """"zeros": up projection zero (identity at start, AdapterHub's "mam_adapter" init);
+    "random" is for tests."""
+
+
+@dataclass(frozen=True)
+class MAMConfig:
+    """Mix-and-match adapter (He et al., 2022; AdapterHub's `MAMConfig`): prefix tuning at
+    attention plus a scaled parallel adapter at the FFN, trained and saved as one adapter."""
+
+    peft_type: ClassVar[str] = "MAM"
+
+    num_virtual_tokens: int = 30
+    """Prefix length (AdapterHub's prefix_length)."""
+    prefix_bottleneck: int = 800
+    """Hidden width of the MLP the prefix trains through (AdapterHub's bottleneck_size);
+    only its output is saved."""
+    reduction_factor: int = 2
+    """Parallel adapter width = hidden size // reduction_factor."""
+    scaling: float = 4.0
+    """Parallel adapter multiplier."""
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    init: Literal["zeros", "random"] = "zeros"
+    """Parallel adapter's start: "zeros" (identity) or "random" (tests)."""
+    # Model facts of the prefix (as PrefixTuningConfig); None until `add_adapter` fills them.
+    token_dim: int | None = None
+    """Width of one layer's keys (or values): key/value heads x head size."""
+    num_layers: int | None = None
+    num_attention_heads: int | None = None
+    """Key/value heads."""
+
+
+@dataclass(frozen=True)
 class SelectiveConfig:
     """Selective tuning: train a named subset of the base's own (unquantized) parameters.
 
@@ -267,6 +315,8 @@ AdapterConfig = (
     | PromptEncoderConfig
     | PrefixTuningConfig
     | BottleneckConfig
+    | ParallelAdapterConfig
+    | MAMConfig
     | SelectiveConfig
 )
 
@@ -281,6 +331,8 @@ CONFIG_TYPES: dict[str, type] = {
         PromptEncoderConfig,
         PrefixTuningConfig,
         BottleneckConfig,
+        ParallelAdapterConfig,
+        MAMConfig,
         SelectiveConfig,
     )
 }

@@ -35,6 +35,8 @@ from edgepeft.config import (
     BottleneckConfig,
     IA3Config,
     LoraConfig,
+    MAMConfig,
+    ParallelAdapterConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
@@ -282,6 +284,23 @@ def _bottleneck_cost(model: nn.Module, config: BottleneckConfig, arch: Architect
     return total
 
 
+def _parallel_cost(model: nn.Module, config) -> int:
+    """A parallel adapter (ParallelAdapterConfig, MAM's FFN part): down and up with biases."""
+    dims = DecoderShape.from_config(model.config)
+    width = dims.hidden // config.reduction_factor
+    return dims.layers * (2 * dims.hidden * width + width + dims.hidden)
+
+
+def _mam_cost(model: nn.Module, config: MAMConfig) -> int:
+    """What trains: the prefix's embedding and MLP (N * L*2*kv_dim once saved) and the
+    parallel adapter."""
+    dims = DecoderShape.from_config(model.config)
+    kv, hidden, n = dims.kv_heads * dims.head_dim, config.prefix_bottleneck, config.num_virtual_tokens
+    out = dims.layers * 2 * kv
+    prefix = n * kv + kv * hidden + hidden + hidden * out + out
+    return prefix + _parallel_cost(model, config)
+
+
 def _selective_cost(model: nn.Module, config: SelectiveConfig) -> int:
     return sum(
         p.numel()
@@ -312,6 +331,10 @@ def adapter_cost(model: nn.Module, config) -> int | None:
         return _prefix_cost(model.config, config.num_virtual_tokens)
     if isinstance(config, BottleneckConfig):
         return None if arch is None else _bottleneck_cost(model, config, arch)
+    if isinstance(config, ParallelAdapterConfig):
+        return _parallel_cost(model, config)
+    if isinstance(config, MAMConfig):
+        return _mam_cost(model, config)
     if isinstance(config, SelectiveConfig):
         return _selective_cost(model, config)
     raise TypeError(f"no cost model for {type(config).__name__}")

@@ -17,6 +17,7 @@ from edgepeft.adapters.bottleneck import BottleneckLayer
 from edgepeft.adapters.ia3 import IA3Layer
 from edgepeft.adapters.layer import SEPARATE_FILES, MethodSpec
 from edgepeft.adapters.lora import LoraLayer
+from edgepeft.adapters.parallel import ParallelLayer
 from edgepeft.adapters.prompt import VirtualTokens
 from edgepeft.adapters.selective import SelectiveLayer
 from edgepeft.config import CONFIG_TYPES
@@ -34,6 +35,8 @@ MODULE_CLASSES = {
     "P_TUNING": VirtualTokens,
     "PREFIX_TUNING": VirtualTokens,
     "BOTTLENECK": BottleneckLayer,
+    "PARALLEL_ADAPTER": ParallelLayer,
+    "MAM": ParallelLayer,  # and VirtualTokens: neither part merges
     "SELECTIVE": SelectiveLayer,
 }
 
@@ -49,11 +52,14 @@ def test_capability_lists_equal_the_registry():
 
 def test_capability_lists_keep_their_values():
     # What these lists said before the registry answered them (order included).
-    assert SEPARATE_PEFT_TYPES == ("LORA", "IA3", "BOTTLENECK")
+    assert SEPARATE_PEFT_TYPES == ("LORA", "IA3", "BOTTLENECK", "PARALLEL_ADAPTER", "MAM")
     assert _STREAMED_MERGED == ("LORA", "IA3")
     assert _STREAMED_SEPARATE == ("LORA", "IA3", "BOTTLENECK")
     assert KV_PREFIX_PEFT_TYPES == ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
-    assert list(METHOD_TYPES) == ["lora", "dora", "ia3", "prompt", "p_tuning", "prefix", "bottleneck", "selective"]
+    assert list(METHOD_TYPES) == [
+        "lora", "dora", "ia3", "prompt", "p_tuning", "prefix", "bottleneck", "parallel", "mam",
+        "selective",
+    ]  # fmt: skip
     assert METHOD_TYPES["dora"] is METHOD_TYPES["lora"] is CONFIG_TYPES["LORA"]
 
 
@@ -96,8 +102,9 @@ def test_base_never_imports_adapters():
     assert not {m for m in _edgepeft_imports(PACKAGE / "base.py") if m.startswith("edgepeft.adapters")}
 
 
-@pytest.mark.parametrize("name", ["bottleneck", "dora", "ia3", "layer", "lora", "p_tuning", "prompt",
-                                  "saved_modules", "selective", "targets"])  # fmt: skip
+@pytest.mark.parametrize("name", ["bottleneck", "dora", "ia3", "layer", "lora", "mam", "p_tuning",
+                                  "parallel", "prompt", "saved_modules", "selective",
+                                  "targets"])  # fmt: skip
 def test_methods_never_import_the_registry(name):
     """The registry imports the methods, so they import their siblings, never the package."""
     assert "edgepeft.adapters" not in _edgepeft_imports(PACKAGE / "adapters" / f"{name}.py")

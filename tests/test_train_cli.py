@@ -13,6 +13,8 @@ from edgepeft.config import (
     BottleneckConfig,
     IA3Config,
     LoraConfig,
+    MAMConfig,
+    ParallelAdapterConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
@@ -180,7 +182,8 @@ def test_every_method_type_builds_its_config(run_dir):
     built = {kind: from_dict({**base, "method": {"type": kind}}).method for kind in METHOD_TYPES}
     assert {kind: type(config) for kind, config in built.items()} == {
         "lora": LoraConfig, "dora": LoraConfig, "ia3": IA3Config, "prompt": PromptTuningConfig,
-        "p_tuning": PromptEncoderConfig, "prefix": PrefixTuningConfig, "bottleneck": BottleneckConfig, "selective": SelectiveConfig,
+        "p_tuning": PromptEncoderConfig, "prefix": PrefixTuningConfig, "bottleneck": BottleneckConfig,
+        "parallel": ParallelAdapterConfig, "mam": MAMConfig, "selective": SelectiveConfig,
     }  # fmt: skip
     assert built["dora"].use_dora and not built["lora"].use_dora
     with pytest.raises(ConfigError, match="use_dora = false"):

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from edgepeft.adapters import bottleneck, ia3, lora, p_tuning, prompt, selective
+from edgepeft.adapters import bottleneck, ia3, lora, mam, p_tuning, parallel, prompt, selective
 from edgepeft.adapters.layer import SEPARATE_FILES, MethodSpec
 from edgepeft.config import CONFIG_TYPES
 
@@ -28,6 +28,8 @@ METHODS: dict[str, MethodSpec] = {
     "P_TUNING": p_tuning.METHOD,
     "PREFIX_TUNING": prompt.PREFIX_METHOD,
     "BOTTLENECK": bottleneck.METHOD,
+    "PARALLEL_ADAPTER": parallel.METHOD,
+    "MAM": mam.METHOD,
     "SELECTIVE": selective.METHOD,
 }
 """peft_type -> method, in the order of `CONFIG_TYPES` (the order every query answers in)."""

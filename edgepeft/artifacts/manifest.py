@@ -48,7 +48,7 @@ class AdapterEntry:
     """merged: the merged weights' id (base fingerprint + adapter config + tensors, as `merge`
     reports); separate: the base fingerprint the adapter file is bound to."""
     kind: str | None = None
-    """separate: "lora", "dora", "ia3" or "bottleneck"."""
+    """separate: "lora", "dora", "ia3", "bottleneck", "parallel", "mam" or "kv_prefix"."""
     rank: int | None = None
     """separate: LoRA/DoRA rank (the largest, under a rank_pattern), bottleneck width; else None."""
     targets: list[str] | None = None
@@ -57,7 +57,11 @@ class AdapterEntry:
     """separate: the .onnx_adapter file, relative to the export folder (sidecar: same stem, .json)."""
     sha256: str | None = None
     num_virtual_tokens: int | None = None
-    """separate, kind "kv_prefix": how many cache positions the prefix seeds."""
+    """separate, kind "kv_prefix" or a hybrid with a prefix part: how many cache positions
+    the prefix seeds."""
+    prefix_file: str | None = None
+    """separate, a hybrid (kind "mam"): its KV-prefix part, adapters/<name>.kvprefix.safetensors
+    beside `file`; the runtime loads both as one adapter (the .onnx_adapter's sidecar names it)."""
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,10 @@
     h ─[× dora_scale (out,) + bias]─[× ia3_scale (out,)]──► y
     y ─[+ adapter_up(act(adapter_down(y)))]──► output          (bottleneck)
 
+    h (the FFN block's input, before its norm) ─► adapter_down ─► act ─► adapter_up ─┐
+    mlp(x) ────────────────────────────────────────────────────────────────────────+──► y'
+                                                                   (parallel, at "…mlp")
+
 Inputs are named "<module>.<input>" (module as PyTorch names it, or the packed projection
 "qkv_proj" / "gate_up_proj" whose siblings share one slot, see packed_adapters.py), one set
 per layer and kind, never fused into a blob. Each is OPTIONAL: an initializer of the same
@@ -27,6 +31,8 @@ A slot exposes the union of the kinds the exported adapters put on that module:
     ia3          ia3_scale (out,) output target | (in,) feedforward   ones
     bottleneck   adapter_down.weight (out, w), adapter_down.bias (w,),    zeros, w = 0
                  adapter_up.weight (w, out), adapter_up.bias (out,)
+    parallel     the bottleneck's four inputs on the MLP block "model.layers.i.mlp"
+                 (in = out = hidden); the scaling is folded into adapter_up (file side)
 """
 
 from __future__ import annotations
@@ -99,6 +105,8 @@ class AdapterSlot:
     """"output" (scales W x + b) or "input" (scales x: a feedforward target), or None."""
     bottleneck: str | None = None
     """The bottleneck activation (a key of BOTTLENECK_ACTIVATIONS), or None."""
+    parallel: str | None = None
+    """A parallel adapter's activation on an MLP block (emitted by `block`, not `__call__`)."""
     members: tuple[tuple[str, int], ...] = ()
     """A packed projection (packed_adapters.py): its modules and their out_features, in
     row order; empty for one module."""
@@ -107,7 +115,12 @@ class AdapterSlot:
         """A slot exposing what either exposes; conflicting kinds raise, naming the module."""
         if (self.in_features, self.out_features) != (other.in_features, other.out_features):
             raise ValueError(f"{self.module}: two adapters disagree on its shape")
-        for field, what in (("ia3", "IA3 side (input / output)"), ("bottleneck", "activation")):
+        kinds = (
+            ("ia3", "IA3 side (input / output)"),
+            ("bottleneck", "activation"),
+            ("parallel", "activation"),
+        )
+        for field, what in kinds:
             mine, theirs = getattr(self, field), getattr(other, field)
             if mine and theirs and mine != theirs:
                 raise ValueError(
@@ -121,6 +134,7 @@ class AdapterSlot:
             dora=self.dora or other.dora,
             ia3=self.ia3 or other.ia3,
             bottleneck=self.bottleneck or other.bottleneck,
+            parallel=self.parallel or other.parallel,
         )
 
     def inputs(self, dtype) -> dict[str, tuple[list[int | str], np.ndarray]]:
@@ -139,7 +153,7 @@ class AdapterSlot:
             out[dora_input(m)] = ([n_out], np.ones(n_out, dtype))
         if self.ia3 == "output":
             out[ia3_input(m)] = ([n_out], np.ones(n_out, dtype))
-        if self.bottleneck:
+        if self.bottleneck or self.parallel:
             down_w, down_b, up_w, up_b = bottleneck_inputs(m)
             width = f"{m}.bottleneck_width"
             out[down_w] = ([n_out, width], np.zeros((n_out, 0), dtype))
@@ -180,12 +194,26 @@ class AdapterSlot:
         if self.ia3 == "output":  # scales the bias too, as PyTorch's IA3 does
             y = b.node("Mul", [y, inputs[ia3_input(name)]], name=f"{name}/ia3/Mul_output")
         if self.bottleneck:
-            down_w, down_b, up_w, up_b = bottleneck_inputs(name)
-            op, domain, attrs = BOTTLENECK_ACTIVATIONS[self.bottleneck]
-            h = b.node("MatMul", [y, inputs[down_w]], name=f"{name}/bottleneck/MatMul_down")
-            h = b.node("Add", [h, inputs[down_b]], name=f"{name}/bottleneck/Add_down")  # (B, T, w)
-            h = b.node(op, [h], name=f"{name}/bottleneck/{op}", domain=domain, **attrs)
-            h = b.node("MatMul", [h, inputs[up_w]], name=f"{name}/bottleneck/MatMul_up")
-            h = b.node("Add", [h, inputs[up_b]], name=f"{name}/bottleneck/Add_up")  # (B, T, out)
-            y = b.node("Add", [y, h], name=f"{name}/bottleneck/Add")
+            y = _bottleneck(b, inputs, y, y, name, self.bottleneck, "bottleneck")
         return y
+
+    def block(self, e, h: str, y: str) -> str:
+        """y + up(act(down(h))) for the MLP block `self.module` (fused._mlp's block branch):
+        h (B, T, hidden) is the block's input before its norm, y (B, T, hidden) its output."""
+        inputs = {
+            k: e.b.optional_input(k, default, shape)
+            for k, (shape, default) in self.inputs(e.dtype).items()
+        }
+        return _bottleneck(e.b, inputs, h, y, self.module, self.parallel, "parallel")
+
+
+def _bottleneck(b, inputs: dict, x: str, y: str, name: str, activation: str, tag: str) -> str:
+    """y + up(act(down(x))) from the four bottleneck inputs of `name`."""
+    down_w, down_b, up_w, up_b = bottleneck_inputs(name)
+    op, domain, attrs = BOTTLENECK_ACTIVATIONS[activation]
+    h = b.node("MatMul", [x, inputs[down_w]], name=f"{name}/{tag}/MatMul_down")
+    h = b.node("Add", [h, inputs[down_b]], name=f"{name}/{tag}/Add_down")  # (B, T, w)
+    h = b.node(op, [h], name=f"{name}/{tag}/{op}", domain=domain, **attrs)
+    h = b.node("MatMul", [h, inputs[up_w]], name=f"{name}/{tag}/MatMul_up")
+    h = b.node("Add", [h, inputs[up_b]], name=f"{name}/{tag}/Add_up")  # (B, T, out)
+    return b.node("Add", [y, h], name=f"{name}/{tag}/Add")

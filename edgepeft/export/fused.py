@@ -117,6 +117,9 @@ FUSED_MODEL_TYPES: frozenset[str] = frozenset(_ARCHS)
 
 AdapterBranch = Callable[["_Emitter", str, str, torch.Tensor, "torch.Tensor | None"], str]
 """(emitter, x, module name, weight (out, in), bias) -> y: one projection with its adapter inputs."""
+BlockBranch = Callable[["_Emitter", str, str], str]
+"""(emitter, h, y) -> y': a branch beside a whole block (separate mode's parallel adapter on
+"model.layers.i.mlp"): h is the block's input before its norm, y the block's output."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,8 @@ class _Emitter:
         self.adapter_branches: dict[str, AdapterBranch] = {}
         """module name -> emitter of its projection with separate-mode adapter inputs."""
         self.emitted_branches: set[str] = set()
+        self.block_branches: dict[str, BlockBranch] = {}
+        """block name ("model.layers.3.mlp") -> its BlockBranch (called by `_decoder_layer`)."""
         self.channel_scales: ChannelScales | None = None
         """int4 with activation-aware scales: the calibrated s per group (channel_scales.py)."""
         self.column_scale: dict[str, np.ndarray] = {}
@@ -807,6 +812,10 @@ def _decoder_layer(
             attn, residual, f"{p}.post_attention_layernorm", layer.post_attention_layernorm
         )
     hidden = _mlp(e, model, arch, i, x, activation)
+    block = e.block_branches.get(f"{p}.mlp")
+    if block is not None:  # a parallel adapter reads the FFN's input before its norm: residual
+        e.emitted_branches.add(f"{p}.mlp")
+        hidden = block(e, residual, hidden)
     if arch.gemma:
         hidden = e.norm(hidden, f"{p}.post_feedforward_layernorm", layer.post_feedforward_layernorm)
     return hidden, residual
@@ -838,6 +847,7 @@ def export_fused(
     quantization: WeightQuantization = DEFAULT_QUANTIZATION,
     lora_targets=None,
     adapter_branches: Mapping[str, AdapterBranch] | None = None,
+    block_branches: Mapping[str, BlockBranch] | None = None,
     optional_inputs: Mapping[str, np.ndarray] | None = None,
     progress: Callable[[str], None] | None = None,
     stream: LayerStream | None = None,
@@ -865,6 +875,8 @@ def export_fused(
             attach to; those projections are emitted alone rather than packed.
         adapter_branches: Module name (exact) -> AdapterBranch emitting that projection
             with its adapter inputs (separate mode, see separate.py); never packed.
+        block_branches: Block name ("model.layers.i.mlp") -> BlockBranch adding a branch
+            beside that block (separate mode's parallel adapters).
         optional_inputs: Extra graph inputs, each defaulting to the array given.
         progress: Called with one line per decoder layer (default: the "edgepeft" logger
             at INFO level, or the stream's own progress callback).
@@ -896,8 +908,10 @@ def export_fused(
         gemma_norms=arch.gemma,
         quantization=quantization,
         num_layers=dims.layers,
+        accuracy_level_int8=accuracy_level_int8,
     )
     e.adapter_branches = dict(adapter_branches or {})
+    e.block_branches = dict(block_branches or {})
     try:
         return _emit_graph(
             e,
@@ -962,7 +976,7 @@ def _emit_graph(
     with holding("model.norm", "lm_head"):
         x, _ = e.add_norm(hidden, residual, "model.norm", model.model.norm)
         _logits(e, model, x, table)
-    unexposed = sorted(set(e.adapter_branches) - e.emitted_branches)
+    unexposed = sorted((set(e.adapter_branches) | set(e.block_branches)) - e.emitted_branches)
     if unexposed:
         raise ValueError(
             f"an adapter targets layer {unexposed[0]} that the {model_type} graph does not "

@@ -75,6 +75,12 @@ def _virtual_tokens(model, adapter_name: str):
     return module, module.plans[adapter_name]
 
 
+def has_kv_prefix(model, adapter_name: str) -> bool:
+    """Whether adapter `adapter_name` on `model` has a prompt or prefix part (a KV prefix)."""
+    module = getattr(model, ATTRIBUTE, None)
+    return module is not None and adapter_name in module.plans
+
+
 def _text_config(model):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -219,6 +225,7 @@ __all__ = [
     "decode_step",
     "export_kv_prefix",
     "greedy_with_prefix",
+    "has_kv_prefix",
     "kv_prefix_path",
     "kv_prefix_tensors",
     "prefill_with_prefix",

@@ -57,6 +57,7 @@ from torch import nn
 from edgepeft.adapters import dora, peft_types
 from edgepeft.adapters.inject import delete_adapter, list_adapters
 from edgepeft.adapters.layer import adapter_modules
+from edgepeft.adapters.parallel import block_name
 from edgepeft.adapters.peft_format import load_adapter
 from edgepeft.base import (
     base_info,
@@ -85,7 +86,7 @@ from edgepeft.export.channel_scales import calibration_ids
 from edgepeft.export.files import record_files
 from edgepeft.export.fused import export_fused, unsupported
 from edgepeft.export.generic import export_generic
-from edgepeft.export.kv_prefix import KV_PREFIX_PEFT_TYPES, export_kv_prefix
+from edgepeft.export.kv_prefix import KV_PREFIX_PEFT_TYPES, export_kv_prefix, has_kv_prefix
 from edgepeft.export.manifest import (
     AdapterEntry,
     Manifest,
@@ -103,6 +104,10 @@ if TYPE_CHECKING:  # only a type here: separate mode runs on a stream it is give
     from edgepeft.export.stream import LayerStream
 
 SEPARATE_PEFT_TYPES = peft_types(separate_file="onnx_adapter")
+_KINDS = {"IA3": "ia3", "BOTTLENECK": "bottleneck", "PARALLEL_ADAPTER": "parallel", "MAM": "mam"}
+"""peft_type -> the kind an .onnx_adapter's sidecar and the manifest record (else lora/dora)."""
+_PART_TYPES = {"MAM": ("PARALLEL_ADAPTER",)}
+"""Hybrids: the module types holding their graph-input parts (default: the method's own)."""
 Progress = Callable[[str], None]
 
 
@@ -123,6 +128,9 @@ class AdapterTensors:
     scaling: dict[str, float] = field(default_factory=dict)
     """module -> LoRA scaling (already folded into lora_B)."""
     config: dict = field(default_factory=dict)
+    prefix: dict | None = None
+    """A hybrid's (MAM's) KV-prefix part as `export_kv_prefix` wrote it (its manifest fields),
+    loaded with the .onnx_adapter as one adapter; None for the other methods."""
 
 
 def _np(tensor: torch.Tensor) -> np.ndarray:
@@ -144,14 +152,25 @@ def adapter_tensors(model: nn.Module, name: str, source: str = "") -> AdapterTen
         raise _refuse(name, f"is a {config.peft_type} adapter")
     if getattr(config, "modules_to_save", None):
         raise _refuse(name, f"trains whole modules ({', '.join(config.modules_to_save)}: modules_to_save)")
-    kind = {"IA3": "ia3", "BOTTLENECK": "bottleneck"}.get(config.peft_type)
-    kind = kind or ("dora" if config.use_dora else "lora")
+    kind = _KINDS.get(config.peft_type) or ("dora" if config.use_dora else "lora")
+    parts = _PART_TYPES.get(config.peft_type, (config.peft_type,))
     slots, tensors, ranks, scaling = {}, {}, {}, {}
     for path, module in adapter_modules(model):
         if name not in module:
             continue
-        if module.peft_type != config.peft_type:
+        if module.model_level and has_kv_prefix(model, name) and parts != (config.peft_type,):
+            continue  # a hybrid's prefix part: export_separate writes it as a .kvprefix file
+        if module.peft_type not in parts:
             raise _refuse(name, f"holds a {module.peft_type} module at {path}")
+        if module.peft_type == "PARALLEL_ADAPTER":  # beside a whole MLP block, not a projection
+            down, up, s = module.adapter_down[name], module.adapter_up[name], module.scaling[name]
+            values = (_np(down.weight).T, _np(down.bias), _np(up.weight * s).T, _np(up.bias * s))
+            block = block_name(path)  # the fused graph adds the branch beside the whole MLP
+            tensors.update(zip(bottleneck_inputs(block), values, strict=True))  # s folded in up
+            ranks[block], scaling[block] = down.weight.shape[0], float(s)
+            hidden = down.weight.shape[1]
+            slots[block] = AdapterSlot(block, hidden, hidden, parallel=module.activation[name])
+            continue
         base = module.innermost()
         in_f, out_f = linear_features(base)
         slot = AdapterSlot(path, in_f, out_f)
@@ -197,6 +216,14 @@ def adapter_tensors(model: nn.Module, name: str, source: str = "") -> AdapterTen
     )
 
 
+def _with_prefix(adapter: AdapterTensors, model: nn.Module, out_dir: Path) -> AdapterTensors:
+    """A hybrid adapter (MAM) with its KV-prefix part written beside its graph inputs."""
+    if not has_kv_prefix(model, adapter.name):
+        return adapter
+    entry = export_kv_prefix(model, adapter.name, out_dir, source=adapter.source)
+    return replace(adapter, prefix=entry)
+
+
 def union_slots(
     model: nn.Module, adapters: list[AdapterTensors], lora_everywhere: bool = False
 ) -> dict[str, AdapterSlot]:
@@ -231,6 +258,8 @@ def _description(adapter: AdapterTensors, layout) -> dict:
             (s.bottleneck for s in adapter.slots.values() if s.bottleneck), None
         ),
         "config": adapter.config,
+        # a hybrid's prefix part, beside this file: the runtime loads both as one adapter
+        "kv_prefix": Path(adapter.prefix["file"]).name if adapter.prefix else None,
         # which graph inputs hold several modules, in row order: the file's layout
         "packed": {
             packed: [m for m, _ in members]
@@ -260,6 +289,8 @@ def _write(adapter: AdapterTensors, out_dir: Path, layout, graph_inputs, base_fi
         targets=sorted(adapter.slots),
         file=os.path.relpath(written.path, out_dir),
         sha256=written.sha256,
+        prefix_file=adapter.prefix["file"] if adapter.prefix else None,
+        num_virtual_tokens=adapter.prefix["num_virtual_tokens"] if adapter.prefix else None,
     )
 
 
@@ -336,10 +367,19 @@ def export_separate(
                 fields = AdapterEntry.__dataclass_fields__
                 kv_prefixes.append(AdapterEntry(**{k: v for k, v in entry.items() if k in fields}))
             else:
-                read.append(adapter_tensors(model, name, source=source))
+                read.append(_with_prefix(adapter_tensors(model, name, source), model, out_dir))
         finally:
             delete_adapter(model, name)
     slots = union_slots(model, read, lora_everywhere)
+    blocks = {path: slot for path, slot in slots.items() if slot.parallel}
+    if blocks and builder != "fused":
+        raise ValueError(
+            f"adapter(s) {sorted({a.name for a in read if set(a.slots) & set(blocks)})} put a "
+            f"parallel adapter beside whole MLP blocks, which only the fused graph exposes; the "
+            f"{model_type} export here is the traced (generic) graph: export with graph='fused' "
+            "on an architecture that has it (llama, qwen, mistral, gemma, phi3)"
+        )
+    slots = {path: slot for path, slot in slots.items() if not slot.parallel}
     guard = {fingerprint_input(base_fingerprint): np.zeros(1, np.float32)}
     kwargs = dict(
         block_size=block_size,
@@ -355,6 +395,7 @@ def export_separate(
             out_dir,
             weights,
             adapter_branches=slots,
+            block_branches={path: slot.block for path, slot in blocks.items()},
             stream=stream,
             calibration_ids=calibration_ids(tokenizer) if weights == "int4" else None,
             **kwargs,
@@ -362,6 +403,7 @@ def export_separate(
     else:  # traced: one slot per module, no packing
         say(f"tracing the {model_type} base graph ({weights}) with adapter inputs on {len(slots)} layers")
         info = export_generic(model, out_dir, weights, adapter_slots=slots, progress=say, **kwargs)
+    slots.update(blocks)
     layout = packed_layout(slots)
     graph_inputs = optional_graph_inputs(info.path)
     entries = []
@@ -470,7 +512,7 @@ def export_adapter(
             entry = export_kv_prefix(model, name, export_dir, source=source)
             entry = AdapterEntry(**{k: v for k, v in entry.items() if k in fields})
         else:
-            adapter = adapter_tensors(model, name, source=source)
+            adapter = _with_prefix(adapter_tensors(model, name, source), model, export_dir)
             graph_inputs = optional_graph_inputs(export_dir / manifest.model_file)
             say(f"writing {ADAPTER_DIR}/{name}.onnx_adapter ({adapter.kind})")
             layout = graph_layout(model, graph_inputs)

@@ -3,6 +3,8 @@
     adapters/sql.onnx_adapter        ──► fingerprint checked (guard parameter, sidecar sha256)
                                          ──► graph input name -> OrtValue (bound as inputs)
     adapters/chat.kvprefix.safetensors ──► fingerprint checked ──► KVPrefix (seeds the cache)
+    adapters/mam.onnx_adapter + mam.kvprefix.safetensors (a hybrid: the sidecar's "kv_prefix"
+        names the second file) ──► one LoadedAdapter with both inputs and a prefix
 
 No adapter touches the base weights: a graph input left unbound keeps its default
 initializer (rank-0 LoRA, ones for IA3), so "no adapter" is the base itself. The OrtValues
@@ -15,7 +17,7 @@ import json
 import os
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +47,8 @@ class AdapterInfo:
 
     name: str
     kind: str
-    """"lora", "dora", "ia3", "bottleneck" (graph inputs) or "kv_prefix" (cache seed)."""
+    """"lora", "dora", "ia3", "bottleneck", "parallel" (graph inputs), "kv_prefix" (cache
+    seed) or "mam" (both)."""
     rank: int | None
     """LoRA/DoRA rank (the largest), bottleneck width; None otherwise."""
     bytes: int
@@ -109,7 +112,7 @@ def read_adapter(
     if path.name.endswith(KV_PREFIX_SUFFIX):
         return _read_kv_prefix(path, name, base_fingerprint, kv_shape)
     if path.name.endswith(ONNX_ADAPTER_SUFFIX):
-        return _read_onnx_adapter(path, name, base_fingerprint, set(graph_inputs))
+        return _read_onnx_adapter(path, name, base_fingerprint, set(graph_inputs), kv_shape)
     raise AdapterLoadError(
         f"{path}: not an adapter file (expected *{ONNX_ADAPTER_SUFFIX} or *{KV_PREFIX_SUFFIX}, "
         "as `edgepeft export --mode separate` writes them in adapters/)"
@@ -117,7 +120,7 @@ def read_adapter(
 
 
 def _read_onnx_adapter(
-    path: Path, name: str, base_fp: str, graph_inputs: set[str]
+    path: Path, name: str, base_fp: str, graph_inputs: set[str], kv_shape: tuple[int, int, int]
 ) -> LoadedAdapter:
     import onnxruntime as ort
 
@@ -152,7 +155,24 @@ def _read_onnx_adapter(
         bytes=sum(_nbytes(v) for v in parameters.values()),
         file=str(path),
     )
-    return LoadedAdapter(info, parameters, keep_alive=fmt)
+    prefix = None
+    if sidecar.get("kv_prefix"):  # a hybrid (MAM): its prefix part, beside the file
+        part = path.parent / sidecar["kv_prefix"]
+        if not part.is_file():
+            raise AdapterLoadError(
+                f"adapter {name!r} ({path}) has a KV-prefix part {part.name}, which is missing "
+                "beside it; copy it from the export's adapters/ folder or re-export the adapter"
+            )
+        prefix = _read_kv_prefix(part, name, base_fp, kv_shape)
+        info = replace(
+            prefix.info,
+            kind=info.kind,
+            rank=info.rank,
+            bytes=info.bytes + prefix.info.bytes,
+            file=info.file,
+        )
+        prefix = prefix.prefix
+    return LoadedAdapter(info, parameters, prefix=prefix, keep_alive=fmt)
 
 
 def _read_kv_prefix(

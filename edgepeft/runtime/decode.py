@@ -33,8 +33,9 @@ PREFIX_POSITIONS = "unpadded"
 """Batch-invariant KV-prefix positions (kv_seed.POSITIONS): batched == each prompt alone."""
 
 
-def fused_steps(session, slot: Slot, binding, input_ids, mask, prefix) -> Steps:
-    """Prefill and decode over the slot's shared buffers (`binding` is slot.binding(adapter))."""
+def fused_steps(session, slot: Slot, binding, input_ids, mask, prefix, parameters=None) -> Steps:
+    """Prefill and decode over the slot's shared buffers (`binding` is slot.binding(adapter);
+    `parameters`, the adapter's graph inputs, are bound again for a row-by-row prefill)."""
     import onnxruntime as ort
 
     batch, length = input_ids.shape
@@ -49,7 +50,7 @@ def fused_steps(session, slot: Slot, binding, input_ids, mask, prefix) -> Steps:
     logits = np.empty((batch, length, slot.spec.vocab_size), np.float32)  # (B, T, V)
     if prefix is not None and batch > 1 and length > 1:
         for b in range(batch):
-            row, keep = slot.row_binding(b)
+            row, keep = slot.row_binding(b, parameters)
             row_mask = np.ascontiguousarray(slot.mask[b : b + 1, :total])
             row.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids[b : b + 1]))
             row.bind_cpu_input("attention_mask", row_mask)

@@ -504,8 +504,9 @@ class Engine:
         # The adapter looked up above serves the whole request, even if it is unloaded meanwhile.
         with self._prepare(loaded, batch, need) as request:
             if self.spec.shared:
+                params = loaded.parameters if loaded is not None else None
                 steps = fused_steps(
-                    self.session, request.slot, request.binding, input_ids, mask, prefix
+                    self.session, request.slot, request.binding, input_ids, mask, prefix, params
                 )
             else:
                 params = loaded.parameters if loaded is not None else {}

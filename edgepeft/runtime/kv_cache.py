@@ -100,11 +100,14 @@ class Slot:
         self._bindings[key] = (adapter, binding)
         return binding
 
-    def row_binding(self, row: int):
-        """A binding over row `row`'s KV buffers alone (batch 1), for row-by-row prefill."""
+    def row_binding(self, row: int, parameters=None):
+        """A binding over row `row`'s KV buffers alone (batch 1), for row-by-row prefill, with
+        the adapter's graph inputs (`parameters`: a hybrid has both them and a prefix)."""
         import onnxruntime as ort
 
         binding = self.session.io_binding()
+        for name, value in (parameters or {}).items():
+            binding.bind_ortvalue_input(name, value)
         views = []
         for name, array in self.kv.items():
             view = ort.OrtValue.ortvalue_from_numpy(array[row : row + 1])  # contiguous

@@ -202,9 +202,10 @@ def prepare(
     """Check the adapter and the output folder, tokenize the data, plan the memory."""
     ddp = current()
     name = adapter_to_train(model, adapter)
-    if config.gradient_checkpointing and list_adapters(model)[name].peft_type == "PREFIX_TUNING":
+    peft_type = list_adapters(model)[name].peft_type
+    if config.gradient_checkpointing and peft_type in ("PREFIX_TUNING", "MAM"):
         raise ValueError(
-            f"adapter {name!r} is prefix tuning, whose keys and values enter every layer as a "
+            f"adapter {name!r} holds a prefix (prefix tuning, MAM), whose keys and values enter every layer as a "
             "cache, and transformers drops caches in checkpointed layers; set "
             "gradient_checkpointing=False (or train LoRA / prompt tuning with it)"
         )
