@@ -54,8 +54,27 @@ class LoraConfig:
     """DyLoRA (Valipour et al., 2022): each training step uses a rank b drawn uniformly from
     [dylora_min_rank, r] (the first b rows of A, columns of B, scaled alpha / b), so every
     such rank works alone afterwards (`edgepeft.truncate_rank`). None: plain LoRA."""
+    use_qalora: bool = False
+    """QA-LoRA (Xu et al., 2023): the adapter reads its input average-pooled over groups of
+    `qalora_group_size` features (A is r x in/group), so B A is constant per group and
+    merges exactly into an int4 base's zero points (adapters/qalora.py). HF peft's field;
+    peft itself implements it for GPTQ layers only."""
+    qalora_group_size: int = 16
+    """Input features per pooled group (peft's default 16); over an int4 base it must be the
+    base's block size (32)."""
 
     def __post_init__(self) -> None:
+        if self.use_qalora:
+            group = self.qalora_group_size
+            if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+                raise ValueError(
+                    f"LoraConfig.qalora_group_size must be a positive integer, got {group!r}"
+                )
+            if self.use_dora:
+                raise ValueError(
+                    "LoraConfig: use_qalora cannot be combined with use_dora (HF peft refuses "
+                    "it too); choose one"
+                )
         low = self.dylora_min_rank
         if low is None:
             return

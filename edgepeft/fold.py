@@ -9,6 +9,8 @@
     build_folded(inner, values, FoldTarget)  ──► the module replacing the stack
         quant "none"            nn.Linear / GPT-2 Conv1D in the target's compute dtype
         "nf4" / "fp4" / "int8"  bitsandbytes layer quantized from W + ΔW
+        "int4" (int4 base)      the same codes and scales, ΔW in float zero points: exact for
+                                an update constant per block (QA-LoRA), refused otherwise
         norms, bias-only        a copy of the module with those parameters replaced
 
 `merge` (merge.py) applies this to a whole model, measuring and undoing it; the streamed
@@ -31,6 +33,7 @@ from edgepeft.adapters.inject import list_adapters
 from edgepeft.adapters.layer import AdapterLayer, AdapterModule
 from edgepeft.adapters.saved_modules import ModulesToSaveLayer
 from edgepeft.base import (
+    Int4Linear,
     base_info,
     dequantized_weight,
     is_conv1d_origin,
@@ -228,6 +231,25 @@ def _with_params(module: nn.Module, values: dict[str, torch.Tensor]) -> nn.Modul
     return new
 
 
+def _int4_folded(inner: nn.Module, weight: torch.Tensor, bias) -> Int4Linear:
+    """An int4 base layer with `weight` folded into its zero points (Int4Linear.with_weight)."""
+    if not isinstance(inner, Int4Linear):
+        raise MergeError(
+            "merge(quant='int4') keeps an int4 base's own codes (load_base(quant='int4')); "
+            f"this layer is a {type(inner).__name__}. Merge with quant='none' instead"
+        )
+    if bias is not inner.bias:  # the adapter's merge_update gave a new bias
+        raise MergeError("merge(quant='int4') cannot change an int4 layer's bias")
+    try:
+        return inner.with_weight(weight)
+    except ValueError as e:
+        raise MergeError(
+            f"int4 layer ({inner.extra_repr()}): {e}. Train with LoraConfig(use_qalora=True, "
+            "qalora_group_size=<the base's block size>) on 4-bit layers, or merge with "
+            "quant='none' (the export then rounds the merged weights again)"
+        ) from e
+
+
 def build_folded(
     inner: nn.Module, values: dict[str, torch.Tensor], target: FoldTarget
 ) -> tuple[nn.Module, str, dict[str, torch.Tensor]]:
@@ -246,7 +268,9 @@ def build_folded(
         bias = values.get("bias", inner.bias)
         device = inner.weight.device
         conv1d = is_conv1d_origin(inner)
-        if storage == "none":
+        if storage == "int4":
+            new = _int4_folded(inner, weight, bias)
+        elif storage == "none":
             new = _plain_linear(weight, bias, conv1d, target.dtype, device)
         else:
             new = quantized_linear(weight, bias, storage, target.double_quant, target.dtype, device)

@@ -107,7 +107,12 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", torch.from_numpy(packed.scales.astype(np.float32)))
         zero_points = packed.zero_points
         if zero_points is not None and np.issubdtype(zero_points.dtype, np.floating):
-            raise ValueError("Int4Linear holds packed uint8 zero points, not float ones")
+            if packed.bits != 4 or zero_points.shape != packed.scales.shape:
+                raise ValueError(
+                    "Int4Linear's float zero points are 4-bit only, one per block "
+                    f"{packed.scales.shape}; got {zero_points.shape} at {packed.bits} bits"
+                )
+            zero_points = zero_points.astype(np.float32)  # a merged QA-LoRA (with_weight)
         self.register_buffer(
             "zero_points", None if zero_points is None else torch.from_numpy(zero_points.copy())
         )
@@ -157,10 +162,68 @@ class Int4Linear(nn.Module):
         weight = self._unpack(self.codes, self.block_size).to(torch.float32)  # (N, kb, bs)
         if self.zero_points is None:
             weight -= float(1 << (self.bits - 1))
+        elif self.zero_points.is_floating_point():  # (N, k_blocks), not packed
+            weight -= self.zero_points[..., None]
         else:
             weight -= self._unpack(self.zero_points, k_blocks).to(torch.float32)[..., None]
         weight *= self.scales[..., None]
         return weight.reshape(n, -1)[:, : self.in_features]
+
+    def with_weight(self, weight: torch.Tensor) -> Int4Linear:
+        """A new layer computing with effective weight `weight` (out, in) from the same codes
+        and scales: weight · s - dequant(codes) must be constant within each block (a QA-LoRA
+        update, adapters/qalora.py), and goes into float zero points z' = z - c / scale.
+
+        Raises:
+            ValueError: the change varies within a block, or the layer is 8-bit / symmetric
+                (onnxruntime's CPU MatMulNBits takes float zero points for 4-bit only).
+        """
+        n, k_blocks = self.scales.shape
+        target = weight.detach().to(device=self.scales.device, dtype=torch.float64)
+        if self.input_scale is not None:
+            target = target * self.input_scale.double()  # back into the codes' space
+        if tuple(target.shape) != (self.out_features, self.in_features):
+            shape = (n, self.in_features)
+            raise ValueError(f"weight {tuple(target.shape)} is not this layer's {shape}")
+        if self.in_features != k_blocks * self.block_size:
+            raise ValueError(
+                f"in_features {self.in_features}: not whole blocks of {self.block_size}"
+            )
+        delta = (target - self.code_weight().double()).reshape(n, k_blocks, self.block_size)
+        c = delta.mean(-1)  # (N, k_blocks)
+        spread = float((delta - c[..., None]).abs().max())
+        if spread > 1e-5 * max(float(target.abs().max()), 1e-30):
+            raise ValueError(
+                f"the change varies within blocks of {self.block_size} (by up to {spread:.2e}): "
+                "only an update constant per block (QA-LoRA) folds into the int4 zero points"
+            )
+        if float(c.abs().max()) == 0.0:
+            return self
+        if self.bits != 4 or self.zero_points is None:
+            raise ValueError(
+                f"this layer is stored {self.bits}-bit without zero points; onnxruntime's CPU "
+                "MatMulNBits takes float zero points for 4-bit weights only"
+            )
+        scales = self.scales.double()
+        if bool(((scales == 0) & (c != 0)).any()):
+            raise ValueError("a block with scale 0 (all-zero weights) would need a change")
+        if self.zero_points.is_floating_point():
+            zeros = self.zero_points.double()
+        else:
+            zeros = self._unpack(self.zero_points, k_blocks).double()
+        shift = torch.where(scales == 0, torch.zeros_like(c), c / scales.where(scales != 0, 1.0))
+        packed = self.packed()
+        packed = PackedNBits(
+            codes=packed.codes,
+            scales=packed.scales,
+            zero_points=(zeros - shift).to(torch.float32).cpu().numpy(),
+            bits=packed.bits,
+            block_size=packed.block_size,
+            in_features=packed.in_features,
+        )
+        scale = None if self.input_scale is None else self.input_scale.cpu().numpy()
+        new = Int4Linear(packed, self.bias, scale).to(self.scales.device)
+        return new.train(self.training)
 
     @property
     def weight(self) -> torch.Tensor:

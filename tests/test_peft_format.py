@@ -230,7 +230,6 @@ def test_unknown_peft_type_is_named(copy_of, tiny_dir):
         ("lora_bias", True),
         ("bias", "all"),
         ("init_lora_weights", "pissa"),
-        ("use_qalora", True),
         ("layer_replication", [[0, 2]]),
     ],
 )

@@ -7,6 +7,7 @@
     DoRA: y = base(x) + dora_extra(...)   (see dora.py)
     DyLoRA: at rank b <= r (`set_active_rank`, or `sampled_rank` per training step) only
             A[:b] (b × in) and B[:, :b] (out × b) take part, scaled alpha/b (alpha/√b)
+    QA-LoRA: A reads the input pooled per group, A (r × in/group) (see qalora.py)
 
 The wrapper calls the base layer's own forward, so bitsandbytes does the
 quantized matmul; LoRA never branches on the backend.
@@ -26,6 +27,8 @@ from torch import nn
 
 from edgepeft.adapters.dora import dora_delta, dora_extra, initial_magnitude
 from edgepeft.adapters.layer import AdapterLayer, MethodSpec
+from edgepeft.adapters.qalora import check as check_qalora
+from edgepeft.adapters.qalora import expand_a, pool
 from edgepeft.adapters.saved_modules import add_modules_to_save
 from edgepeft.adapters.targets import pattern_value, select_configured, wrap
 from edgepeft.architectures import require_architecture
@@ -49,10 +52,15 @@ class LoraLayer(AdapterLayer):
         self.rslora: dict[str, bool] = {}
         self.active_rank: dict[str, int] = {}
         """DyLoRA: adapter name -> the leading rank in use; absent: the full rank."""
+        self.qalora_group: dict[str, int] = {}
+        """QA-LoRA: adapter name -> input features pooled per group; absent: plain LoRA."""
 
     def add(self, name: str, r: int, alpha: float, config: LoraConfig) -> None:
         in_f, out_f = linear_features(self.innermost())
         device = next(self.innermost().parameters()).device
+        if config.use_qalora:  # inject checked the layer (qalora.check)
+            self.qalora_group[name] = config.qalora_group_size
+            in_f //= config.qalora_group_size
         A = nn.Linear(in_f, r, bias=False, device=device)
         B = nn.Linear(r, out_f, bias=False, device=device)
         if config.init == "default":
@@ -71,7 +79,7 @@ class LoraLayer(AdapterLayer):
             self.lora_magnitude_vector[name] = nn.Parameter(m)
 
     def forget(self, name: str) -> None:
-        for state in (self.scaling, self.alpha, self.rslora, self.active_rank):
+        for state in (self.scaling, self.alpha, self.rslora, self.active_rank, self.qalora_group):
             state.pop(name, None)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -116,6 +124,8 @@ class LoraLayer(AdapterLayer):
             )
         else:
             a, b, scaling = self.factors(name)
+            if name in self.qalora_group:  # (..., in) -> (..., in/group)
+                x_in = pool(x_in, self.innermost(), self.qalora_group[name])
             extra = F.linear(F.linear(x_in, a), b) * scaling  # (..., in) -> (..., b) -> (..., out)
         return out + extra.to(out.dtype)
 
@@ -126,7 +136,14 @@ class LoraLayer(AdapterLayer):
                 self.innermost(), A, B, self.lora_magnitude_vector[name], self.scaling[name]
             )
         a, b, scaling = self.factors(name)
-        return (b.detach().float() @ a.detach().float()) * scaling
+        return (b.detach().float() @ self.input_a(name, a).detach().float()) * scaling
+
+    def input_a(self, name: str, a: torch.Tensor | None = None) -> torch.Tensor:
+        """Adapter `name`'s A (or the given rows of it) as a plain (b, in) matrix on the
+        layer's input: QA-LoRA's pooling folded in (`qalora.expand_a`), else A itself."""
+        a = self.lora_A[name].weight if a is None else a
+        group = self.qalora_group.get(name)
+        return a if group is None else expand_a(a, self.innermost(), group)
 
 
 def resolve(model: nn.Module, config: LoraConfig) -> LoraConfig:
@@ -158,6 +175,11 @@ def _check_layer_selection(config: LoraConfig) -> None:
 def inject(model: nn.Module, config: LoraConfig, name: str) -> list[str]:
     """Wrap every targeted layer and add adapter `name`; returns the wrapped module names."""
     selected = select_configured(model, config, what=f"LoRA adapter {name!r}")
+    if config.use_qalora:  # every layer checked before any is wrapped
+        for module_name in selected:
+            base = model.get_submodule(module_name)
+            base = base.innermost() if isinstance(base, AdapterLayer) else base
+            check_qalora(base, config.qalora_group_size, f"{module_name} (adapter {name!r})")
     for module_name in selected:
         r = pattern_value(module_name, dict(config.rank_pattern), config.r)
         alpha = pattern_value(module_name, dict(config.alpha_pattern), config.alpha)
@@ -262,7 +284,6 @@ _PEFT_INIT = {"default": True, "gaussian": "gaussian", "random": False}
 _UNSUPPORTED = {
     "bias": "none",
     "lora_bias": False,
-    "use_qalora": False,
     "layer_replication": None,
     "target_parameters": None,
     "alora_invocation_tokens": None,
@@ -290,6 +311,12 @@ def to_peft(config: LoraConfig) -> dict:
         "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
         "exclude_modules": list(config.exclude_modules) if config.exclude_modules else None,
         "bias": "none",
+        # peft's fields; peft builds QA-LoRA layers over GPTQ bases only (qalora.py)
+        **(
+            {"use_qalora": True, "qalora_group_size": config.qalora_group_size}
+            if config.use_qalora
+            else {}
+        ),
     }
 
 
@@ -321,6 +348,8 @@ def from_peft(data: dict) -> LoraConfig:
         layers_pattern=data.get("layers_pattern") if isinstance(data.get("layers_pattern"), str) else None,
         modules_to_save=tuple(data["modules_to_save"]) if data.get("modules_to_save") else None,
         exclude_modules=tuple(data["exclude_modules"]) if data.get("exclude_modules") else None,
+        use_qalora=bool(data.get("use_qalora", False)),
+        qalora_group_size=int(data.get("qalora_group_size", 16)),
     )
 
 

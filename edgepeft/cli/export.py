@@ -68,6 +68,13 @@ def add_export_parser(commands) -> argparse.ArgumentParser:
         help="MatMulNBits compute type, 0-4 (default 4: int8 activations)",
     )
     parser.add_argument(
+        "--accuracy-level-int8",
+        type=int,
+        choices=range(5),
+        metavar="N",
+        help="that of the 8-bit MatMulNBits nodes only (default: --accuracy-level)",
+    )
+    parser.add_argument(
         "--int4-method",
         choices=("search", "rtn"),
         help="int4 rounding (default search: fitted scales, uint8 zero points; "
@@ -128,6 +135,7 @@ def run_export(args: argparse.Namespace) -> int:
         quant=args.quant,
         block_size=args.block_size,
         accuracy_level=args.accuracy_level,
+        accuracy_level_int8=args.accuracy_level_int8,
         int4_method=args.int4_method,
         mixed_precision=args.mixed_precision,
         activation_aware=args.activation_aware,

@@ -312,6 +312,7 @@ def _build_graph(model, stream, folder: Path, options: dict, graph: str, say: Pr
         quantization=quantization_of(options),
     )
     model_type = getattr(model.config, "model_type", None)
+    level_int8 = _int8_level(options)
     if graph != "generic" and (graph == "fused" or model_type in fused.FUSED_MODEL_TYPES):
         int4 = options["weights"] == "int4"
         try:
@@ -322,6 +323,7 @@ def _build_graph(model, stream, folder: Path, options: dict, graph: str, say: Pr
                 options["weights"],
                 stream=stream,
                 calibration_ids=calibration_ids(tokenizer) if int4 else None,
+                accuracy_level_int8=level_int8,
                 **kwargs,
             )
             return info, "fused"
@@ -334,8 +336,19 @@ def _build_graph(model, stream, folder: Path, options: dict, graph: str, say: Pr
             f"weights={options['weights']!r} (exact bitsandbytes 4-bit, MatMulBnb4) needs the fused "
             f"builder, which {model_type!r} has not; export with weights='int4' instead"
         )
+    if level_int8 is not None:
+        raise ValueError(
+            f"accuracy_level_int8={level_int8} (accuracy_level {options['accuracy_level']}) "
+            f"needs the fused builder, which {model_type!r} has not; give one accuracy_level"
+        )
     say(f"building generic graph ({model_type}, {options['weights']})")
     return export_generic(model, folder, options["weights"], progress=say, **kwargs), "generic"
+
+
+def _int8_level(options: dict) -> int | None:
+    """accuracy_level_int8 where it differs from accuracy_level, else None (one level)."""
+    level = options.get("accuracy_level_int8")
+    return None if level is None or level == options["accuracy_level"] else level
 
 
 def _export_one(
@@ -399,7 +412,8 @@ def _merged_graph(
     if stream is not None:  # folded layer by layer as the graph is built
         merged, merged_fp, folding = model, merged_fingerprint(model, name), stream.merging(name)
     else:
-        merged, merge_report = merge(model, name, quant="none", inplace=True)
+        quant = _fold_quant(base, model, name)
+        merged, merge_report = merge(model, name, quant=quant, inplace=True)
         merged_fp, folding = merge_report.fingerprint, contextlib.nullcontext()
     entry = AdapterEntry(
         name=name, peft_type=peft_type, source=str(folder.resolve()), fingerprint=merged_fp
@@ -419,6 +433,13 @@ def _merged_graph(
         if stream is None:
             unmerge(merged)
         delete_adapter(model, name)
+
+
+def _fold_quant(base: _Base, model, name: str) -> str:
+    """merge()'s quant for adapter `name`: "int4" (the base's own codes, the update in float
+    zero points: exact) for QA-LoRA over an int4 base, else "none" (fp32, rounded at export)."""
+    qalora = getattr(list_adapters(model)[name], "use_qalora", False)
+    return "int4" if qalora and base.quant == "int4" else "none"
 
 
 def _export_merged(base: _Base, request: _Request, staging: Path, say: Progress):
@@ -442,6 +463,19 @@ def _export_merged(base: _Base, request: _Request, staging: Path, say: Progress)
 def _export_separate(base: _Base, request: _Request, staging: Path, say: Progress):
     """One base graph with adapter inputs and a switchable file per adapter (separate.py)."""
     model, options = base.model, request.options
+    for name, folder in request.folders.items():
+        if getattr(read_adapter(folder)[0], "use_qalora", False):
+            raise ValueError(
+                f"adapter {name!r} ({folder}) is QA-LoRA (use_qalora): separate mode does not "
+                "export its input pooling; export it with mode='merged', which folds it exactly "
+                "into an int4 base's zero points"
+            )
+    if _int8_level(options) is not None:
+        raise ValueError(
+            f"accuracy_level_int8={options['accuracy_level_int8']} is not supported in separate "
+            f"mode yet; export separate graphs with one accuracy_level "
+            f"(got {options['accuracy_level']}), or use mode='merged'"
+        )
     export_separate(
         model,
         request.folders,
@@ -505,6 +539,7 @@ def export(
     quant: str | None = None,
     block_size: int | None = None,
     accuracy_level: int | None = None,
+    accuracy_level_int8: int | None = None,
     int4_method: str | None = None,
     mixed_precision: bool | None = None,
     activation_aware: bool | None = None,
@@ -532,6 +567,9 @@ def export(
             quantization, else "none". The graph is built from the dequantized weights.
         block_size: int4/int8 block size (default 32).
         accuracy_level: MatMulNBits compute type (default 4: int8 activations).
+        accuracy_level_int8: That of the 8-bit MatMulNBits nodes (int4's mixed-precision
+            tensors, the tied lm_head; default accuracy_level; fused graphs, merged mode).
+            Recorded in the manifest's quantization entry.
         int4_method: "search" (default: each block's scale and zero point fitted to its
             error, asymmetric, uint8 zero points) or "rtn" (symmetric round-to-nearest,
             no zero points: the exporter's format before search became the default).
@@ -571,6 +609,7 @@ def export(
         mode=mode,
         block_size=block_size,
         accuracy_level=accuracy_level,
+        accuracy_level_int8=accuracy_level_int8,
         int4_method=int4_method,
         mixed_precision=mixed_precision,
         activation_aware=activation_aware,

@@ -160,6 +160,7 @@ class _Emitter:
         gemma_norms: bool,
         quantization: WeightQuantization = DEFAULT_QUANTIZATION,
         num_layers: int = 0,
+        accuracy_level_int8: int | None = None,
     ):
         self.b = builder
         self.gemma_norms = gemma_norms
@@ -167,6 +168,12 @@ class _Emitter:
         self.dtype = np.float16 if weights == "fp16" else np.float32
         self.block_size = block_size
         self.accuracy_level = accuracy_level
+        self.accuracy_level_int8 = (
+            accuracy_level if accuracy_level_int8 is None else accuracy_level_int8
+        )
+        """MatMulNBits' accuracy_level of the 8-bit nodes (mixed-precision tensors, the tied
+        lm_head): onnxruntime's 8-bit kernel at fp32 compute (level 1) is ~60x slower than at
+        level 4, its 4-bit one ~2.5x, so an exact-int4 graph may keep only the 4-bit nodes fp32."""
         self.lora_targets = lora_targets
         self.quantization = quantization
         self.num_layers = num_layers
@@ -176,6 +183,9 @@ class _Emitter:
         """Set for weights "nf4" / "fp4": where each projection's 4-bit codes come from."""
         self.int4: int4_codes.Int4Codes | None = None
         """Set for weights "int4" of an int4 base: its own codes, not rounded again."""
+        self.requantized: list[str] = []
+        """int4 base: projections not held in its codes (a plain LoRA merged in), rounded
+        here; lm_head's int8 table is not one (RTN gives its very codes again)."""
         self.adapter_branches: dict[str, AdapterBranch] = {}
         """module name -> emitter of its projection with separate-mode adapter inputs."""
         self.emitted_branches: set[str] = set()
@@ -252,6 +262,10 @@ class _Emitter:
         """Sibling projections may share one MatMul only if no adapter needs one of them alone."""
         return not any(_is_target(n, self.lora_targets) for n in names)
 
+    def level(self, bits: int) -> int:
+        """The accuracy_level of a MatMulNBits node storing `bits`-bit weights."""
+        return self.accuracy_level_int8 if bits == 8 else self.accuracy_level
+
     def bits(self, name: str) -> int:
         """Bits of module `name`'s int4/int8 weight (`WeightQuantization.bits`)."""
         return self.quantization.bits(self.weights, name, self.num_layers)
@@ -313,6 +327,8 @@ class _Emitter:
             packed = self.int4.packed(name, weight) if self.int4 is not None else None
             if packed is None:
                 packed = self.quantized(name, w)
+                if self.int4 is not None and name != "lm_head":
+                    self.requantized.append(name)
             else:  # an int4 base's own codes (int4_codes.py)
                 self.bits_of[name] = packed.bits
             inputs = [x, *self.nbits_initializers(name, packed)]
@@ -327,7 +343,7 @@ class _Emitter:
                 N=w.shape[0],
                 bits=packed.bits,
                 block_size=self.block_size,
-                accuracy_level=self.accuracy_level,
+                accuracy_level=self.level(packed.bits),
             )
         y = self.b.node(
             "MatMul",
@@ -711,7 +727,7 @@ def _lm_head(e: _Emitter, model: nn.Module, hidden: str, table: _Table) -> str:
             N=vocab,
             bits=table.bits,
             block_size=e.block_size,
-            accuracy_level=e.accuracy_level,
+            accuracy_level=e.level(table.bits),
         )
     head = model.get_output_embeddings()
     tied = head.weight is model.get_input_embeddings().weight
@@ -844,6 +860,7 @@ def export_fused(
     *,
     block_size: int = 32,
     accuracy_level: int = 4,
+    accuracy_level_int8: int | None = None,
     quantization: WeightQuantization = DEFAULT_QUANTIZATION,
     lora_targets=None,
     adapter_branches: Mapping[str, AdapterBranch] | None = None,
@@ -869,6 +886,8 @@ def export_fused(
         block_size: Input features per quantization block (int8 / int4).
         accuracy_level: MatMulNBits' compute type for activations: 0 or 1 keep fp32, 4 lets
             onnxruntime quantize activations to int8 per block (fastest on CPU).
+        accuracy_level_int8: That of the 8-bit MatMulNBits nodes only (default:
+            accuracy_level), recorded in the manifest's quantization entry.
         quantization: How int4/int8 weights are quantized (default: search, asymmetric,
             mixed int8/int4; `weights.RTN` for plain symmetric round-to-nearest).
         lora_targets: Module names (or dotted suffixes) that a separate-mode adapter will
@@ -891,6 +910,8 @@ def export_fused(
         GraphInfo describing the written graph.
     """
     model_type = _check(model, weights, accuracy_level)
+    if accuracy_level_int8 is not None:
+        _check(model, weights, accuracy_level_int8)
     if weights in BITS:
         check_block_size(block_size)
     arch = _ARCHS[model_type]
@@ -1055,8 +1076,11 @@ def _quantization_record(e: _Emitter) -> dict | None:
     if not e.bits_of:
         return None
     record = quantization_record(e.quantization, e.bits_of)
+    if e.accuracy_level_int8 != e.accuracy_level and 8 in e.bits_of.values():
+        record["accuracy_level_int8"] = e.accuracy_level_int8  # criteria.py reads it too
     if e.int4 is not None:  # verify judges such a graph like fp32 (criteria.py "int4 exact")
         record["codes"] = "base"
+        record["requantized"] = sorted(e.requantized)
     if e.channel_scales is not None:
         record["activation_scales"] = e.channel_scales.record()
     elif e.scales_skipped:

@@ -32,16 +32,29 @@ def concat(parts: list[PackedNBits], name: str) -> PackedNBits:
     layouts = {(p.bits, p.block_size, p.in_features, p.zero_points is None) for p in parts}
     if len(layouts) > 1:
         raise ValueError(f"{name}: the int4 base's parts differ in layout {sorted(layouts)}")
+    zeros = [p.zero_points for p in parts]
+    if first.zero_points is not None and any(np.issubdtype(z.dtype, np.floating) for z in zeros):
+        # A merged QA-LoRA member holds float zero points: the unit takes them all as float
+        # (whole codes are exact in float), one MatMulNBits having one zero-point type.
+        zeros = [_float_zero_points(p) for p in parts]
     return PackedNBits(
         codes=np.concatenate([p.codes for p in parts]),
         scales=np.concatenate([p.scales for p in parts]),
-        zero_points=None
-        if first.zero_points is None
-        else np.concatenate([p.zero_points for p in parts]),
+        zero_points=None if first.zero_points is None else np.concatenate(zeros),
         bits=first.bits,
         block_size=first.block_size,
         in_features=first.in_features,
     )
+
+
+def _float_zero_points(packed: PackedNBits) -> np.ndarray:
+    """(N, k_blocks) float32 zero points of `packed` (packed uint8 ones unpacked)."""
+    zeros = packed.zero_points
+    if np.issubdtype(zeros.dtype, np.floating):
+        return zeros.astype(np.float32)
+    k_blocks = packed.scales.shape[1]
+    nibbles = np.stack((zeros & 0xF, zeros >> 4), axis=-1).reshape(zeros.shape[0], -1)
+    return nibbles[:, :k_blocks].astype(np.float32)  # 4-bit, low nibble first (pack_codes)
 
 
 def _core(recipe: WeightQuantization) -> tuple:

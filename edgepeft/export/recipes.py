@@ -20,6 +20,7 @@ RECIPE_KEYS = {
     "weights": str,
     "block_size": int,
     "accuracy_level": int,
+    "accuracy_level_int8": int,
     "mode": str,
     "max_context": int,
     "providers": list,
@@ -69,7 +70,8 @@ def load_recipe(recipe: str | os.PathLike) -> dict:
     """Export options from a TOML recipe (a name or a path, found by `recipe_path`);
     unknown keys and wrong types are errors.
 
-    Keys: weights, block_size, accuracy_level, mode, max_context, providers (the
+    Keys: weights, block_size, accuracy_level, accuracy_level_int8 (that of the 8-bit
+    MatMulNBits nodes only; default accuracy_level), mode, max_context, providers (the
     onnxruntime execution providers the runtime should try, recorded in the manifest),
     int4_method ("search" or "rtn"), mixed_precision and activation_aware (true / false),
     see `quantization_of`.
@@ -96,6 +98,9 @@ def export_options(recipe, **given) -> dict:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {options['weights']!r}")
     if options["mode"] not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {options['mode']!r}")
+    for key in ("accuracy_level", "accuracy_level_int8"):
+        if options.get(key) is not None and options[key] not in range(5):
+            raise ValueError(f"{key} must be 0..4 (MatMulNBits), got {options[key]!r}")
     if options.get("max_context") is not None and options["max_context"] < 1:
         raise ValueError(f"max_context must be positive, got {options['max_context']}")
     if options["int4_method"] not in METHODS:

@@ -4,8 +4,9 @@
       bitsandbytes codes: base alone or       KL, and every top-1 and greedy token equal
       separate mode, base quantized alike);
       int4 exact (an int4 base's own codes,
-      base alone or separate, fp32
-      activations: accuracy_level 0 or 1)
+      base alone, separate, or a QA-LoRA
+      merged into them; fp32 activations:
+      accuracy_level 0 or 1, 8-bit nodes too)
     fp16, int8, int4; nf4 / fp4 requantized   mean KL and the share of top-1 tokens that agree
       (merged mode: weights rounded again)    (weights rounded at export: logits move by design)
 
@@ -72,11 +73,17 @@ def criteria_key(manifest: Manifest) -> str:
     """The CRITERIA row of a graph: its weights, "nf4 requantized" where nf4/fp4 codes are not
     the base's own (quantized at export, or merged: the merged weights rounded again), "int4
     exact" where an int4 graph holds an int4 base's own codes (its manifest's quantization
-    record says codes "base") and computes in fp32."""
+    record says codes "base") and computes in fp32 (its 8-bit nodes too)."""
     merged_adapter = bool(manifest.adapters) and manifest.mode == "merged"
     if manifest.weights == "int4":
-        own_codes = (manifest.quantization or {}).get("codes") == "base"  # fused.py's record
-        exact = own_codes and not merged_adapter and manifest.accuracy_level in FP32_ACTIVATIONS
+        record = manifest.quantization or {}
+        own_codes = record.get("codes") == "base"  # fused.py's record
+        int8_level = record.get("accuracy_level_int8", manifest.accuracy_level)
+        levels = {manifest.accuracy_level, int8_level}
+        # Merged: exact when every projection kept the base's codes (a QA-LoRA folded into
+        # float zero points); records older than "requantized" say nothing of merged layers.
+        rounded = record.get("requantized") if "requantized" in record else merged_adapter
+        exact = own_codes and not rounded and levels <= set(FP32_ACTIVATIONS)
         return "int4" + (EXACT if exact else "")
     if manifest.weights not in BNB4_FORMATS:
         return manifest.weights
