@@ -93,5 +93,6 @@ def run_worker(script: str | os.PathLike, spec: dict, timeout: float = 1800) -> 
     )  # fmt: skip
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"{spec['kind']} worker failed: {tail[0]}\n{proc.stderr[-3000:]}")
+        how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+        raise RuntimeError(f"{spec['kind']} worker failed ({how}): {tail[0]}\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

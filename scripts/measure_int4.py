@@ -72,6 +72,11 @@ class Setting:
     """int8 (block 32, RTN) where `mixed_bits` says so, int4 elsewhere."""
     packed_qkv: bool = False
     """mixed: q and k take v_proj's bits, as the fused graph's one q|k|v MatMulNBits does."""
+    int8_block: int = 32
+    """mixed: block size of the int8 tensors (a larger one stores fewer fp32 scales)."""
+    v_like_down: bool = False
+    """mixed: v_proj int8 only where down_proj is (edge layers, every third), as llama.cpp's
+    Q4_K_M gives attn_v more bits only in those layers."""
 
 
 SETTINGS = [
@@ -105,6 +110,12 @@ SETTINGS = [
     Setting("awq-search b32 mixed", method="awq", symmetric=False, mixed=True),
     Setting("awq-search b32 mixed, packed qkv", method="awq", symmetric=False, mixed=True,
             packed_qkv=True),  # fmt: skip
+    Setting("awq-search b32 mixed v-like-down, packed qkv", method="awq", symmetric=False,
+            mixed=True, packed_qkv=True, v_like_down=True),  # fmt: skip
+    Setting("awq-search b32 mixed, int8 b128", method="awq", symmetric=False, mixed=True,
+            int8_block=128),  # fmt: skip
+    Setting("awq-search b32 mixed, int8 b128, packed qkv", method="awq", symmetric=False,
+            mixed=True, packed_qkv=True, int8_block=128),  # fmt: skip
 ]
 AWQ_ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 """Exponents tried for the activation-aware input-channel scales s = rms(x)^alpha."""
@@ -176,6 +187,8 @@ def setting_bits(name: str, setting: Setting, num_layers: int) -> int:
         return 4
     if setting.packed_qkv and re.search(r"\.(q|k)_proj\.", name):
         name = re.sub(r"\.(q|k)_proj\.", ".v_proj.", name)
+    if setting.v_like_down and ".v_proj." in name:
+        name = name.replace(".self_attn.v_proj.", ".mlp.down_proj.")
     return mixed_bits(name, num_layers)
 
 
@@ -189,7 +202,7 @@ def quantized(
     """The dequantized weight and its stored bytes (codes + fp32 scales + zero points)."""
     bits = setting_bits(name, setting, num_layers)
     if bits == 8:
-        packed = quantize_nbits(weight, 8, 32, symmetric=True)
+        packed = quantize_nbits(weight, 8, setting.int8_block, symmetric=True)
     elif setting.method == "gptq" and hessian is not None:
         packed = gptq_quantize(weight, hessian, 4, setting.block_size)
     elif setting.method in ("gptq", "awq"):  # the table, or awq's scaled weight: search fit
