@@ -392,26 +392,30 @@ class Engine:
         prompts, batched = self._prompts(prompt_or_messages)
         if batched:
             raise ValueError("stream() takes one prompt; use generate() for a batch")
-        stops = _stops(stop)
-        sampling = _sampling(temperature, top_k, top_p, repetition_penalty, seed)
-        min_new = _min_new(min_new_tokens, max_new_tokens, ignore_eos)
-        sent = 0
-        run = self._run(
-            prompts, adapter, max_new_tokens, sampling, stops, truncate, True, min_new=min_new
+        steps = self.stream_batch(
+            prompts,
+            adapter,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            stop,
+            seed,
+            truncate=truncate,
+            min_new_tokens=min_new_tokens,
+            ignore_eos=ignore_eos,
         )
         try:
-            for value, final in run:
-                text = value[0] if not final else value[0].text
-                safe = len(text) if final else len(text) - _held_back(text, stops)
-                if safe > sent:
-                    yield text[sent:safe]
-                    sent = safe
-                if final:
+            for item in steps:
+                if item and isinstance(item[0], GenerationResult):
                     if return_result:
-                        yield value[0]
+                        yield item[0]
                     return
+                if item[0]:
+                    yield item[0]
         finally:
-            run.close()  # closed early: the slot goes back now, not when collected
+            steps.close()  # closed early: the slot goes back now, not when collected
 
     def stream_batch(
         self,
