@@ -290,16 +290,24 @@ def gguf_quantized(f32: Path, kind: str, out: Path) -> Path:
     return out
 
 
-def llama(path: Path, n_ctx: int, logits_all: bool):
+def llama(path: Path, n_ctx: int, logits_all: bool, lora_path: Path | None = None):
+    """llama-cpp-python's Llama on `path` (2 threads), with the LoRA GGUF `lora_path` applied."""
     from llama_cpp import Llama
 
+    # llama-cpp-python 0.3.36 built natively (-march=native) segfaults on quantized GGUFs on
+    # CPUs with AVX-512 and AMX, in its repack / AMX buffers (llama.cpp issues 20824, 16479);
+    # a build for AVX2 runs them with repacking on: CMAKE_ARGS="-DGGML_NATIVE=OFF
+    # -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF" pip install
+    # llama-cpp-python. A crash still only skips that row (llama_logits_apart).
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=THREADS,
-                 n_threads_batch=THREADS, logits_all=logits_all, verbose=False)  # fmt: skip
+                 n_threads_batch=THREADS, logits_all=logits_all, verbose=False,
+                 lora_path=str(lora_path) if lora_path else None)  # fmt: skip
 
 
-def llama_logits(path: Path, chunks: list[list[int]]) -> list[np.ndarray]:
+def llama_logits(path: Path, chunks: list[list[int]], lora_path: Path | None = None
+                 ) -> list[np.ndarray]:  # fmt: skip
     """(T, V) logits of every window, our token ids fed as they are, cache reset per window."""
-    model = llama(path, max(len(w) for w in chunks), logits_all=True)
+    model = llama(path, max(len(w) for w in chunks), logits_all=True, lora_path=lora_path)
     out = []
     for w in chunks:
         model.reset()
@@ -307,6 +315,16 @@ def llama_logits(path: Path, chunks: list[list[int]]) -> list[np.ndarray]:
         out.append(np.array(model.scores[: len(w)], np.float32))
     model.close()
     return out
+
+
+def llama_logits_apart(path: Path, chunks: list[list[int]], out: Path) -> list[np.ndarray]:
+    """`llama_logits` in a child process (a llama.cpp crash becomes a skipped row, not the end
+    of the benchmark); the logits come back through `out` (.npy)."""
+    run_worker(__file__, {"kind": "llama_logits", "path": str(path), "chunks": chunks,
+                          "out": str(out)})  # fmt: skip
+    stacked = np.load(out)
+    out.unlink()
+    return np.split(stacked, np.cumsum([len(w) for w in chunks])[:-1])
 
 
 def same_tokens(path: Path, text: str, ids: list[int]) -> str:
@@ -324,23 +342,24 @@ def same_tokens(path: Path, text: str, ids: list[int]) -> str:
 # ---------------------------------------------------------------- decode speed
 
 
-def engine_speed(graph: Path, prompt: list[int], size: Size) -> float:
+def engine_speed(graph: Path, prompt: list[int], size: Size, adapter: str | None = None) -> float:
     """Median decode tok/s of edgepeft's Engine, batch 1, no early stop."""
     from edgepeft.runtime import Engine
 
     engine = Engine(graph, threads=THREADS)
     speeds = []
     for _ in range(size.runs + 1):  # the first run warms the session up
-        r = engine.generate(prompt, max_new_tokens=size.new_tokens, ignore_eos=True,
-                            return_result=True)  # fmt: skip
+        r = engine.generate(prompt, adapter=adapter, max_new_tokens=size.new_tokens,
+                            ignore_eos=True, return_result=True)  # fmt: skip
         speeds.append(r.decode_tokens_per_s)
     return statistics.median(speeds[1:])
 
 
-def llama_speed(path: Path, prompt: list[int], size: Size) -> float:
+def llama_speed(path: Path, prompt: list[int], size: Size, lora_path: Path | None = None
+                ) -> float:  # fmt: skip
     """Median decode tok/s of llama.cpp, greedy, the Engine's count: tokens after the first."""
     # logits_all: llama-cpp-python keeps no logits without it; a decode step has one row anyway
-    model = llama(path, len(prompt) + size.new_tokens + 1, logits_all=True)
+    model = llama(path, len(prompt) + size.new_tokens + 1, logits_all=True, lora_path=lora_path)
     speeds = []
     for _ in range(size.runs + 1):
         model.reset()
@@ -423,13 +442,14 @@ def llama_rows(folder, copy, chunks, reference, wanted, work, info) -> list[Row]
         return [Row(label, skipped=reason(e)) for label in labels]
     scored_ids = [t for w in chunks for t in w]
     info["tokenizer"] = same_tokens(f32, measure_int4.text("docs"), scored_ids[:256])
-    rows = [measure(labels[0], lambda: llama_logits(f32, chunks), reference, wanted,
-                    lambda: f32.stat().st_size / 1e6)]  # fmt: skip
+    logits_file = work / f"{copy}-llama-logits.npy"
+    rows = [measure(labels[0], lambda: llama_logits_apart(f32, chunks, logits_file), reference,
+                    wanted, lambda: f32.stat().st_size / 1e6)]  # fmt: skip
     for kind, label in zip(GGUF_TYPES, labels[1:], strict=True):
         path = work / f"{copy}-{kind}.gguf"
 
         def logits_of(kind=kind, path=path):
-            return llama_logits(gguf_quantized(f32, kind, path), chunks)
+            return llama_logits_apart(gguf_quantized(f32, kind, path), chunks, logits_file)
 
         rows.append(measure(label, logits_of, reference, wanted,
                             lambda path=path: path.stat().st_size / 1e6))  # fmt: skip
@@ -458,17 +478,26 @@ def run_speed(info: dict, size: Size) -> dict:
     prompt = text_ids(Path(info["folder"]), 32)
     speeds = {"prompt_tokens": len(prompt), "new_tokens": size.new_tokens, "copy": info["copy"]}
     spec = {"prompt": prompt, "new_tokens": size.new_tokens, "runs": size.runs}
+    jobs = {}
     if "int4" in info["graphs"]:
-        job = {**spec, "kind": "engine", "path": info["graphs"]["int4"]}
-        speeds[DEFAULT_INT4] = run_worker(__file__, job)["tok_s"]
+        jobs[DEFAULT_INT4] = {**spec, "kind": "engine", "path": info["graphs"]["int4"]}
     if "q4_k_m" in info and Path(info["q4_k_m"]).is_file():
-        job = {**spec, "kind": "llama", "path": info["q4_k_m"]}
-        speeds[Q4_K_M] = run_worker(__file__, job)["tok_s"]
+        jobs[Q4_K_M] = {**spec, "kind": "llama", "path": info["q4_k_m"]}
+    for label, job in jobs.items():
+        try:
+            speeds[label] = run_worker(__file__, job)["tok_s"]
+        except Exception as e:  # a crashed peer is a skipped row, not a lost benchmark
+            log(f"{label} decode speed: skipped, {reason(e)}")
+            speeds[f"{label} skipped"] = reason(e)
     return speeds
 
 
 def speed_worker(spec: dict) -> dict:
-    """`--worker SPEC`: one decode-speed measurement; its JSON is printed as the last line."""
+    """`--worker SPEC`: one decode-speed measurement, or llama.cpp's logits saved to
+    spec["out"]; its JSON is printed as the last line."""
+    if spec["kind"] == "llama_logits":
+        np.save(spec["out"], np.concatenate(llama_logits(Path(spec["path"]), spec["chunks"])))
+        return {"saved": spec["out"]}
     size = Size(0, 0, spec["new_tokens"], spec["runs"], (), (), False)
     measure_speed = engine_speed if spec["kind"] == "engine" else llama_speed
     return {"tok_s": measure_speed(Path(spec["path"]), spec["prompt"], size)}
@@ -531,7 +560,8 @@ def speed_table(speeds: dict) -> list[str]:
     ours, peer = speeds.get(DEFAULT_INT4), speeds.get(Q4_K_M)
     lines = ["| contender | decode tok/s | vs llama.cpp Q4_K_M, x |", "|---|---|---|"]
     for label, value in ((DEFAULT_INT4, ours), (Q4_K_M, peer)):
-        shown = f"{value:.1f}" if value else "skipped: not measured (no graph / GGUF)"
+        why = speeds.get(f"{label} skipped", "not measured (no graph / GGUF)")
+        shown = f"{value:.1f}" if value else f"skipped: {why}"
         lines.append(f"| {label} | {shown} | {_ratio(value, peer)} |")
     return lines
 
