@@ -483,6 +483,11 @@ def run_speed(info: dict, size: Size) -> dict:
         jobs[DEFAULT_INT4] = {**spec, "kind": "engine", "path": info["graphs"]["int4"]}
     if "q4_k_m" in info and Path(info["q4_k_m"]).is_file():
         jobs[Q4_K_M] = {**spec, "kind": "llama", "path": info["q4_k_m"]}
+    if Q4_K_M in jobs:
+        import llama_cpp
+
+        # which CPU kernels the installed llama.cpp was built with (the build shapes its speed)
+        speeds["llama.cpp build"] = llama_cpp.llama_print_system_info().decode().strip(" |")
     for label, job in jobs.items():
         try:
             speeds[label] = run_worker(__file__, job)["tok_s"]
@@ -563,6 +568,8 @@ def speed_table(speeds: dict) -> list[str]:
         why = speeds.get(f"{label} skipped", "not measured (no graph / GGUF)")
         shown = f"{value:.1f}" if value else f"skipped: {why}"
         lines.append(f"| {label} | {shown} | {_ratio(value, peer)} |")
+    if speeds.get("llama.cpp build"):
+        lines += ["", f"llama.cpp's build: `{speeds['llama.cpp build']}`."]
     return lines
 
 
