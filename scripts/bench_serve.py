@@ -22,6 +22,7 @@ Requests stream with ignore_eos, so every one decodes exactly --new-tokens token
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -195,15 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
     parser.add_argument("--output", type=Path, help="write the markdown here (default with "
                         "--real: BENCHMARKS.md, section serve)")  # fmt: skip
+    parser.add_argument("--json", type=Path, help="also write every number as JSON here")
+    parser.add_argument("--workdir", type=Path, help="build the export here (default: a temp dir)")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.new_tokens = min(args.requests, 2), min(args.new_tokens, 16)
-    with tempfile.TemporaryDirectory(prefix="bench_serve_") as work:
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as temporary:
+        work = args.workdir or Path(temporary)
+        work.mkdir(parents=True, exist_ok=True)
         export = args.export
         if export is None:
             what = "SmolLM2-135M-Instruct" if args.real else "a random llama"
             log(f"building {what} with 8 LoRA adapters (int4, separate)")
-            export = build(None if args.real else TINY if args.quick else DEMO, Path(work))
+            export = build(None if args.real else TINY if args.quick else DEMO, work)
         log(f"serving {export}")
         server = Served(export, args.threads, max(args.clients * 2, 16), args.max_batch)
         try:
@@ -227,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     model = export.name if args.export else "SmolLM2-135M-Instruct" if args.real else "random llama"
     text = markdown(model, args, len(names) - 1, alone, mixed, same, rss)
     print(text)
+    if args.json:
+        runs = {"one at a time": alone, "mixed": mixed, "same adapter": same}
+        numbers = {name: {"requests": results, "wall_s": wall, "tok_s": tokens_per_s(results, wall)}
+                   for name, (results, wall) in runs.items()}  # fmt: skip
+        args.json.write_text(json.dumps({"model": model, "rss_bytes": rss, "runs": numbers}, indent=1))
     if args.output:
         args.output.write_text(text)
     elif args.real and args.export is None:
