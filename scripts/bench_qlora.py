@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,8 @@ SEED = 0
 SYSTEM = "Extract name, age, city and job as JSON."
 PYTORCH = "PyTorch: NF4 base + LoRA (the training model)"
 PYTORCH_BASE = "PyTorch: NF4 base alone (before training)"
+TRAINING_MODEL = "(the training model)"
+"""Ends the PyTorch training model's label, whatever the base quantization."""
 DEFAULT = "edgepeft separate int4 (default)"
 PEER = "llama.cpp Q4_K_M + LoRA"
 EXPORTS = {
@@ -65,6 +67,8 @@ EXPORTS = {
     "int4": (DEFAULT, {"weights": "int4", "mode": "separate"}),
     "nf4": ("edgepeft separate nf4 (exact)", {"weights": "nf4", "mode": "separate"}),
     "merged-int4": ("edgepeft merged int4 (default)", {"weights": "int4", "mode": "merged"}),
+    "int4-exact": ("edgepeft separate int4, accuracy level 1",
+                   {"weights": "int4", "mode": "separate", "accuracy_level": 1}),  # fmt: skip
 }
 """Row label and ep.export keywords per edgepeft row (every other option the default)."""
 
@@ -91,10 +95,20 @@ class Plan:
     """EXPORTS keys."""
     gguf: tuple[str, ...]
     """llama.cpp file types (bench_quality.GGUF_TYPES keys)."""
+    base_quant: str = "nf4"
+    """What the adapter trains over: "nf4" (QLoRA), or "int4", the export's own codes."""
+
+    def labels(self) -> tuple[str, str]:
+        """(the PyTorch training model's row, the base alone's row)."""
+        q = self.base_quant.upper()
+        return f"PyTorch: {q} base + LoRA {TRAINING_MODEL}", f"PyTorch: {q} base alone (before training)"
 
 
 FULL = Plan(192, 50, 32, 6, 2e-3, 512, 256, 64, 3, tuple(EXPORTS), ("Q4_K_M", "Q8_0"))
 QUICK = Plan(8, 3, 2, 4, 1e-3, 64, 64, 8, 1, ("int4",), ("Q4_K_M",))
+INT4 = replace(FULL, exports=("int4", "int4-exact"), gguf=(), base_quant="int4")
+"""--base-quant int4: train over the device's own int4 codes (issue 13); the separate int4
+graph then runs those codes, at the CPU recipe's accuracy level 4 and at the exact level 1."""
 
 
 def log(line: str) -> None:
@@ -292,7 +306,8 @@ def table(rows: list[Row]) -> list[str]:
 def reading(rows: list[Row]) -> str:
     """The issue's two goals, met or missed with the numbers: device EM == PyTorch EM in the
     default int4 format, and its decode >= 1.0x llama.cpp Q4_K_M's with the adapter."""
-    ours, torch_row, peer = find(rows, DEFAULT), find(rows, PYTORCH), find(rows, PEER)
+    torch_row = next((r for r in rows if r.contender.endswith(TRAINING_MODEL)), None)
+    ours, peer = find(rows, DEFAULT), find(rows, PEER)
     if ours is None or torch_row is None:
         return "**Reading**: not judged, no " + ("int4 row." if ours is None else "PyTorch row.")
     equal = ours.em == torch_row.em
@@ -331,7 +346,7 @@ def markdown(rows: list[Row], info: dict, plan: Plan, quick: bool) -> str:
         "",
         "`python scripts/bench_qlora.py`"
         + (" --quick (smoke run: the numbers check the script, not quality)" if quick else "")
-        + ". SmolLM2-135M-Instruct (scripts/real_model.py) loaded with `load_base(quant='nf4')`; "
+        + f". SmolLM2-135M-Instruct (scripts/real_model.py) loaded with `load_base(quant='{plan.base_quant}')`; "
         f"one LoRA (r=16, alpha=32, every linear layer) trained with `edgepeft.train` on a seeded "
         f"synthetic JSON extraction task ({plan.train_rows} sentences about a person, e.g. "
         f'"{info["example"]["sentence"]}" ─► `{info["example"]["answer"]}`; chat template, '
@@ -341,13 +356,13 @@ def markdown(rows: list[Row], info: dict, plan: Plan, quick: bool) -> str:
         f"{t['final_loss']:.3f}. Task EM: exact string match of the greedy answer on "
         f"{info['test_rows']} held-out prompts (no first name, last name, city or job of the "
         f"test is in training), at most {info['max_new_tokens']} new tokens; every contender gets "
-        "the same prompt token ids. KL (nats) and top-1 against the training model (PyTorch, NF4 "
+        f"the same prompt token ids. KL (nats) and top-1 against the training model (PyTorch, {plan.base_quant.upper()} "
         f"base + LoRA) on the first {info['kl_tokens']} tokens of measure_int4.text('docs') in "
         f"windows of {plan.window}, the adapter active. Decode: batch 1, {THREADS} threads, the "
         f"first test prompt ({info['speed_prompt_tokens']} tokens), {plan.new_tokens} new tokens, "
         f"no early stop, median of {plan.runs} runs after a warm-up, each contender in a fresh "
         "process. edgepeft rows: `ep.export(base, out, {'task': adapter}, weights=..., "
-        "mode=...)` from the HF folder (the base loaded as the adapter was trained: NF4) and "
+        f"mode=...)` from the HF folder (the base loaded as the adapter was trained: {plan.base_quant.upper()}) and "
         "`edgepeft.runtime.Engine`; separate rows switch the adapter in at run time (its file "
         "beside the base graph), merged folds it into the weights. llama.cpp rows: "
         "convert_hf_to_gguf.py of the fp32 HF folder (not the NF4 base the adapter was trained "
@@ -374,7 +389,7 @@ def markdown(rows: list[Row], info: dict, plan: Plan, quick: bool) -> str:
 def plan_key(plan: Plan) -> dict:
     """What makes a cached adapter this plan's: its data and training, not its measuring."""
     return {"seed": SEED, "system": SYSTEM, "train_rows": plan.train_rows, "steps": plan.steps,
-            "batch_size": plan.batch_size, "lr": plan.lr}  # fmt: skip
+            "batch_size": plan.batch_size, "lr": plan.lr, "base_quant": plan.base_quant}  # fmt: skip
 
 
 def trained_model(plan: Plan, train: list[Person], work: Path, reuse: bool):
@@ -383,7 +398,7 @@ def trained_model(plan: Plan, train: list[Person], work: Path, reuse: bool):
     import edgepeft as ep
 
     folder, record = work / "adapter", work / "train.json"
-    model, tokenizer = ep.load_base(smollm2_dir(), quant="nf4")
+    model, tokenizer = ep.load_base(smollm2_dir(), quant=plan.base_quant)
     if reuse and record.is_file() and (folder / "adapter_config.json").is_file():
         saved = json.loads(record.read_text())
         if saved["plan"] == plan_key(plan):
@@ -693,11 +708,12 @@ def run(plan: Plan, work: Path, reuse: bool) -> tuple[list[Row], dict]:
     base_text, reference_text, logits = pytorch_side(model, tok, prompts, chunks, max_new, work,
                                                      reused)  # fmt: skip
     ref = bq.scored(logits)
-    rows = [Row(PYTORCH_BASE, em(base_text, test), agreement(base_text, reference_text)),
-            Row(PYTORCH, em(reference_text, test), 1.0, 0.0, 1.0)]  # fmt: skip
+    trained_label, base_label = plan.labels()
+    rows = [Row(base_label, em(base_text, test), agreement(base_text, reference_text)),
+            Row(trained_label, em(reference_text, test), 1.0, 0.0, 1.0)]  # fmt: skip
     log(f"PyTorch EM: base {rows[0].em:.3f}, adapter {rows[1].em:.3f} "
         f"({time.perf_counter() - started:.0f} s); e.g. {reference_text[0]!r}")  # fmt: skip
-    info["outputs"] = {PYTORCH_BASE: base_text, PYTORCH: reference_text}
+    info["outputs"] = {base_label: base_text, trained_label: reference_text}
     del model
     gc.collect()
 
@@ -716,6 +732,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep the adapter, exports and GGUFs here")
     parser.add_argument("--reuse", action="store_true",
                         help="use the adapter a run of the same plan left in --workdir")  # fmt: skip
+    parser.add_argument("--base-quant", choices=("nf4", "int4"), default="nf4",
+                        help="train over NF4 (QLoRA; section qlora) or over the int4 export's own "
+                        "codes (section qlora-int4)")  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -723,7 +742,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.reuse and args.workdir is None:
         parser.error("--reuse needs --workdir (where the adapter was kept)")
-    plan = QUICK if args.quick else FULL
+    plan = QUICK if args.quick else INT4 if args.base_quant == "int4" else FULL
+    if args.quick and args.base_quant == "int4":
+        plan = replace(QUICK, base_quant="int4")
     torch.set_num_threads(THREADS)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_qlora."))
     work.mkdir(parents=True, exist_ok=True)
@@ -743,7 +764,8 @@ def main(argv: list[str] | None = None) -> int:
                                "rows": [asdict(r) for r in rows]})  # fmt: skip
     from benchmarks_md import publish
 
-    log(f"wrote {publish('qlora', text, args.output)}")
+    section = "qlora" if plan.base_quant == "nf4" else f"qlora-{plan.base_quant}"
+    log(f"wrote {publish(section, text, args.output)}")
     print(text)
     return 0
 
