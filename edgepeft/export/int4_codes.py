@@ -22,7 +22,7 @@ from torch import nn
 
 from edgepeft.artifacts.graph_io import PACKED_PROJECTIONS
 from edgepeft.export.channel_scales import ChannelScales
-from edgepeft.export.weights import PackedNBits, WeightQuantization
+from edgepeft.export.weights import PackedNBits, WeightQuantization, unpack_codes
 from edgepeft.int4_base import Int4Base, Int4Linear
 
 
@@ -52,9 +52,7 @@ def _float_zero_points(packed: PackedNBits) -> np.ndarray:
     zeros = packed.zero_points
     if np.issubdtype(zeros.dtype, np.floating):
         return zeros.astype(np.float32)
-    k_blocks = packed.scales.shape[1]
-    nibbles = np.stack((zeros & 0xF, zeros >> 4), axis=-1).reshape(zeros.shape[0], -1)
-    return nibbles[:, :k_blocks].astype(np.float32)  # 4-bit, low nibble first (pack_codes)
+    return unpack_codes(zeros, packed.bits, packed.scales.shape[1]).astype(np.float32)
 
 
 def _core(recipe: WeightQuantization) -> tuple:

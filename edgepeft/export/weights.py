@@ -100,7 +100,8 @@ def pack_codes(values: np.ndarray, bits: int) -> np.ndarray:
     return packed
 
 
-def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """`pack_codes` undone: the first `count` codes along the last axis, uint8."""
     per_byte = 8 // bits
     mask = (1 << bits) - 1
     values = np.stack([(packed >> (k * bits)) & mask for k in range(per_byte)], axis=-1)
@@ -394,13 +395,13 @@ def dequantize_nbits(
 ) -> np.ndarray:
     """The (out, in) fp32 weight a set of MatMulNBits initializers represents."""
     n, k_blocks, _ = codes.shape
-    q = _unpack(codes, bits, block_size).astype(np.float32)  # (N, k_blocks, block_size)
+    q = unpack_codes(codes, bits, block_size).astype(np.float32)  # (N, k_blocks, block_size)
     if zero_points is None:
         zeros = np.full((n, k_blocks), 1 << (bits - 1), dtype=np.float32)
     elif np.issubdtype(zero_points.dtype, np.floating):  # (N, k_blocks), not packed
         zeros = zero_points.astype(np.float32)
     else:
-        zeros = _unpack(zero_points, bits, k_blocks).astype(np.float32)
+        zeros = unpack_codes(zero_points, bits, k_blocks).astype(np.float32)
     weight = (q - zeros[..., None]) * np.asarray(scales, dtype=np.float32)[..., None]
     return weight.reshape(n, k_blocks * block_size)[:, :in_features]
 

@@ -210,33 +210,30 @@ class Scheduler:
                 self._lock.wait()
             first = self._queue.popleft()
             batch = [first]
-            key = self._batch_key(first.job)
+            kinds = {name: info.kind for name, info in self.engine.adapters().items()}
+            key = self._batch_key(first.job, kinds)
             if key is not None:
                 for ticket in list(self._queue):
                     if len(batch) == self.max_batch:
                         break
-                    if self._batch_key(ticket.job) == key:
+                    if self._batch_key(ticket.job, kinds) == key:
                         self._queue.remove(ticket)
                         batch.append(ticket)
             self._running = batch
             return batch
 
-    def _batch_key(self, job: Job) -> tuple | None:
+    def _batch_key(self, job: Job, kinds: dict[str, str]) -> tuple | None:
         """Jobs with equal keys decode together, each as it would alone; None: alone only.
 
         Greedy only (a sampled row draws from the batch's one generator), the same options
         but max_new_tokens; the adapter must be LoRA (stacked per row) or the base, else
-        the key names it, so it batches only with itself.
+        the key names it, so it batches only with itself. `kinds`: adapter name -> kind.
         """
         options = {k: v for k, v in job.options.items() if k != "max_new_tokens"}
         if self.max_batch == 1 or options.get("temperature", 0.0) != 0:
             return None
         options.pop("seed", None)  # greedy: the seed draws nothing
-        kind = None
-        if job.adapter is not None:
-            info = self.engine.adapters().get(job.adapter)
-            kind = info.kind if info is not None else None
-        mixes = job.adapter is None or kind == "lora"
+        mixes = job.adapter is None or kinds.get(job.adapter) == "lora"
         return (repr(sorted(options.items())), None if mixes else job.adapter)
 
     def _work(self) -> None:
