@@ -160,6 +160,31 @@ def test_separate_export_writes_two_files_the_engine_loads_as_one(tiny_dir, tmp_
         again.load_adapter(out / entry["file"], "m3")
 
 
+@pytest.mark.parametrize("weights", ["fp32", "nf4"])
+def test_verify_runs_both_parts_and_passes(weights, tiny_dir, tmp_path):
+    """verify seeds MAM's prefix *and* activates its parallel part: either alone fails."""
+    pytest.importorskip("onnxruntime")
+    from edgepeft.export import api
+    from edgepeft.export.verify import verify
+
+    base = tiny_dir("llama")
+    quant = "nf4" if weights == "nf4" else "none"
+    model, _ = load_base(base, quant=quant)
+    torch.manual_seed(0)
+    add_adapter(model, SMALL, "mam")
+    folder = save_adapter(model, tmp_path / "mam", "mam")
+    out = tmp_path / "out"
+    api.export(
+        base, out, adapters={"mam": folder}, weights=weights, mode="separate", quant=quant,
+        verify=False, quiet=True,
+    )  # fmt: skip
+    report = verify(out, max_new_tokens=4)
+    check = next(g for g in report.graphs if g.name == "mam")
+    assert report.passed, report.to_dict()
+    assert check.top1_agree == check.top1_total
+    assert check.adapter_file.endswith("mam.onnx_adapter")
+
+
 # ---------------------------------------------------------------- edgepeft train
 
 

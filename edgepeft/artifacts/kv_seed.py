@@ -159,9 +159,9 @@ def _kv_dtype(session) -> type:
     raise ValueError("the session has no past_key_values inputs: is it an edgepeft decoder graph?")
 
 
-def _run(session, feed: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _run(session, feed: dict, run_options=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     names = [o.name for o in session.get_outputs()]
-    out = dict(zip(names, session.run(None, feed), strict=True))
+    out = dict(zip(names, session.run(None, feed, run_options), strict=True))
     past = {
         n.replace("present.", "past_key_values.", 1): v for n, v in out.items() if n != "logits"
     }
@@ -176,11 +176,14 @@ def prefill_with_prefix(
     *,
     graph: str,
     positions: str = "peft",
+    run_options=None,
 ) -> tuple[np.ndarray, DecodeState]:
     """Logits (B, T, V) of the prompt with the adapter's prefix seeded, and the decode state.
 
     `positions`: "peft" (HF peft's batched semantics) or "unpadded" (each row as if alone,
     batch-invariant); see `seed_past`. Decode steps keep the frame the prefill chose.
+    `run_options`: onnxruntime RunOptions, e.g. with a hybrid adapter's (MAM's) other part
+    active as an .onnx_adapter; the decode steps take the same.
     """
     input_ids, attention_mask = (
         np.asarray(input_ids, np.int64),
@@ -207,6 +210,7 @@ def prefill_with_prefix(
                 "attention_mask": full_mask[r],
                 **{k: v[r] for k, v in past.items()},
             },
+            run_options,
         )
         for r in rows
     ]
@@ -215,11 +219,14 @@ def prefill_with_prefix(
     return logits, DecodeState(full_mask, presents)
 
 
-def decode_step(session, state: DecodeState, tokens: np.ndarray) -> tuple[np.ndarray, DecodeState]:
+def decode_step(
+    session, state: DecodeState, tokens: np.ndarray, run_options=None
+) -> tuple[np.ndarray, DecodeState]:
     """Feed one token per row (B,); returns logits (B, 1, V) and the next state."""
     tokens = np.asarray(tokens, np.int64).reshape(-1, 1)  # (B, 1)
     mask = np.concatenate([state.attention_mask, np.ones((len(tokens), 1), np.int64)], axis=1)
-    logits, past = _run(session, {"input_ids": tokens, "attention_mask": mask, **state.past})
+    feed = {"input_ids": tokens, "attention_mask": mask, **state.past}
+    logits, past = _run(session, feed, run_options)
     return logits, DecodeState(mask, past)
 
 

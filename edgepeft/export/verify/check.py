@@ -54,6 +54,7 @@ def check_graph(
     max_new_tokens: int = 8,
     text=None,
     adapter_file: str | os.PathLike | None = None,
+    prefix_file: str | os.PathLike | None = None,
 ) -> GraphCheck:
     """Compare the graph in `folder` with `model` (the PyTorch model it was exported from).
 
@@ -68,6 +69,8 @@ def check_graph(
         adapter_file: An .onnx_adapter to activate in every run, or a .kvprefix.safetensors
             to seed into the cache at prefill (separate mode); `model` then has that
             adapter active.
+        prefix_file: A hybrid adapter's (MAM's) KV-prefix part, seeded at prefill while
+            `adapter_file`, its graph-input part, is active.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -80,7 +83,9 @@ def check_graph(
     path = folder / manifest.model_file
     contract = CacheContract(plain_fp32_copy(model)).eval()
     reference = TorchSide(contract, manifest)
-    if adapter_file is not None and adapter_paths.is_kv_prefix_file(adapter_file):
+    if prefix_file is not None:
+        ort_side = OrtPrefixSide(path, manifest, Path(prefix_file), Path(adapter_file))
+    elif adapter_file is not None and adapter_paths.is_kv_prefix_file(adapter_file):
         ort_side = OrtPrefixSide(path, manifest, Path(adapter_file))
     else:
         ort_side = OrtSide(path, manifest, None if adapter_file is None else Path(adapter_file))
@@ -154,8 +159,12 @@ def check_separate(export_dir: Path, manifest: Manifest, model, **kwargs):
         adapted = copy.deepcopy(base)  # the caller's model never gets adapters
         load_adapter(adapted, entry.source, name=entry.name)
         set_adapter(adapted, entry.name)
+        # a hybrid (MAM) has both: its graph inputs (file) and its KV prefix
+        prefix = export_dir / entry.prefix_file if getattr(entry, "prefix_file", None) else None
         checks.append(
-            check_graph(export_dir, adapted, name=entry.name, adapter_file=file, **kwargs)
+            check_graph(
+                export_dir, adapted, name=entry.name, adapter_file=file, prefix_file=prefix, **kwargs
+            )
         )
     return checks, {}
 

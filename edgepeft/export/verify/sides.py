@@ -3,7 +3,8 @@
     OrtSide         model.onnx in onnxruntime (CPU); separate mode: + one .onnx_adapter
                     activated per run through onnxruntime.LoraAdapter + RunOptions
     OrtPrefixSide   the same graph with an adapter's KV prefix seeded into the cache at
-                    prefill (artifacts/kv_seed.py: seed_past, rows re-positioned for left padding)
+                    prefill (artifacts/kv_seed.py: seed_past, rows re-positioned for left padding);
+                    a hybrid (MAM) adds its .onnx_adapter part as OrtSide does
     TorchSide       the PyTorch reference behind generic.CacheContract, fp32, same contract
 
 Every side answers the same two calls:
@@ -54,10 +55,13 @@ class OrtSide:
 
 
 class OrtPrefixSide(OrtSide):
-    """The graph with an adapter's KV prefix seeded at prefill; its "past" is a DecodeState."""
+    """The graph with an adapter's KV prefix seeded at prefill; its "past" is a DecodeState.
+    A hybrid (MAM) also activates its graph-input part, `adapter_file`, in every run."""
 
-    def __init__(self, path: Path, manifest: Manifest, prefix_file: Path):
-        super().__init__(path, manifest)
+    def __init__(
+        self, path: Path, manifest: Manifest, prefix_file: Path, adapter_file: Path | None = None
+    ):
+        super().__init__(path, manifest, adapter_file)
         self.prefix = read_kv_prefix_file(prefix_file, manifest.base_fingerprint)
 
     def empty_past(self, batch: int) -> None:
@@ -66,10 +70,15 @@ class OrtPrefixSide(OrtSide):
     def __call__(self, ids, mask, past):
         if past is None:
             logits, state = prefill_with_prefix(
-                self.session, ids, mask, self.prefix, graph=self.manifest.graph
+                self.session,
+                ids,
+                mask,
+                self.prefix,
+                graph=self.manifest.graph,
+                run_options=self.run_options,
             )
         else:  # the state's mask already holds the N virtual positions and grows by one
-            logits, state = decode_step(self.session, past, ids[:, 0])
+            logits, state = decode_step(self.session, past, ids[:, 0], self.run_options)
         return logits.astype(np.float32), state
 
     def rows_alone(self, mask: np.ndarray) -> bool:
