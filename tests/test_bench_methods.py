@@ -1,0 +1,50 @@
+"""scripts/bench_methods.py --quick: it runs end to end, writes its table where it is told,
+the table says what the JSON says, and every device graph passes verify against the trained
+model (a switchable family separate, the others merged), hybrids (MAM) included."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from script_loader import SCRIPTS, load_script
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("onnxruntime")
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| family | setting |"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_quick_run_table_and_json(tmp_path):
+    bench = load_script("bench_methods")
+    repo = SCRIPTS.parent / "BENCHMARKS.md"
+    before = repo.read_text() if repo.exists() else None
+    output, numbers = tmp_path / "methods.md", tmp_path / "methods.json"
+    families = ["lora", "selective", "mam"]
+
+    argv = ["--quick", "--output", str(output), "--json", str(numbers), "--only", *families]
+    assert bench.main(argv) == 0
+
+    assert (repo.read_text() if repo.exists() else None) == before  # aimed elsewhere
+    rows = {r["method"]: r for r in json.loads(numbers.read_text())["rows"]}
+    assert list(rows) == families
+    assert {m: r["device_mode"] for m, r in rows.items()} == {
+        "lora": "separate", "selective": "merged", "mam": "separate",
+    }  # fmt: skip
+    for cells in _table_rows(output.read_text()):
+        row = rows[cells[0]]
+        assert not row["error"]
+        assert row["device_passed"], row  # the trained NF4 codes + the adapter: exact
+        assert cells[7] == f"{row['device_equal']}/{row['test_rows']}"
+        assert row["device_equal"] == row["test_rows"]  # device answers = PyTorch's
+        assert cells[9].startswith("pass")
+    assert rows["lora"]["merged_passed"] and rows["mam"]["merged_passed"] is None
