@@ -331,10 +331,11 @@ class _Emitter:
                     self.requantized.append(name)
             else:  # an int4 base's own codes (int4_codes.py)
                 self.bits_of[name] = packed.bits
+            packed, correction = int4_codes.split_zero_points(packed)
             inputs = [x, *self.nbits_initializers(name, packed)]
             if bias_init:  # A, B, scales, zero_points, g_idx (unused), bias
                 inputs += [""] * (5 - len(inputs)) + [bias_init]
-            return self.b.node(
+            y = self.b.node(
                 "MatMulNBits",
                 inputs,
                 name=f"{name}/MatMulNBits",
@@ -345,6 +346,9 @@ class _Emitter:
                 block_size=self.block_size,
                 accuracy_level=self.level(packed.bits),
             )
+            if correction is not None:  # a merged QA-LoRA's fractional zero points
+                y = self._block_correction(x, y, name, correction)
+            return y
         y = self.b.node(
             "MatMul",
             [x, self.b.initializer(f"{name}.weight", w.T.astype(self.dtype))],
@@ -353,6 +357,28 @@ class _Emitter:
         if bias_init:
             y = self.b.node("Add", [y, bias_init], name=f"{name}/Add")
         return y
+
+    def _block_correction(self, x: str, y: str, name: str, correction: np.ndarray) -> str:
+        """y + (x summed per quantization block) @ C^T: what float zero points would add."""
+        b = self.b
+        n, k_blocks = correction.shape
+        blocks = b.node(
+            "Reshape",
+            [x, b.initializer(f"{name}.blocks_shape", np.array([0, 0, k_blocks, -1], np.int64))],
+            name=f"{name}/blocks/Reshape",
+        )  # (B, T, k_blocks, block)
+        sums = b.node(
+            "ReduceSum",
+            [blocks, b.initializer(f"{name}.blocks_axis", np.array([-1], np.int64))],
+            name=f"{name}/blocks/ReduceSum",
+            keepdims=0,
+        )  # (B, T, k_blocks)
+        shift = b.node(
+            "MatMul",
+            [sums, b.initializer(f"{name}.weight.zero_shift", correction.T.astype(self.dtype))],
+            name=f"{name}/zero_shift/MatMul",
+        )  # (B, T, N)
+        return b.node("Add", [y, shift], name=f"{name}/zero_shift/Add")
 
     def gamma(self, name: str, norm: nn.Module) -> str:
         w = _numpy(norm.weight)

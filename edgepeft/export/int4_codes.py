@@ -12,6 +12,14 @@
 
 A projection whose layers are not all Int4Linear (a merged layer, lm_head) is quantized as
 in any int4 export. The export's recipe and block size must be the base's.
+
+A merged QA-LoRA holds float zero points z' = z - c/s (adapters/qalora.py). onnxruntime's
+CPU MatMulNBits does not prepack a weight with float zero points and dequantizes all of it
+on every call (ORT 1.32: ~10x slower decode on SmolLM2-135M), so the graph keeps whole
+zero points and adds the rest per block, exactly (`split_zero_points`):
+
+    s (q - z') = s (q - ẑ) + s (ẑ - z'),    ẑ = clip(round(z'), 0, 15)
+    y = MatMulNBits(x, q, s, ẑ)  +  ReduceSum_block(x) (.., k_blocks) @ C^T,  C = s (ẑ - z')
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from torch import nn
 
 from edgepeft.artifacts.graph_io import PACKED_PROJECTIONS
 from edgepeft.export.channel_scales import ChannelScales
-from edgepeft.export.weights import PackedNBits, WeightQuantization, unpack_codes
+from edgepeft.export.weights import PackedNBits, WeightQuantization, pack_codes, unpack_codes
 from edgepeft.int4_base import Int4Base, Int4Linear
 
 
@@ -53,6 +61,26 @@ def _float_zero_points(packed: PackedNBits) -> np.ndarray:
     if np.issubdtype(zeros.dtype, np.floating):
         return zeros.astype(np.float32)
     return unpack_codes(zeros, packed.bits, packed.scales.shape[1]).astype(np.float32)
+
+
+def split_zero_points(packed: PackedNBits) -> tuple[PackedNBits, np.ndarray | None]:
+    """(packed with whole uint8 zero points, C (N, k_blocks) float32 or None): the weight
+    s (q - z') of float zero points z' as s (q - ẑ) plus C = s (ẑ - z') per block."""
+    zeros = packed.zero_points
+    if zeros is None or not np.issubdtype(zeros.dtype, np.floating):
+        return packed, None
+    exact = zeros.astype(np.float64)
+    whole = np.clip(np.rint(exact), 0, (1 << packed.bits) - 1)
+    correction = (packed.scales.astype(np.float64) * (whole - exact)).astype(np.float32)
+    uint = PackedNBits(
+        codes=packed.codes,
+        scales=packed.scales,
+        zero_points=pack_codes(whole.astype(np.uint8), packed.bits),
+        bits=packed.bits,
+        block_size=packed.block_size,
+        in_features=packed.in_features,
+    )
+    return uint, correction
 
 
 def _core(recipe: WeightQuantization) -> tuple:
