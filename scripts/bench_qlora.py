@@ -68,8 +68,10 @@ EXPORTS = {
     "nf4": ("edgepeft separate nf4 (exact)", {"weights": "nf4", "mode": "separate"}),
     "merged-int4": ("edgepeft merged int4 (default)", {"weights": "int4", "mode": "merged"}),
     "int4-exact": ("edgepeft separate int4, accuracy level 1",
-                   {"weights": "int4", "mode": "separate", "accuracy_level": 1}),  # fmt: skip
-}
+                   {"weights": "int4", "mode": "separate", "accuracy_level": 1}),
+    "merged-int4-exact": ("edgepeft merged int4, accuracy level 1",
+                          {"weights": "int4", "mode": "merged", "accuracy_level": 1}),
+}  # fmt: skip
 """Row label and ep.export keywords per edgepeft row (every other option the default)."""
 
 
@@ -97,18 +99,38 @@ class Plan:
     """llama.cpp file types (bench_quality.GGUF_TYPES keys)."""
     base_quant: str = "nf4"
     """What the adapter trains over: "nf4" (QLoRA), or "int4", the export's own codes."""
+    qalora: bool = False
+    """QA-LoRA (int4 only): the LoRA input average-pooled per quantization group, so the
+    update folds into the int4 zero points and the merged graph is plain int4."""
 
     def labels(self) -> tuple[str, str]:
         """(the PyTorch training model's row, the base alone's row)."""
         q = self.base_quant.upper()
-        return f"PyTorch: {q} base + LoRA {TRAINING_MODEL}", f"PyTorch: {q} base alone (before training)"
+        lora = "QA-LoRA" if self.qalora else "LoRA"
+        return (
+            f"PyTorch: {q} base + {lora} {TRAINING_MODEL}",
+            f"PyTorch: {q} base alone (before training)",
+        )
+
+    @property
+    def section(self) -> str:
+        """BENCHMARKS.md section: "qlora", "qlora-int4", "qlora-qalora"."""
+        return (
+            "qlora-qalora" if self.qalora else "qlora" if self.base_quant == "nf4" else "qlora-int4"
+        )
 
 
 FULL = Plan(192, 50, 32, 6, 2e-3, 512, 256, 64, 3, tuple(EXPORTS), ("Q4_K_M", "Q8_0"))
 QUICK = Plan(8, 3, 2, 4, 1e-3, 64, 64, 8, 1, ("int4",), ("Q4_K_M",))
-INT4 = replace(FULL, exports=("int4", "int4-exact"), gguf=(), base_quant="int4")
+INT4 = replace(FULL, exports=("int4", "int4-exact"), gguf=("Q4_K_M",), base_quant="int4")
 """--base-quant int4: train over the device's own int4 codes (issue 13); the separate int4
 graph then runs those codes, at the CPU recipe's accuracy level 4 and at the exact level 1."""
+QALORA = replace(INT4, exports=("merged-int4", "merged-int4-exact"), gguf=(), qalora=True)
+"""--qalora: QA-LoRA over the int4 codes, deployed merged (separate mode is refused for it).
+No llama.cpp row: its LoRA format has no group pooling (a QA-LoRA A is (r, in / group)), so
+the peer sits in the qlora-int4 section, beside the same adapter trained without pooling."""
+QALORA_GROUP = 32
+"""QA-LoRA's pooling group: the int4 export's block size."""
 
 
 def log(line: str) -> None:
@@ -303,22 +325,25 @@ def table(rows: list[Row]) -> list[str]:
     return lines
 
 
-def reading(rows: list[Row]) -> str:
+def reading(rows: list[Row], merged_default: bool = False) -> str:
     """The issue's two goals, met or missed with the numbers: device EM == PyTorch EM in the
-    default int4 format, and its decode >= 1.0x llama.cpp Q4_K_M's with the adapter."""
+    default int4 format, and its decode >= 1.0x llama.cpp Q4_K_M's with the adapter.
+    `merged_default`: the default format is merged int4 (QA-LoRA, which has no separate form)."""
     torch_row = next((r for r in rows if r.contender.endswith(TRAINING_MODEL)), None)
-    ours, peer = find(rows, DEFAULT), find(rows, PEER)
+    form = "merged" if merged_default else "separate"
+    ours = find(rows, EXPORTS["merged-int4"][0] if merged_default else DEFAULT)
+    peer = find(rows, PEER)
     if ours is None or torch_row is None:
         return "**Reading**: not judged, no " + ("int4 row." if ours is None else "PyTorch row.")
     equal = ours.em == torch_row.em
     parts = [
-        f"**Reading**: device EM in the default int4 format (separate) is {ours.em:.3f} against "
+        f"**Reading**: device EM in the default int4 format ({form}) is {ours.em:.3f} against "
         f"PyTorch's {torch_row.em:.3f}: **{'equal' if equal else 'not equal'}** "
         f"({100 * ours.same:.0f}% of the outputs are the training model's, character for "
         "character)."
     ]
     merged = find(rows, EXPORTS["merged-int4"][0])
-    if merged is not None:
+    if merged is not None and merged is not ours:
         parts.append(f"Merged int4: EM {merged.em:.3f}.")
     if peer is None or not peer.tok_s or not ours.tok_s:
         parts.append("Decode speed against llama.cpp Q4_K_M + LoRA: not judged (no peer number).")
@@ -339,32 +364,57 @@ def reading(rows: list[Row]) -> str:
     return " ".join(parts)
 
 
+TITLES = {
+    "qlora": "## QLoRA on a real model: the trained adapter's task EM on the device, every format",
+    "qlora-int4": "## QLoRA over the device's own int4 codes: the same task, trained over "
+    "load_base(quant='int4')",
+    "qlora-qalora": "## QA-LoRA over the device's own int4 codes, merged into plain int4: the "
+    "same task",
+}
+
+
 def markdown(rows: list[Row], info: dict, plan: Plan, quick: bool) -> str:
     t = info["train"]
+    memory = (
+        f", peak {t['peak_tensor_bytes'] / 2**20:.0f} MiB of live tensors "
+        f"({t['peak_rss_bytes'] / 2**20:.0f} MiB process RSS)"
+        if t.get("peak_tensor_bytes")
+        else ""
+    )
+    lora = (
+        f"one QA-LoRA (r=16, alpha=32, every linear layer, its input average-pooled over "
+        f"groups of {QALORA_GROUP} inputs: `LoraConfig(use_qalora=True, qalora_group_size="
+        f"{QALORA_GROUP})`; the {t.get('skipped_8bit_layers', 0)} linear layers the "
+        "mixed-precision base stores 8-bit keep none, since QA-LoRA folds into 4-bit float "
+        "zero points only)"
+        if plan.qalora
+        else "one LoRA (r=16, alpha=32, every linear layer)"
+    )
     lines = [
-        "## QLoRA on a real model: the trained adapter's task EM on the device, every format",
+        TITLES[plan.section],
         "",
         "`python scripts/bench_qlora.py`"
         + (" --quick (smoke run: the numbers check the script, not quality)" if quick else "")
         + f". SmolLM2-135M-Instruct (scripts/real_model.py) loaded with `load_base(quant='{plan.base_quant}')`; "
-        f"one LoRA (r=16, alpha=32, every linear layer) trained with `edgepeft.train` on a seeded "
+        f"{lora} trained with `edgepeft.train` on a seeded "
         f"synthetic JSON extraction task ({plan.train_rows} sentences about a person, e.g. "
         f'"{info["example"]["sentence"]}" ─► `{info["example"]["answer"]}`; chat template, '
         "loss on the answer): "
         f"{t['steps']} steps of {plan.batch_size} rows, lr {plan.lr:g}, {t['seconds']:.0f} s, "
-        f"{t['tokens_per_s']:.0f} training tok/s on {THREADS} threads, final loss "
+        f"{t['tokens_per_s']:.0f} training tok/s on {THREADS} threads{memory}, final loss "
         f"{t['final_loss']:.3f}. Task EM: exact string match of the greedy answer on "
         f"{info['test_rows']} held-out prompts (no first name, last name, city or job of the "
         f"test is in training), at most {info['max_new_tokens']} new tokens; every contender gets "
         f"the same prompt token ids. KL (nats) and top-1 against the training model (PyTorch, {plan.base_quant.upper()} "
-        f"base + LoRA) on the first {info['kl_tokens']} tokens of measure_int4.text('docs') in "
+        f"base + {'QA-LoRA' if plan.qalora else 'LoRA'}) on the first {info['kl_tokens']} tokens of measure_int4.text('docs') in "
         f"windows of {plan.window}, the adapter active. Decode: batch 1, {THREADS} threads, the "
         f"first test prompt ({info['speed_prompt_tokens']} tokens), {plan.new_tokens} new tokens, "
         f"no early stop, median of {plan.runs} runs after a warm-up, each contender in a fresh "
         "process. edgepeft rows: `ep.export(base, out, {'task': adapter}, weights=..., "
         f"mode=...)` from the HF folder (the base loaded as the adapter was trained: {plan.base_quant.upper()}) and "
         "`edgepeft.runtime.Engine`; separate rows switch the adapter in at run time (its file "
-        "beside the base graph), merged folds it into the weights. llama.cpp rows: "
+        "beside the base graph), merged folds it into the weights (its no-adapter speed: the "
+        "base exported alone with the same options). llama.cpp rows: "
         "convert_hf_to_gguf.py of the fp32 HF folder (not the NF4 base the adapter was trained "
         "on) ─► llama_model_quantize, and the same PEFT folder through convert_lora_to_gguf.py "
         "(f32), applied with `Llama(lora_path=...)`."
@@ -378,7 +428,7 @@ def markdown(rows: list[Row], info: dict, plan: Plan, quick: bool) -> str:
         "",
         *table(rows),
         "",
-        reading(rows),
+        reading(rows, merged_default=plan.qalora),
     ]
     return "\n".join(lines)
 
@@ -389,7 +439,8 @@ def markdown(rows: list[Row], info: dict, plan: Plan, quick: bool) -> str:
 def plan_key(plan: Plan) -> dict:
     """What makes a cached adapter this plan's: its data and training, not its measuring."""
     return {"seed": SEED, "system": SYSTEM, "train_rows": plan.train_rows, "steps": plan.steps,
-            "batch_size": plan.batch_size, "lr": plan.lr, "base_quant": plan.base_quant}  # fmt: skip
+            "batch_size": plan.batch_size, "lr": plan.lr, "base_quant": plan.base_quant,
+            "qalora": plan.qalora}  # fmt: skip
 
 
 def trained_model(plan: Plan, train: list[Person], work: Path, reuse: bool):
@@ -407,7 +458,15 @@ def trained_model(plan: Plan, train: list[Person], work: Path, reuse: bool):
             return model.eval(), tokenizer, saved, True
         log(f"{folder} was trained with {saved['plan']}, not {plan_key(plan)}: training again")
     torch.manual_seed(SEED)
-    ep.add_adapter(model, ep.LoraConfig(r=16, alpha=32, target_modules="all-linear"), name=ADAPTER)
+    qalora, skipped_8bit = {}, ()
+    if plan.qalora:
+        # QA-LoRA folds into 4-bit float zero points only: the 8-bit layers of the mixed
+        # precision base keep no adapter (add_adapter refuses them, naming each).
+        skipped_8bit = tuple(eight_bit_layers(model))
+        qalora = {"use_qalora": True, "qalora_group_size": QALORA_GROUP,
+                  "exclude_modules": skipped_8bit or None}  # fmt: skip
+    lora = ep.LoraConfig(r=16, alpha=32, target_modules="all-linear", **qalora)
+    ep.add_adapter(model, lora, name=ADAPTER)
     config = ep.TrainConfig(max_steps=plan.steps, batch_size=plan.batch_size, lr=plan.lr,
                             warmup_steps=min(3, plan.steps - 1), val_fraction=0.0,
                             eval_every=None, save_every=None, seed=SEED, quiet=True)  # fmt: skip
@@ -418,13 +477,23 @@ def trained_model(plan: Plan, train: list[Person], work: Path, reuse: bool):
     ep.save_adapter(model, folder, name=ADAPTER)
     numbers = {"plan": plan_key(plan), "steps": result.steps, "seconds": result.seconds,
                "tokens_per_s": result.tokens_per_s, "final_loss": result.final_train_loss,
-               "first_loss": result.train_losses[0]}  # fmt: skip
+               "first_loss": result.train_losses[0],
+               "peak_tensor_bytes": result.peak_tensor_bytes,
+               "peak_rss_bytes": result.peak_rss_bytes,
+               "skipped_8bit_layers": len(skipped_8bit)}  # fmt: skip
     from edgepeft.atomic import write_json
 
     write_json(record, numbers)
     log(f"trained in {result.seconds:.0f} s, {result.tokens_per_s:.0f} tok/s, "
         f"loss {result.train_losses[0]:.3f} -> {result.final_train_loss:.3f}")  # fmt: skip
     return model.eval(), tokenizer, numbers, False
+
+
+def eight_bit_layers(model) -> list[str]:
+    """Names of the int4 base's linear layers stored 8-bit (its mixed precision)."""
+    from edgepeft.int4_base import Int4Linear
+
+    return [n for n, m in model.named_modules() if isinstance(m, Int4Linear) and m.bits == 8]
 
 
 def torch_generate(model, prompts: list[list[int]], max_new_tokens: int, eos: int,
@@ -494,6 +563,18 @@ def export_one(key: str, adapter: Path, work: Path) -> tuple[Path, str | None, P
     return result.graphs[""], ADAPTER, out / "adapters" / f"{ADAPTER}.onnx_adapter"
 
 
+def export_base_alone(key: str, plan: Plan, work: Path) -> Path:
+    """A merged row's no-adapter graph: the base alone, as the adapter trained over it, with
+    that row's weight options (what the merged graph's speed is compared with)."""
+    from edgepeft.export.api import export
+
+    options = {k: v for k, v in EXPORTS[key][1].items() if k != "mode"}
+    out = work / f"export-{key}-base-alone"
+    quant = plan.base_quant if plan.base_quant == "int4" else None
+    return export(smollm2_dir(), out, None, **options, quant=quant, verify=False, quiet=True,
+                  overwrite=True).graphs[""]  # fmt: skip
+
+
 def engine_outputs(
     engine, prompts: list[list[int]], adapter: str | None, max_new: int
 ) -> list[str]:
@@ -547,7 +628,10 @@ def edgepeft_row(key, adapter, work, prompts, people, reference_text, ref, wante
     info["outputs"][label] = outputs
     prompt = prompts[0]
     on = speed("engine", folder, prompt, plan, adapter=name)
-    off = speed("engine", folder, prompt, plan, adapter=None) if name else None
+    if name:  # separate: the same graph with the adapter off
+        off = speed("engine", folder, prompt, plan, adapter=None)
+    else:  # merged: the base exported alone with the same options
+        off = speed("engine", export_base_alone(key, plan, work), prompt, plan, adapter=None)
     row = Row(label, em(outputs, people), agreement(outputs, reference_text), q.kl, q.top1, on,
               off, bq.mib(bq.weights_mb(folder)),
               bq.mib(adapter_file.stat().st_size / 1e6) if adapter_file else None)  # fmt: skip
@@ -735,6 +819,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-quant", choices=("nf4", "int4"), default="nf4",
                         help="train over NF4 (QLoRA; section qlora) or over the int4 export's own "
                         "codes (section qlora-int4)")  # fmt: skip
+    parser.add_argument(
+        "--qalora",
+        action="store_true",
+        help="QA-LoRA over the int4 codes, deployed merged (section qlora-qalora)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -742,9 +831,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.reuse and args.workdir is None:
         parser.error("--reuse needs --workdir (where the adapter was kept)")
-    plan = QUICK if args.quick else INT4 if args.base_quant == "int4" else FULL
+    if args.qalora:
+        args.base_quant = "int4"
+    plan = (
+        QUICK
+        if args.quick
+        else QALORA
+        if args.qalora
+        else INT4
+        if args.base_quant == "int4"
+        else FULL
+    )
     if args.quick and args.base_quant == "int4":
-        plan = replace(QUICK, base_quant="int4")
+        plan = replace(QUICK, base_quant="int4", qalora=args.qalora)
+        if args.qalora:
+            plan = replace(plan, exports=("merged-int4",), gguf=())
     torch.set_num_threads(THREADS)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_qlora."))
     work.mkdir(parents=True, exist_ok=True)
@@ -764,8 +865,7 @@ def main(argv: list[str] | None = None) -> int:
                                "rows": [asdict(r) for r in rows]})  # fmt: skip
     from benchmarks_md import publish
 
-    section = "qlora" if plan.base_quant == "nf4" else f"qlora-{plan.base_quant}"
-    log(f"wrote {publish(section, text, args.output)}")
+    log(f"wrote {publish(plan.section, text, args.output)}")
     print(text)
     return 0
 

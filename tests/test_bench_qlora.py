@@ -126,6 +126,16 @@ def test_reading_is_not_judged_without_the_int4_row(bench):
     assert bench.reading(rows) == "**Reading**: not judged, no int4 row."
 
 
+def test_qalora_reading_judges_the_merged_int4_row(bench):
+    rows = [r for r in _rows(bench, 0.94, 125.0) if r.contender != bench.DEFAULT]
+    text = bench.reading(rows, merged_default=True)
+    assert "default int4 format (merged) is 0.920 against PyTorch's 0.940: **not equal**" in text
+    assert "**1.40x** (goal >= 1.0x: **met**)" in text
+    assert bench.QALORA.qalora and bench.QALORA.section == "qlora-qalora"
+    assert set(bench.QALORA.exports) == {"merged-int4", "merged-int4-exact"}
+    assert (bench.FULL.section, bench.INT4.section) == ("qlora", "qlora-int4")
+
+
 @pytest.mark.real
 def test_quick_run_on_the_real_model(bench, tmp_path):
     out, numbers = tmp_path / "qlora.md", tmp_path / "qlora.json"
