@@ -340,8 +340,9 @@ def markdown(rows: list[Row], info: dict, quick: bool) -> str:
         f"A {info['params'] / 1e6:.2f}M-parameter random Llama (edgepeft.tiny), NF4 base; each "
         f"family trains {setup['steps']} steps on the built-in `reverse` task "
         f"({setup['train_rows']} rows), is scored on {setup['test_rows']} held-out words "
-        "(greedy, PyTorch), then exported in separate mode over the trained NF4 codes "
-        "(MatMulBnb4) and checked by verify against the training-time model "
+        "(greedy, PyTorch), then exported over the trained NF4 codes (MatMulBnb4): in "
+        "separate mode where the family switches per request, else merged; verify checks "
+        "that graph against the training-time model "
         f"({setup['check_prompts']} prompts, {NEW_TOKENS} tokens). Device EM: the same test "
         "words through `edgepeft.runtime.Engine` with the adapter chosen per request."
         + (" **Smoke run (--quick): numbers mean nothing.**" if quick else ""),
