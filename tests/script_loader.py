@@ -1,4 +1,5 @@
-"""Import a file of scripts/ as a module, the way the benchmark tests need it."""
+"""Import a file of scripts/ as a module, and read the tables it writes, the way the
+benchmark tests need it."""
 
 from __future__ import annotations
 
@@ -18,3 +19,16 @@ def load_script(name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def markdown_table(markdown: str, header_start: str) -> list[list[str]]:
+    """Body rows (lists of stripped cells) of the markdown table whose header line starts
+    with `header_start`."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows

@@ -7,21 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from script_loader import SCRIPTS, load_script
+from script_loader import SCRIPTS, load_script, markdown_table
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("onnxruntime")
-
-
-def _table_rows(markdown: str) -> list[list[str]]:
-    lines = markdown.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| family | setting |"))
-    rows = []
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows
 
 
 def test_quick_run_table_and_json(tmp_path):
@@ -40,7 +29,7 @@ def test_quick_run_table_and_json(tmp_path):
     assert {m: r["device_mode"] for m, r in rows.items()} == {
         "lora": "separate", "selective": "merged", "mam": "separate",
     }  # fmt: skip
-    for cells in _table_rows(output.read_text()):
+    for cells in markdown_table(output.read_text(), "| family | setting |"):
         row = rows[cells[0]]
         assert not row["error"]
         assert row["device_passed"], row  # the trained NF4 codes + the adapter: exact

@@ -6,22 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from script_loader import SCRIPTS, load_script
+from script_loader import SCRIPTS, load_script, markdown_table
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("onnxruntime")
-
-
-
-def _table_rows(markdown: str) -> list[list[str]]:
-    lines = markdown.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| mode | weights |"))
-    rows = []
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows
 
 
 def test_quick_run_table_and_json(tmp_path):
@@ -36,7 +24,7 @@ def test_quick_run_table_and_json(tmp_path):
     document = json.loads(numbers.read_text())
     rows = {(r["mode"], r["weights"]): r for r in document["rows"]}
     assert list(rows) == list(bench.ROWS)
-    table = _table_rows(output.read_text())
+    table = markdown_table(output.read_text(), "| mode | weights |")
     assert [(cells[0], cells[1]) for cells in table] == list(bench.ROWS)
     for cells in table:
         row = rows[(cells[0], cells[1])]
@@ -55,7 +43,9 @@ def test_quick_run_table_and_json(tmp_path):
         assert row["task_em_onnx"] == document["info"]["torch_em"], key
     assert not rows[("merged", "int4")]["judged"]
     # Rounding shows: re-quantized merged weights move the logits far more than exact NF4.
-    assert rows[("merged", "int4")]["max_abs_diff"] > 100 * rows[("separate", "nf4")]["max_abs_diff"]
+    assert (
+        rows[("merged", "int4")]["max_abs_diff"] > 100 * rows[("separate", "nf4")]["max_abs_diff"]
+    )
     # Storage: fp32 > fp16 > int4 per parameter; separate rows ship an adapter file.
     sizes = {k: r["bytes_per_param"] for k, r in rows.items()}
     assert sizes[("merged", "fp32")] > sizes[("merged", "fp16")] > sizes[("merged", "int4")]

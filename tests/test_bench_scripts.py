@@ -6,24 +6,12 @@ from __future__ import annotations
 import re
 
 import pytest
-from script_loader import load_script
+from script_loader import load_script, markdown_table
 
 
 @pytest.fixture(scope="module")
 def bench():
     return load_script("bench_train")
-
-
-def _table(markdown: str, header_start: str) -> list[list[str]]:
-    """Body rows of the markdown table whose header starts with `header_start`."""
-    lines = markdown.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
-    rows = []
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows
 
 
 def _num(cell: str) -> float:
@@ -48,7 +36,7 @@ def test_smoke_run_writes_a_consistent_section_into_the_given_file(bench, tmp_pa
     assert (repo_benchmarks.read_text() if repo_benchmarks.exists() else None) == before
     assert bench.benchmarks_md.BENCHMARKS == repo_benchmarks
 
-    speed = _table(markdown, "| contender |")
+    speed = markdown_table(markdown, "| contender |")
     assert [row[0] for row in speed] == [c.label for c in bench.CONTENDERS[:4]]
     rows = {row[0]: row for row in speed}
     by_name = {c.name: rows[c.label] for c in bench.CONTENDERS[:4]}
@@ -62,7 +50,7 @@ def test_smoke_run_writes_a_consistent_section_into_the_given_file(bench, tmp_pa
     for row in speed:
         assert _num(row[1]) > 0 and _num(row[3]) > 0 and _num(row[5]) > 0
 
-    memory = _table(markdown, "| setup |")
+    memory = markdown_table(markdown, "| setup |")
     assert len(memory) == 3
     for _, tokens_per_s, measured, planner, ratio in memory:
         assert _num(tokens_per_s) > 0
