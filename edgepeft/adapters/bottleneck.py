@@ -24,6 +24,10 @@ own `peft_type`:
         base_model.model.<path>.adapter_up.weight     (d, d/rf)
         base_model.model.<path>.adapter_up.bias       (d,)
 
+AdapterHub's `SeqBnConfig` on Llama reads y + h (`original_ln_before=True`, h the
+residual); edgepeft's Pfeiffer equals `SeqBnConfig(original_ln_before=False)`, checked to
+identical logits in tests/test_adapterhub_reference.py.
+
 "gelu" is the exact (erf) GELU. The LLM-Adapters fork of peft also wrote
 "BOTTLENECK" folders (bias-free, `bottleneck_size`, `non_linearity`); those are
 refused with a clear error rather than read with other math.

@@ -21,9 +21,12 @@ as a plain tensor. Separate mode ships the parts as two files under the adapter'
 .onnx_adapter for the parallel branch, a .kvprefix.safetensors for the prefix); the runtime
 loads them as one adapter. Neither part changes a weight: merging raises.
 
-Where this differs from AdapterHub: the prefix has one key/value per *key/value* head
-(peft's layout, what the KV cache holds), where AdapterHub prefixes every query head after
-`repeat_kv`; the two agree on models without grouped-query attention.
+Where this differs from AdapterHub (adapters 1.3.0; tests/test_adapterhub_reference.py):
+the input runs at positions N..N+T-1 after the prefix (peft's, what the KV cache holds),
+AdapterHub's at 0..T-1; prefix keys are not rotated, so each query-prefix score
+(R(pos) q) . k_p differs (equal when AdapterHub is given position_ids = N + t). The prefix
+MLP reads (N, kv_heads * head_size) embeddings, AdapterHub's (N, hidden): the same width
+without grouped-query attention. Both give one key/value per key/value head.
 """
 
 from __future__ import annotations
