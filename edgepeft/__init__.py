@@ -19,6 +19,7 @@ _EXPORTS = {
     "SelectiveConfig": "edgepeft.config",
     "ParallelAdapterConfig": "edgepeft.config",
     "MAMConfig": "edgepeft.config",
+    "UniPELTConfig": "edgepeft.config",
     "add_adapter": "edgepeft.adapters.inject",
     "set_adapter": "edgepeft.adapters.inject",
     "disable_adapters": "edgepeft.adapters.inject",

@@ -247,6 +247,42 @@ class MAMConfig:
 
 
 @dataclass(frozen=True)
+class UniPELTConfig:
+    """UniPELT (Mao et al., 2022; AdapterHub's `UniPELTConfig`): gated LoRA on q/v, a gated
+    prefix at attention and a gated sequential bottleneck after the FFN, each gate a learned
+    per-token sigmoid of its part's input; trained and saved as one adapter (unipelt.py)."""
+
+    peft_type: ClassVar[str] = "UNIPELT"
+
+    r: int = 8
+    """LoRA rank."""
+    lora_alpha: float = 8
+    """The gated LoRA update is g * (lora_alpha / r) * B A x. AdapterHub's gated LoRA drops
+    alpha / r (so its UniPELTConfig's alpha=2 does nothing); alpha = r reproduces it."""
+    lora_targets: Targets = None
+    """The linear layers with gated LoRA; None: the architecture's LoRA default (q_proj,
+    v_proj on llama, AdapterHub's attn_matrices q, v)."""
+    num_virtual_tokens: int = 10
+    """Prefix length (AdapterHub's prefix_length)."""
+    prefix_bottleneck: int = 512
+    """Hidden width of the MLP the prefix trains through (AdapterHub's bottleneck_size);
+    only its output is saved."""
+    reduction_factor: int = 16
+    """Bottleneck width = hidden size // reduction_factor."""
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    """The bottleneck's activation."""
+    init: Literal["zeros", "random"] = "zeros"
+    """"zeros": LoRA B and the bottleneck's up projection start at zero (only the prefix
+    changes the output at first); "random" is for tests: every part starts non-zero."""
+    # Model facts of the prefix (as PrefixTuningConfig); None until `add_adapter` fills them.
+    token_dim: int | None = None
+    """Width of one layer's keys (or values): key/value heads x head size."""
+    num_layers: int | None = None
+    num_attention_heads: int | None = None
+    """Key/value heads."""
+
+
+@dataclass(frozen=True)
 class SelectiveConfig:
     """Selective tuning: train a named subset of the base's own (unquantized) parameters.
 
@@ -336,6 +372,7 @@ AdapterConfig = (
     | BottleneckConfig
     | ParallelAdapterConfig
     | MAMConfig
+    | UniPELTConfig
     | SelectiveConfig
 )
 
@@ -352,6 +389,7 @@ CONFIG_TYPES: dict[str, type] = {
         BottleneckConfig,
         ParallelAdapterConfig,
         MAMConfig,
+        UniPELTConfig,
         SelectiveConfig,
     )
 }

@@ -41,6 +41,7 @@ from edgepeft.config import (
     PromptEncoderConfig,
     PromptTuningConfig,
     SelectiveConfig,
+    UniPELTConfig,
     config_to_dict,
 )
 from edgepeft.settings import format_size
@@ -301,6 +302,27 @@ def _mam_cost(model: nn.Module, config: MAMConfig) -> int:
     return prefix + _parallel_cost(model, config)
 
 
+def _unipelt_cost(model: nn.Module, config: UniPELTConfig, arch: Architecture) -> int:
+    """What trains: MAM's prefix (embedding and MLP) with one gate (hidden + 1) per layer,
+    gated LoRA r·(in+out) + in + 1 per target, and a gated bottleneck per layer."""
+    dims = DecoderShape.from_config(model.config)
+    kv = dims.kv_heads * dims.head_dim
+    width, n = config.prefix_bottleneck, config.num_virtual_tokens
+    out = dims.layers * 2 * kv
+    prefix = n * kv + kv * width + width + width * out + out + dims.layers * (dims.hidden + 1)
+    features = {name: (i, o) for name, i, o in _linear_layers(model)}
+    lora = 0
+    for name in select_modules(model, config.lora_targets or arch.lora_targets, what="inspect"):
+        in_f, out_f = features[name]
+        lora += config.r * (in_f + out_f) + in_f + 1  # A, B and the gate
+    bottleneck = 0
+    for name in select_modules(model, (arch.ffn_output,), what="inspect"):
+        hidden = features[name][1]
+        w = hidden // config.reduction_factor
+        bottleneck += 2 * hidden * w + w + hidden + hidden + 1  # down, up, the gate
+    return prefix + lora + bottleneck
+
+
 def _selective_cost(model: nn.Module, config: SelectiveConfig) -> int:
     return sum(
         p.numel()
@@ -335,6 +357,8 @@ def adapter_cost(model: nn.Module, config) -> int | None:
         return _parallel_cost(model, config)
     if isinstance(config, MAMConfig):
         return _mam_cost(model, config)
+    if isinstance(config, UniPELTConfig):
+        return None if arch is None else _unipelt_cost(model, config, arch)
     if isinstance(config, SelectiveConfig):
         return _selective_cost(model, config)
     raise TypeError(f"no cost model for {type(config).__name__}")

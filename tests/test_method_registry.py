@@ -20,6 +20,7 @@ from edgepeft.adapters.lora import LoraLayer
 from edgepeft.adapters.parallel import ParallelLayer
 from edgepeft.adapters.prompt import VirtualTokens
 from edgepeft.adapters.selective import SelectiveLayer
+from edgepeft.adapters.unipelt import GatedLoraLayer
 from edgepeft.config import CONFIG_TYPES
 from edgepeft.export.api import _STREAMED_MERGED, _STREAMED_SEPARATE
 from edgepeft.export.kv_prefix import KV_PREFIX_PEFT_TYPES
@@ -37,6 +38,7 @@ MODULE_CLASSES = {
     "BOTTLENECK": BottleneckLayer,
     "PARALLEL_ADAPTER": ParallelLayer,
     "MAM": ParallelLayer,  # and VirtualTokens: neither part merges
+    "UNIPELT": GatedLoraLayer,  # and its gated bottleneck, prefix gates, VirtualTokens
     "SELECTIVE": SelectiveLayer,
 }
 
@@ -52,13 +54,15 @@ def test_capability_lists_equal_the_registry():
 
 def test_capability_lists_keep_their_values():
     # What these lists said before the registry answered them (order included).
-    assert SEPARATE_PEFT_TYPES == ("LORA", "IA3", "BOTTLENECK", "PARALLEL_ADAPTER", "MAM")
+    assert SEPARATE_PEFT_TYPES == (
+        "LORA", "IA3", "BOTTLENECK", "PARALLEL_ADAPTER", "MAM", "UNIPELT",
+    )  # fmt: skip
     assert _STREAMED_MERGED == ("LORA", "IA3")
     assert _STREAMED_SEPARATE == ("LORA", "IA3", "BOTTLENECK")
     assert KV_PREFIX_PEFT_TYPES == ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
     assert list(METHOD_TYPES) == [
         "lora", "dora", "ia3", "prompt", "p_tuning", "prefix", "bottleneck", "parallel", "mam",
-        "selective",
+        "unipelt", "selective",
     ]  # fmt: skip
     assert METHOD_TYPES["dora"] is METHOD_TYPES["lora"] is CONFIG_TYPES["LORA"]
 

@@ -20,6 +20,7 @@ from edgepeft.config import (
     PromptTuningConfig,
     SelectiveConfig,
     TrainConfig,
+    UniPELTConfig,
 )
 from edgepeft.tasks import make_splits
 from edgepeft.train.run_config import (
@@ -183,7 +184,8 @@ def test_every_method_type_builds_its_config(run_dir):
     assert {kind: type(config) for kind, config in built.items()} == {
         "lora": LoraConfig, "dora": LoraConfig, "ia3": IA3Config, "prompt": PromptTuningConfig,
         "p_tuning": PromptEncoderConfig, "prefix": PrefixTuningConfig, "bottleneck": BottleneckConfig,
-        "parallel": ParallelAdapterConfig, "mam": MAMConfig, "selective": SelectiveConfig,
+        "parallel": ParallelAdapterConfig, "mam": MAMConfig, "unipelt": UniPELTConfig,
+        "selective": SelectiveConfig,
     }  # fmt: skip
     assert built["dora"].use_dora and not built["lora"].use_dora
     with pytest.raises(ConfigError, match="use_dora = false"):

@@ -17,7 +17,17 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from edgepeft.adapters import bottleneck, ia3, lora, mam, p_tuning, parallel, prompt, selective
+from edgepeft.adapters import (
+    bottleneck,
+    ia3,
+    lora,
+    mam,
+    p_tuning,
+    parallel,
+    prompt,
+    selective,
+    unipelt,
+)
 from edgepeft.adapters.layer import SEPARATE_FILES, MethodSpec
 from edgepeft.config import CONFIG_TYPES
 
@@ -30,6 +40,7 @@ METHODS: dict[str, MethodSpec] = {
     "BOTTLENECK": bottleneck.METHOD,
     "PARALLEL_ADAPTER": parallel.METHOD,
     "MAM": mam.METHOD,
+    "UNIPELT": unipelt.METHOD,
     "SELECTIVE": selective.METHOD,
 }
 """peft_type -> method, in the order of `CONFIG_TYPES` (the order every query answers in)."""

@@ -56,6 +56,31 @@ ACTIVATIONS = {
 STYLES = ("houlsby", "pfeiffer")
 
 
+def branch_layers(
+    base: nn.Module, config, what: str, module_name: str = ""
+) -> tuple[nn.Linear, nn.Linear]:
+    """down (d -> d/rf) and up (d/rf -> d), with biases, for a branch on `base`'s output d.
+
+    `config` gives reduction_factor and init: "zeros" zeroes up (the branch starts as the
+    identity), "random" keeps nn.Linear's own init for both. UniPELT's gated bottleneck
+    (unipelt.py) builds its branch here too.
+    """
+    _, out_f = linear_features(base)
+    width = out_f // config.reduction_factor
+    if width < 1:
+        raise ValueError(
+            f"{what} on {module_name or 'a layer'}: output size {out_f} // "
+            f"reduction_factor {config.reduction_factor} is 0; use a reduction_factor <= {out_f}"
+        )
+    device = next(base.parameters()).device
+    down = nn.Linear(out_f, width, bias=True, device=device)
+    up = nn.Linear(width, out_f, bias=True, device=device)
+    if config.init == "zeros":
+        nn.init.zeros_(up.weight)
+        nn.init.zeros_(up.bias)
+    return down, up
+
+
 class BottleneckLayer(AdapterLayer):
     peft_type = "BOTTLENECK"
     adapter_attrs = ("adapter_down", "adapter_up")
@@ -68,20 +93,8 @@ class BottleneckLayer(AdapterLayer):
         self.activation: dict[str, str] = {}
 
     def add(self, name: str, config: BottleneckConfig, module_name: str = "") -> None:
-        _, out_f = linear_features(self.innermost())
-        width = out_f // config.reduction_factor
-        if width < 1:
-            raise ValueError(
-                f"bottleneck adapter {name!r} on {module_name or 'a layer'}: output size {out_f} // "
-                f"reduction_factor {config.reduction_factor} is 0; use a reduction_factor <= {out_f}"
-            )
-        device = next(self.innermost().parameters()).device
-        down = nn.Linear(out_f, width, bias=True, device=device)
-        up = nn.Linear(width, out_f, bias=True, device=device)
-        if config.init == "zeros":
-            nn.init.zeros_(up.weight)
-            nn.init.zeros_(up.bias)
-        # "random": nn.Linear's own init for both, so the adapter starts non-zero.
+        what = f"bottleneck adapter {name!r}"
+        down, up = branch_layers(self.innermost(), config, what, module_name)
         self.adapter_down[name], self.adapter_up[name] = down, up
         self.activation[name] = config.activation
 

@@ -9,6 +9,12 @@
     mlp(x) ────────────────────────────────────────────────────────────────────────+──► y'
                                                                    (parallel, at "…mlp")
 
+    UniPELT (unipelt.py), each branch times a per-token gate g(u) = σ(u · w + b) (B, T, 1):
+    h ─[+ g(x) · (x @ gated_lora_A @ gated_lora_B)]          u = x, the projection's input
+    y ─[+ g(y) · gated_adapter_up(act(gated_adapter_down(y)))]─► output        u = y
+    (their own inputs beside the plain kinds': zero rank / width by default, so a branch adds
+    exact zeros while another adapter, or none, runs; the prefix gate is fused.py's)
+
 Inputs are named "<module>.<input>" (module as PyTorch names it, or the packed projection
 "qkv_proj" / "gate_up_proj" whose siblings share one slot, see packed_adapters.py), one set
 per layer and kind, never fused into a blob. Each is OPTIONAL: an initializer of the same
@@ -33,6 +39,12 @@ A slot exposes the union of the kinds the exported adapters put on that module:
                  adapter_up.weight (w, out), adapter_up.bias (out,)
     parallel     the bottleneck's four inputs on the MLP block "model.layers.i.mlp"
                  (in = out = hidden); the scaling is folded into adapter_up (file side)
+    gated_lora   gated_lora_A (in, r), gated_lora_B (r, out),     zeros (in, 0), (0, out)
+                 lora_gate.weight (in,), lora_gate.bias (1,)      zeros
+    gated_bottleneck  gated_adapter_{down,up}.{weight,bias} as the bottleneck's,  w = 0
+                 adapter_gate.weight (out,), adapter_gate.bias (1,)               zeros
+    prefix gate  model.layers.i.self_attn.prefix_gate.weight (hidden,), .bias (1,)  zeros
+                 model.prefix_gate.columns (N,): its length is the prefix's N     (0,)
 """
 
 from __future__ import annotations
@@ -69,9 +81,45 @@ def ia3_input(module: str) -> str:
     return f"{module}.ia3_scale"
 
 
+def gated_lora_inputs(module: str) -> tuple[str, str, str, str]:
+    """UniPELT's gated LoRA: A (in, r), B (r, out), the gate's weight (in,) and bias (1,)."""
+    return (
+        f"{module}.gated_lora_A",
+        f"{module}.gated_lora_B",
+        f"{module}.lora_gate.weight",
+        f"{module}.lora_gate.bias",
+    )
+
+
+def gated_bottleneck_inputs(module: str) -> tuple[str, str, str, str, str, str]:
+    """UniPELT's gated bottleneck: down, up (as `bottleneck_inputs`), gate weight and bias."""
+    return (
+        f"{module}.gated_adapter_down.weight",
+        f"{module}.gated_adapter_down.bias",
+        f"{module}.gated_adapter_up.weight",
+        f"{module}.gated_adapter_up.bias",
+        f"{module}.adapter_gate.weight",
+        f"{module}.adapter_gate.bias",
+    )
+
+
+PREFIX_COLUMNS_INPUT = "model.prefix_gate.columns"
+"""(N,): a UniPELT file sets N ones; only the length is read: the prefix's cache columns 0..N-1."""
+
+
+def prefix_gate_inputs(attention: str) -> tuple[str, str]:
+    """UniPELT's prefix gate of one attention layer ("model.layers.i.self_attn"): weight
+    (hidden,) and bias (1,)."""
+    return f"{attention}.prefix_gate.weight", f"{attention}.prefix_gate.bias"
+
+
 INPUT_SUFFIXES = (
     "lora_A", "lora_B", "lora_row_mask", "dora_scale", "ia3_scale",
     "adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias",
+    "gated_lora_A", "gated_lora_B", "lora_gate.weight", "lora_gate.bias",
+    "gated_adapter_down.weight", "gated_adapter_down.bias", "gated_adapter_up.weight",
+    "gated_adapter_up.bias", "adapter_gate.weight", "adapter_gate.bias",
+    "prefix_gate.weight", "prefix_gate.bias",
 )
 
 
@@ -107,6 +155,10 @@ class AdapterSlot:
     """The bottleneck activation (a key of BOTTLENECK_ACTIVATIONS), or None."""
     parallel: str | None = None
     """A parallel adapter's activation on an MLP block (emitted by `block`, not `__call__`)."""
+    gated_lora: bool = False
+    """UniPELT's gated LoRA (its own inputs; never packed with sibling projections)."""
+    gated_bottleneck: str | None = None
+    """UniPELT's gated bottleneck activation, or None."""
     members: tuple[tuple[str, int], ...] = ()
     """A packed projection (packed_adapters.py): its modules and their out_features, in
     row order; empty for one module."""
@@ -119,6 +171,7 @@ class AdapterSlot:
             ("ia3", "IA3 side (input / output)"),
             ("bottleneck", "activation"),
             ("parallel", "activation"),
+            ("gated_bottleneck", "activation"),
         )
         for field, what in kinds:
             mine, theirs = getattr(self, field), getattr(other, field)
@@ -135,6 +188,8 @@ class AdapterSlot:
             ia3=self.ia3 or other.ia3,
             bottleneck=self.bottleneck or other.bottleneck,
             parallel=self.parallel or other.parallel,
+            gated_lora=self.gated_lora or other.gated_lora,
+            gated_bottleneck=self.gated_bottleneck or other.gated_bottleneck,
         )
 
     def inputs(self, dtype) -> dict[str, tuple[list[int | str], np.ndarray]]:
@@ -160,6 +215,22 @@ class AdapterSlot:
             out[down_b] = ([width], np.zeros(0, dtype))
             out[up_w] = ([width, n_out], np.zeros((0, n_out), dtype))
             out[up_b] = ([n_out], np.zeros(n_out, dtype))
+        if self.gated_lora:
+            a, b, gate_w, gate_b = gated_lora_inputs(m)
+            rank = f"{m}.gated_lora_rank"
+            out[a] = ([n_in, rank], np.zeros((n_in, 0), dtype))
+            out[b] = ([rank, n_out], np.zeros((0, n_out), dtype))
+            out[gate_w] = ([n_in], np.zeros(n_in, dtype))
+            out[gate_b] = ([1], np.zeros(1, dtype))
+        if self.gated_bottleneck:
+            down_w, down_b, up_w, up_b, gate_w, gate_b = gated_bottleneck_inputs(m)
+            width = f"{m}.gated_bottleneck_width"
+            out[down_w] = ([n_out, width], np.zeros((n_out, 0), dtype))
+            out[down_b] = ([width], np.zeros(0, dtype))
+            out[up_w] = ([width, n_out], np.zeros((0, n_out), dtype))
+            out[up_b] = ([n_out], np.zeros(n_out, dtype))
+            out[gate_w] = ([n_out], np.zeros(n_out, dtype))
+            out[gate_b] = ([1], np.zeros(1, dtype))
         return out
 
     def __call__(self, e, x: str, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
@@ -186,6 +257,13 @@ class AdapterSlot:
             )
             delta = b.node("MatMul", [low, inputs[lora_b]], name=f"{name}/lora/MatMul_B")
             y = b.node("Add", [y, delta], name=f"{name}/lora/Add")
+        if self.gated_lora:  # before DoRA's scale and the bias: both are identities then
+            a, lora_b, gate_w, gate_b = gated_lora_inputs(name)
+            low = b.node("MatMul", [x, inputs[a]], name=f"{name}/gated_lora/MatMul_A")
+            delta = b.node("MatMul", [low, inputs[lora_b]], name=f"{name}/gated_lora/MatMul_B")
+            gate = _gate(b, inputs, x, gate_w, gate_b, f"{name}/gated_lora")  # (B, T, 1)
+            delta = b.node("Mul", [delta, gate], name=f"{name}/gated_lora/Mul_gate")
+            y = b.node("Add", [y, delta], name=f"{name}/gated_lora/Add")
         if self.dora:
             y = b.node("Mul", [y, inputs[dora_input(name)]], name=f"{name}/dora/Mul")
             if bias is not None:
@@ -195,6 +273,8 @@ class AdapterSlot:
             y = b.node("Mul", [y, inputs[ia3_input(name)]], name=f"{name}/ia3/Mul_output")
         if self.bottleneck:
             y = _bottleneck(b, inputs, y, y, name, self.bottleneck, "bottleneck")
+        if self.gated_bottleneck:
+            y = _gated_bottleneck(b, inputs, y, name, self.gated_bottleneck)
         return y
 
     def block(self, e, h: str, y: str) -> str:
@@ -217,3 +297,26 @@ def _bottleneck(b, inputs: dict, x: str, y: str, name: str, activation: str, tag
     h = b.node("MatMul", [h, inputs[up_w]], name=f"{name}/{tag}/MatMul_up")
     h = b.node("Add", [h, inputs[up_b]], name=f"{name}/{tag}/Add_up")  # (B, T, out)
     return b.node("Add", [y, h], name=f"{name}/{tag}/Add")
+
+
+def _gate(b, inputs: dict, u: str, weight: str, bias: str, tag: str) -> str:
+    """σ(u · w + b) (B, T, 1) from u (B, T, in), w (in,), b (1,)."""
+    z = b.node("MatMul", [u, inputs[weight]], name=f"{tag}/gate/MatMul")  # (B, T)
+    z = b.node("Add", [z, inputs[bias]], name=f"{tag}/gate/Add")
+    g = b.node("Sigmoid", [z], name=f"{tag}/gate/Sigmoid")
+    axes = b.initializer(f"{tag.replace('/', '.')}.gate_axes", np.array([-1], np.int64))
+    return b.node("Unsqueeze", [g, axes], name=f"{tag}/gate/Unsqueeze")  # (B, T, 1)
+
+
+def _gated_bottleneck(b, inputs: dict, y: str, name: str, activation: str) -> str:
+    """y + σ(y · w + b) · up(act(down(y))) from the six gated-bottleneck inputs of `name`."""
+    down_w, down_b, up_w, up_b, gate_w, gate_b = gated_bottleneck_inputs(name)
+    tag = f"{name}/gated_bottleneck"
+    op, domain, attrs = BOTTLENECK_ACTIVATIONS[activation]
+    h = b.node("MatMul", [y, inputs[down_w]], name=f"{tag}/MatMul_down")
+    h = b.node("Add", [h, inputs[down_b]], name=f"{tag}/Add_down")  # (B, T, w)
+    h = b.node(op, [h], name=f"{tag}/{op}", domain=domain, **attrs)
+    h = b.node("MatMul", [h, inputs[up_w]], name=f"{tag}/MatMul_up")
+    h = b.node("Add", [h, inputs[up_b]], name=f"{tag}/Add_up")  # (B, T, out)
+    h = b.node("Mul", [h, _gate(b, inputs, y, gate_w, gate_b, tag)], name=f"{tag}/Mul_gate")
+    return b.node("Add", [y, h], name=f"{tag}/Add")

@@ -10,6 +10,7 @@
       [Split, Reshape ─ SimplifiedLayerNormalization ─ Reshape]         q_norm/k_norm: qwen3, gemma3
       GroupQueryAttention(q|qkv, k, v, past.{i}, seqlens_k, total, cos, sin, bias)
             rotary inside (do_rotary), causal, sliding window, softcap, scale
+            [UniPELT, prefix_gates: bias_i = bias + Where(prefix columns, log σ(x · w_i + b_i))]
             ─► attn, present.{i}.key/.value (B, n_kv, P+T, head_dim)
       linear(attn, o_proj)   [SimplifiedLayerNormalization: post_attention_layernorm, gemma]
       SkipSimplifiedLayerNormalization ─► x, residual     post_attention / pre_feedforward norm
@@ -29,6 +30,18 @@ with their siblings, so each keeps its own input and output tensor:
               A branch may be keyed by a packed name ("...self_attn.qkv_proj",
               "...mlp.gate_up_proj"): the siblings then stay packed and share one branch
               (packed_adapters.py), the fast path separate mode takes
+
+UniPELT's prefix gate (`prefix_gates=True`, only when a UniPELT adapter is exported, so other
+graphs are unchanged): query t's scores on the prefix's cache columns get log g_t, g_t =
+σ(x_t · w_i + b_i), x the attention's input (after its norm), as adapters/unipelt.py adds it
+to the PyTorch mask. The prefix always seeds cache columns 0..N-1 (artifacts/kv_seed.py);
+N is the length of the optional input `model.prefix_gate.columns`, so no runtime code knows it:
+
+    Range(0, P+T) < Shape(model.prefix_gate.columns) ─► prefix columns (P+T,) bool
+    x (B,T,H) ─ MatMul(model.layers.i.self_attn.prefix_gate.weight (H,)) ─ Add(.bias (1,))
+      ─ z (B,T) ─► log σ(z) = -Softplus(-z) (fp32) ─ Unsqueeze ─► (B,1,T,1)
+      ─ Where(prefix columns, ·, 0) ─► (B,1,T,P+T) ─ Add(attention_bias) ─► bias_i
+    defaults: columns (0,) ─► no prefix column, bias_i = attention_bias + 0 (bit for bit)
 
 Positions. Rows are left padded. GroupQueryAttention gets every row's full length (P+T), so
 the cache layout is exactly concat(past, new) as Optimum and onnxruntime-genai feed it, and
@@ -67,6 +80,7 @@ from torch import nn
 from edgepeft.architectures import DecoderShape
 from edgepeft.base import dequantized_weight, is_linear_like
 from edgepeft.export import bnb4, channel_scales, int4_codes
+from edgepeft.export.adapter_slots import PREFIX_COLUMNS_INPUT, prefix_gate_inputs
 from edgepeft.export.channel_scales import ChannelScales
 from edgepeft.export.graph_info import WEIGHT_FORMATS
 from edgepeft.export.onnx_graph import GraphBuilder
@@ -191,6 +205,8 @@ class _Emitter:
         self.emitted_branches: set[str] = set()
         self.block_branches: dict[str, BlockBranch] = {}
         """block name ("model.layers.3.mlp") -> its BlockBranch (called by `_decoder_layer`)."""
+        self.prefix_gates = False
+        """Emit UniPELT's per-layer prefix gate inputs on the attention bias."""
         self.channel_scales: ChannelScales | None = None
         """int4 with activation-aware scales: the calibrated s per group (channel_scales.py)."""
         self.column_scale: dict[str, np.ndarray] = {}
@@ -559,6 +575,8 @@ class _Shared:
     """(B, 1, T, P+T): 0 where attention_mask is 1, the dtype's min where it is 0."""
     rotary: dict[str | None, tuple[str, str]]
     """cos/sin cache initializers per layer type; key None when all layers share one."""
+    prefix_columns: str | None = None
+    """(P+T,) bool, True on a UniPELT prefix's cache columns; None: no prefix gates."""
 
     def rotary_for(self, config, layer: int) -> tuple[str, str]:
         if None in self.rotary:
@@ -610,6 +628,56 @@ def _attention_inputs(b: GraphBuilder, dtype) -> tuple[str, str, str]:
     )  # [1, 1, T, 1]
     bias = b.node("Expand", [bias, target], name=f"{name}/bias/Expand")  # (B, 1, T, P+T)
     return seqlens, total, bias
+
+
+def _prefix_columns(b: GraphBuilder, dtype) -> str:
+    """(P+T,) bool: column j < N, N the length of `model.prefix_gate.columns` ((0,) unfed)."""
+    name = "model.prefix_gate"
+    columns = b.optional_input(PREFIX_COLUMNS_INPUT, np.zeros(0, dtype), ["prefix_columns"])
+    n = b.node("Shape", [columns], name=f"{name}/Shape")  # [N]
+    total = b.node("Shape", ["attention_mask"], name=f"{name}/total/Shape", start=1, end=2)
+    total = b.node(
+        "Squeeze",
+        [total, b.initializer(f"{name}.axis0", np.array([0], np.int64))],
+        name=f"{name}/total/Squeeze",
+    )  # () P+T
+    index = b.node(
+        "Range",
+        [
+            b.initializer(f"{name}.start", np.array(0, np.int64)),
+            total,
+            b.initializer(f"{name}.step", np.array(1, np.int64)),
+        ],
+        name=f"{name}/Range",
+    )  # (P+T,)
+    return b.node("Less", [index, n], name=f"{name}/Less")
+
+
+def _prefix_gate_bias(e: _Emitter, x: str, p: str, shared: _Shared, hidden: int) -> str:
+    """attention_bias + log σ(x · w + b) on the prefix columns (B, 1, T, P+T), for layer `p`."""
+    b = e.b
+    weight, bias = prefix_gate_inputs(p)
+    weight = b.optional_input(weight, np.zeros(hidden, e.dtype), [hidden])
+    bias = b.optional_input(bias, np.zeros(1, e.dtype), [1])
+    z = b.node("MatMul", [x, weight], name=f"{p}/prefix_gate/MatMul")  # (B, T)
+    z = b.node("Add", [z, bias], name=f"{p}/prefix_gate/Add")
+    if e.dtype != np.float32:  # the log-sigmoid in fp32 (CPU has no fp16 Softplus)
+        z = b.node("Cast", [z], name=f"{p}/prefix_gate/Cast", to=1)
+    z = b.node("Neg", [z], name=f"{p}/prefix_gate/Neg")
+    z = b.node("Softplus", [z], name=f"{p}/prefix_gate/Softplus")
+    log_gate = b.node("Neg", [z], name=f"{p}/prefix_gate/Neg_log")  # log σ(z) = -softplus(-z)
+    if e.dtype != np.float32:
+        log_gate = b.node("Cast", [log_gate], name=f"{p}/prefix_gate/Cast_back", to=10)
+    log_gate = b.node(
+        "Unsqueeze",
+        [log_gate, b.initializer(f"{p}.prefix_gate.axes13", np.array([1, 3], np.int64))],
+        name=f"{p}/prefix_gate/Unsqueeze",
+    )  # (B, 1, T, 1)
+    zero = b.initializer(f"{p}.prefix_gate.zero", np.array(0, e.dtype))
+    term = b.node(
+        "Where", [shared.prefix_columns, log_gate, zero], name=f"{p}/prefix_gate/Where"
+    )  # (B, 1, T, P+T)
+    return b.node("Add", [shared.bias, term], name=f"{p}/prefix_gate/Add_bias")
 
 
 def _qk_norm(e: _Emitter, x: str, name: str, norm: nn.Module, heads: int, head_dim: int) -> str:
@@ -667,6 +735,9 @@ def _attention(
         q = _qk_norm(e, q, f"{p}.q_norm", attn.q_norm, dims.heads, dims.head_dim)
         k = _qk_norm(e, k, f"{p}.k_norm", attn.k_norm, dims.kv_heads, dims.head_dim)
     cos, sin = shared.rotary_for(model.config, i)
+    bias = shared.bias
+    if shared.prefix_columns is not None:
+        bias = _prefix_gate_bias(e, x, p, shared, dims.hidden)
     softcap = getattr(model.config, "attn_logit_softcapping", None)
     out = b.node(
         "GroupQueryAttention",
@@ -681,7 +752,7 @@ def _attention(
             cos,
             sin,
             "",  # position_ids: GroupQueryAttention counts columns itself
-            shared.bias,
+            bias,
         ],
         name=f"{p}/GroupQueryAttention",
         domain=_MS,
@@ -891,6 +962,7 @@ def export_fused(
     lora_targets=None,
     adapter_branches: Mapping[str, AdapterBranch] | None = None,
     block_branches: Mapping[str, BlockBranch] | None = None,
+    prefix_gates: bool = False,
     optional_inputs: Mapping[str, np.ndarray] | None = None,
     progress: Callable[[str], None] | None = None,
     stream: LayerStream | None = None,
@@ -922,6 +994,8 @@ def export_fused(
             with its adapter inputs (separate mode, see separate.py); never packed.
         block_branches: Block name ("model.layers.i.mlp") -> BlockBranch adding a branch
             beside that block (separate mode's parallel adapters).
+        prefix_gates: Give every attention layer UniPELT's prefix gate inputs (module
+            docstring); identity when left unfed.
         optional_inputs: Extra graph inputs, each defaulting to the array given.
         progress: Called with one line per decoder layer (default: the "edgepeft" logger
             at INFO level, or the stream's own progress callback).
@@ -959,6 +1033,7 @@ def export_fused(
     )
     e.adapter_branches = dict(adapter_branches or {})
     e.block_branches = dict(block_branches or {})
+    e.prefix_gates = prefix_gates
     try:
         return _emit_graph(
             e,
@@ -1010,7 +1085,11 @@ def _emit_graph(
         b.optional_input(name, default, list(default.shape))
 
     rotary = _rotary_caches(b, model, dtype, dims)
-    shared = _Shared(*_attention_inputs(b, dtype), rotary=rotary)
+    shared = _Shared(
+        *_attention_inputs(b, dtype),
+        rotary=rotary,
+        prefix_columns=_prefix_columns(b, dtype) if e.prefix_gates else None,
+    )
     with holding("model.embed_tokens"):
         hidden, table = _embed(e, model, arch, dims)
     residual = None

@@ -17,7 +17,8 @@ adapter files, the runtime and verify are the same for both builders:
 DoRA scales W x + s B A x but not the bias: its Mul sits before the traced bias Add, as in
 PyTorch. Each splice renames the producer's output and re-creates the original name at the
 end of the new nodes, so every consumer (and graph output) is left as traced. No packing:
-each adapted module (GPT-2's c_attn is already one Conv1D) is one slot.
+each adapted module (GPT-2's c_attn is already one Conv1D) is one slot. UniPELT's gated slots
+are refused: its prefix gate needs the attention bias, which only the fused graph has.
 """
 
 from __future__ import annotations
@@ -222,6 +223,11 @@ def add_adapter_branches(
         site = sites[module]
         if slot.members:
             raise ValueError(f"{module}: generic graphs take one slot per module, not packed ones")
+        if slot.gated_lora or slot.gated_bottleneck:  # separate.py refuses UniPELT first
+            raise ValueError(
+                f"{module}: UniPELT's gated branches need the fused graph (their prefix gate "
+                "sits inside attention); export with graph='fused'"
+            )
         if (slot.in_features, slot.out_features) != (site.in_features, site.out_features):
             raise ValueError(
                 f"{module}: the traced weight is (in, out) = {(site.in_features, site.out_features)}, "

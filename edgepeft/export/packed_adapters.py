@@ -19,7 +19,8 @@ over the packed outputs, ones for a module left out:
     ia3_scale  (q+k+v,) = [l_q | l_k | 1 ...]                      output-side IA3
 
 Not packable, so such a group stays unpacked (one branch per module, as before): IA3 on a
-module's input (the siblings share x) and bottleneck adapters (a nonlinearity per module).
+module's input (the siblings share x), bottleneck adapters (a nonlinearity per module) and
+UniPELT's gated branches (a gate per module).
 
     adapter tensors per PyTorch module ──pack_tensors(layout)──► graph input values
     layout: packed module -> ((member, out_features), ...)  from the slots at export time
@@ -77,7 +78,8 @@ def pack_slots(model: nn.Module, slots: Mapping[str, AdapterSlot]) -> dict[str, 
     out = dict(slots)
     for packed, members in _groups(model, slots).items():
         present = [slots[m] for m in members if m in slots]
-        if any(s.ia3 == "input" or s.bottleneck for s in present):
+        own = ("bottleneck", "gated_lora", "gated_bottleneck")
+        if any(s.ia3 == "input" or any(getattr(s, k) for k in own) for s in present):
             continue  # these need the module's own input or output: leave the group unpacked
         features = [_linear_features(model, m) for m in members]
         for m in members:

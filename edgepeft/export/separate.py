@@ -22,6 +22,11 @@ q/k/v or gate/up projection holds its modules' values side by side, see packed_a
     dora        + dora_scale = m / ||W + s B A||_row (out,), fp32
     ia3         ia3_scale = l (out,) or (in,) for a feedforward target
     bottleneck  adapter_down.weight D^T, .bias, adapter_up.weight U^T, .bias
+    unipelt     gated_lora_A = A^T, gated_lora_B = s B^T, lora_gate.weight (in,), .bias (1,)
+                gated_adapter_{down,up}.*, adapter_gate.*        on the FFN output projection
+                self_attn.prefix_gate.weight (hidden,), .bias (1,) per layer, and
+                model.prefix_gate.columns = N ones (export_fused(prefix_gates=True))
+                + its prefix as adapters/<name>.kvprefix.safetensors (a hybrid, as MAM)
 
 DoRA's scale is computed here, once, from the base weights the adapter was trained on (the
 bnb layer dequantized to fp32), exactly as PyTorch computes it in every forward. The graph
@@ -34,7 +39,8 @@ per-layer keys/values to adapters/<name>.kvprefix.safetensors, which the runtime
 the cache (no graph input). Not switchable here: selective adapters and modules_to_save
 (they replace norms, biases or whole heads rather than feed a projection): export those in
 merged mode. GPT-2 and other architectures without a fused builder get the same inputs on
-their traced graph (generic_adapters.py), so their files, runtime and verify are the same.
+their traced graph (generic_adapters.py), so their files, runtime and verify are the same;
+parallel adapters (MAM) and UniPELT, which reach inside whole blocks, need the fused graph.
 
 An adapter trained later over the same base is added to an existing export with
 `export_adapter` (no new base graph): it needs the graph to have its inputs, which
@@ -59,6 +65,7 @@ from edgepeft.adapters.inject import delete_adapter, list_adapters
 from edgepeft.adapters.layer import adapter_modules
 from edgepeft.adapters.parallel import block_name
 from edgepeft.adapters.peft_format import load_adapter
+from edgepeft.adapters.unipelt import GatedBottleneckLayer, GatedLoraLayer, PrefixGate
 from edgepeft.base import (
     base_info,
     dequantized_weight,
@@ -76,11 +83,15 @@ from edgepeft.export.adapter_files import (
     write_adapter_file,
 )
 from edgepeft.export.adapter_slots import (
+    PREFIX_COLUMNS_INPUT,
     AdapterSlot,
     bottleneck_inputs,
     dora_input,
+    gated_bottleneck_inputs,
+    gated_lora_inputs,
     ia3_input,
     lora_inputs,
+    prefix_gate_inputs,
 )
 from edgepeft.export.channel_scales import calibration_ids
 from edgepeft.export.files import record_files
@@ -104,10 +115,17 @@ if TYPE_CHECKING:  # only a type here: separate mode runs on a stream it is give
     from edgepeft.export.stream import LayerStream
 
 SEPARATE_PEFT_TYPES = peft_types(separate_file="onnx_adapter")
-_KINDS = {"IA3": "ia3", "BOTTLENECK": "bottleneck", "PARALLEL_ADAPTER": "parallel", "MAM": "mam"}
+_KINDS = {
+    "IA3": "ia3",
+    "BOTTLENECK": "bottleneck",
+    "PARALLEL_ADAPTER": "parallel",
+    "MAM": "mam",
+    "UNIPELT": "unipelt",
+}
 """peft_type -> the kind an .onnx_adapter's sidecar and the manifest record (else lora/dora)."""
-_PART_TYPES = {"MAM": ("PARALLEL_ADAPTER",)}
-"""Hybrids: the module types holding their graph-input parts (default: the method's own)."""
+_PART_TYPES = {"MAM": ("PARALLEL_ADAPTER",), "UNIPELT": ("UNIPELT",)}
+"""Hybrids (a KV-prefix part besides graph inputs): the module types holding their graph-input
+parts (default: the method's own)."""
 Progress = Callable[[str], None]
 
 
@@ -117,7 +135,7 @@ class AdapterTensors:
 
     name: str
     kind: str
-    """"lora", "dora", "ia3" or "bottleneck"."""
+    """"lora", "dora", "ia3", "bottleneck", "parallel", "mam" or "unipelt"."""
     source: str
     slots: dict[str, AdapterSlot]
     """module -> the inputs this adapter needs there."""
@@ -158,10 +176,22 @@ def adapter_tensors(model: nn.Module, name: str, source: str = "") -> AdapterTen
     for path, module in adapter_modules(model):
         if name not in module:
             continue
-        if module.model_level and has_kv_prefix(model, name) and parts != (config.peft_type,):
+        if module.model_level and has_kv_prefix(model, name) and config.peft_type in _PART_TYPES:
             continue  # a hybrid's prefix part: export_separate writes it as a .kvprefix file
         if module.peft_type not in parts:
             raise _refuse(name, f"holds a {module.peft_type} module at {path}")
+        if isinstance(module, PrefixGate):  # beside attention's bias, not a projection
+            weight, bias = prefix_gate_inputs(path.rsplit(".", 1)[0])
+            gate = module.gate[name]
+            tensors[weight], tensors[bias] = _np(gate.weight).reshape(-1), _np(gate.bias)
+            tensors[PREFIX_COLUMNS_INPUT] = np.ones(module.tokens[name], np.float32)  # (N,)
+            continue
+        if isinstance(module, (GatedLoraLayer, GatedBottleneckLayer)):
+            slots[path], values, ranks[path] = _gated_part(module, name, path)
+            tensors.update(values)
+            if isinstance(module, GatedLoraLayer):
+                scaling[path] = module.scaling[name]
+            continue
         if module.peft_type == "PARALLEL_ADAPTER":  # beside a whole MLP block, not a projection
             down, up, s = module.adapter_down[name], module.adapter_up[name], module.scaling[name]
             values = (_np(down.weight).T, _np(down.bias), _np(up.weight * s).T, _np(up.bias * s))
@@ -216,6 +246,26 @@ def adapter_tensors(model: nn.Module, name: str, source: str = "") -> AdapterTen
     )
 
 
+def _gated_part(module, name: str, path: str) -> tuple[AdapterSlot, dict[str, np.ndarray], int]:
+    """(slot, graph input values, rank or width) of a UniPELT gated LoRA or bottleneck."""
+    in_f, out_f = linear_features(module.innermost())
+    if isinstance(module, GatedLoraLayer):
+        A, B, gate = module.lora_A[name], module.lora_B[name], module.lora_gate[name]
+        values = (  # A^T (in, r), s B^T (r, out): the scaling folded in, as for LoRA
+            _np(A.weight).T, _np(B.weight * module.scaling[name]).T,
+            _np(gate.weight).reshape(-1), _np(gate.bias),
+        )  # fmt: skip
+        slot = AdapterSlot(path, in_f, out_f, gated_lora=True)
+        return slot, dict(zip(gated_lora_inputs(path), values, strict=True)), A.weight.shape[0]
+    down, up, gate = module.adapter_down[name], module.adapter_up[name], module.adapter_gate[name]
+    values = (
+        _np(down.weight).T, _np(down.bias), _np(up.weight).T, _np(up.bias),
+        _np(gate.weight).reshape(-1), _np(gate.bias),
+    )  # fmt: skip
+    slot = AdapterSlot(path, in_f, out_f, gated_bottleneck=module.activation[name])
+    return slot, dict(zip(gated_bottleneck_inputs(path), values, strict=True)), down.weight.shape[0]
+
+
 def _with_prefix(adapter: AdapterTensors, model: nn.Module, out_dir: Path) -> AdapterTensors:
     """A hybrid adapter (MAM) with its KV-prefix part written beside its graph inputs."""
     if not has_kv_prefix(model, adapter.name):
@@ -255,7 +305,7 @@ def _description(adapter: AdapterTensors, layout) -> dict:
         "ranks": adapter.ranks,
         "scaling": adapter.scaling,
         "activation": next(
-            (s.bottleneck for s in adapter.slots.values() if s.bottleneck), None
+            (a for s in adapter.slots.values() if (a := s.bottleneck or s.gated_bottleneck)), None
         ),
         "config": adapter.config,
         # a hybrid's prefix part, beside this file: the runtime loads both as one adapter
@@ -380,6 +430,14 @@ def export_separate(
             "on an architecture that has it (llama, qwen, mistral, gemma, phi3)"
         )
     slots = {path: slot for path, slot in slots.items() if not slot.parallel}
+    gated = sorted(a.name for a in read if a.kind == "unipelt")
+    if gated and builder != "fused":
+        raise ValueError(
+            f"UniPELT adapter(s) {gated} gate their prefix inside every attention layer, which "
+            f"only the fused graph exposes; the {model_type} export here is the traced (generic) "
+            "graph: export them with graph='fused' on an architecture that has it (llama, qwen, "
+            "mistral, gemma, phi3)"
+        )
     guard = {fingerprint_input(base_fingerprint): np.zeros(1, np.float32)}
     kwargs = dict(
         block_size=block_size,
@@ -396,6 +454,7 @@ def export_separate(
             weights,
             adapter_branches=slots,
             block_branches={path: slot.block for path, slot in blocks.items()},
+            prefix_gates=bool(gated),
             stream=stream,
             calibration_ids=calibration_ids(tokenizer) if weights == "int4" else None,
             **kwargs,

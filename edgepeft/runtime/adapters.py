@@ -4,7 +4,8 @@
                                          ──► graph input name -> OrtValue (bound as inputs)
     adapters/chat.kvprefix.safetensors ──► fingerprint checked ──► KVPrefix (seeds the cache)
     adapters/mam.onnx_adapter + mam.kvprefix.safetensors (a hybrid: the sidecar's "kv_prefix"
-        names the second file) ──► one LoadedAdapter with both inputs and a prefix
+        names the second file; UniPELT's pair too) ──► one LoadedAdapter with both inputs
+        and a prefix
 
 No adapter touches the base weights: a graph input left unbound keeps its default
 initializer (rank-0 LoRA, ones for IA3), so "no adapter" is the base itself. The OrtValues
@@ -48,7 +49,7 @@ class AdapterInfo:
     name: str
     kind: str
     """"lora", "dora", "ia3", "bottleneck", "parallel" (graph inputs), "kv_prefix" (cache
-    seed) or "mam" (both)."""
+    seed) or "mam" / "unipelt" (both)."""
     rank: int | None
     """LoRA/DoRA rank (the largest), bottleneck width; None otherwise."""
     bytes: int

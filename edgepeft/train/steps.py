@@ -203,9 +203,10 @@ def prepare(
     ddp = current()
     name = adapter_to_train(model, adapter)
     peft_type = list_adapters(model)[name].peft_type
-    if config.gradient_checkpointing and peft_type in ("PREFIX_TUNING", "MAM"):
+    if config.gradient_checkpointing and peft_type in ("PREFIX_TUNING", "MAM", "UNIPELT"):
         raise ValueError(
-            f"adapter {name!r} holds a prefix (prefix tuning, MAM), whose keys and values enter every layer as a "
+            f"adapter {name!r} holds a prefix (prefix tuning, MAM, UniPELT), whose keys and "
+            "values enter every layer as a "
             "cache, and transformers drops caches in checkpointed layers; set "
             "gradient_checkpointing=False (or train LoRA / prompt tuning with it)"
         )
