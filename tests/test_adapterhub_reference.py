@@ -24,7 +24,7 @@ from edgepeft.adapters.bottleneck import BottleneckLayer
 from edgepeft.adapters.inject import adapter_parameters, add_adapter
 from edgepeft.adapters.parallel import ParallelLayer
 from edgepeft.adapters.prompt import ATTRIBUTE, PrefixProjection
-from edgepeft.config import BottleneckConfig, MAMConfig, ParallelAdapterConfig
+from edgepeft.config import BottleneckConfig, MAMConfig, ParallelAdapterConfig, UniPELTConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -233,6 +233,67 @@ def test_unipelt_fixtures_hold_single_tokens_and_gate_logits():
             assert tensors[f"gate_logits.{gate}"].shape == (batch, 1, 1)
             assert tensors[f"adapter.{gate}.weight"].shape == (1, hidden)
             assert tensors[f"adapter.{gate}.bias"].shape == (1,)
+
+
+def unipelt_pairs(model) -> list[tuple[str, torch.Tensor]]:
+    """AdapterHub's gated LoRA (`self_attn.{q,v}_proj.loras.ref.{lora_A,lora_B,gate}`) and
+    gated bottleneck (`output_adapters.adapters.ref.{adapter_down.0,adapter_up,gate}`) onto
+    edgepeft's UniPELT parts of the same layer (lora_A/B/gate, adapter_down/up/gate)."""
+    pairs = []
+    for i, layer in enumerate(model.model.layers):
+        for proj in ("q_proj", "v_proj"):
+            ours = getattr(layer.self_attn, proj)
+            ah = f"model.layers.{i}.self_attn.{proj}.loras.{NAME}"
+            pairs += [
+                (f"{ah}.lora_A", ours.lora_A[NAME].weight),
+                (f"{ah}.lora_B", ours.lora_B[NAME].weight),
+                (f"{ah}.gate.weight", ours.lora_gate[NAME].weight),
+                (f"{ah}.gate.bias", ours.lora_gate[NAME].bias),
+            ]
+        ours = layer.mlp.down_proj
+        ah = f"model.layers.{i}.output_adapters.adapters.{NAME}"
+        for module, theirs in (
+            (ours.adapter_down[NAME], "adapter_down.0"),
+            (ours.adapter_up[NAME], "adapter_up"),
+            (ours.adapter_gate[NAME], "gate"),
+        ):
+            pairs += [
+                (f"{ah}.{theirs}.weight", module.weight),
+                (f"{ah}.{theirs}.bias", module.bias),
+            ]
+    return pairs
+
+
+def test_unipelt_gated_lora_and_bottleneck_match_adapterhub_with_the_prefix_shut():
+    """AdapterHub's UniPELT without its prefix part, one token per row (its sequence-mean
+    gates are then per-token gates, edgepeft's), against edgepeft's UniPELT whose prefix gate
+    is shut: log sigmoid(-1e4) = -1e4 leaves the prefix columns exactly no attention weight.
+    Gated LoRA with lora_alpha = r: AdapterHub's gated update has no alpha / r factor."""
+    tensors, meta = read_case("unipelt_lora_bn_t1")
+    model = rebuild_base(tensors, meta)
+    spec = meta["edgepeft"]
+    config = UniPELTConfig(
+        r=spec["lora_r"], lora_alpha=spec["lora_r"], reduction_factor=spec["bottleneck_reduction_factor"],
+        num_virtual_tokens=2, prefix_bottleneck=8, init="random",
+    )  # fmt: skip
+    add_adapter(model, config, NAME)
+    theirs = {k.removeprefix("adapter."): v for k, v in tensors.items() if k.startswith("adapter.")}
+    pairs = unipelt_pairs(model)
+    assert sorted(name for name, _ in pairs) == sorted(theirs), (
+        "the name map misses or invents keys"
+    )
+    with torch.no_grad():
+        for name, param in pairs:
+            assert param.shape == theirs[name].shape, (name, param.shape, theirs[name].shape)
+            param.copy_(theirs[name])
+        for layer in model.model.layers:
+            layer.self_attn.prefix_gate.gate[NAME].bias.fill_(-1e4)
+        ids, mask = tensors["input_ids"], tensors["attention_mask"]
+        got = model(input_ids=ids, attention_mask=mask).logits
+    want = tensors["logits"]
+    assert rel_error(got, want, mask) <= RTOL
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert rel_error(tensors["base_logits"], want, mask) > 0.1  # the gated parts matter
 
 
 def test_the_script_refuses_to_run_without_adapters():
