@@ -63,13 +63,9 @@ def methods() -> tuple[Method, ...]:
         Method("ia3", lambda: ep.IA3Config(), 2e-2, "IA3, peft's default targets"),
         Method(
             "selective",
-            lambda: ep.SelectiveConfig(
-                patterns=(r"norm\.weight$", r"embed_tokens\.weight$"),
-                mask="importance",
-                budget=0.05,
-            ),
+            lambda: ep.SelectiveConfig(patterns=(r"norm\.weight$",), mask="importance", budget=0.25),
             5e-3,
-            "importance-masked (Fisher), 5% of the unquantized norms + embeddings",
+            "importance-masked (Fisher), 25% of the norm weights",
         ),
         Method(
             "bottleneck",

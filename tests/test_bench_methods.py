@@ -27,7 +27,7 @@ def test_quick_run_table_and_json(tmp_path):
     rows = {r["method"]: r for r in json.loads(numbers.read_text())["rows"]}
     assert list(rows) == families
     assert {m: r["device_mode"] for m, r in rows.items()} == {
-        "lora": "separate", "selective": "merged", "mam": "separate",
+        "lora": "separate", "selective": "separate", "mam": "separate",
     }  # fmt: skip
     for cells in markdown_table(output.read_text(), "| family | setting |"):
         row = rows[cells[0]]

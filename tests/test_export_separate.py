@@ -400,7 +400,7 @@ def test_adapter_tensor_without_graph_input_is_named(exported, tmp_path):
 @pytest.mark.parametrize(
     ("config", "match"),
     [
-        (SelectiveConfig(patterns=(r"norm\.weight$",), init="random"), "SELECTIVE adapter.*mode='merged'"),
+        (SelectiveConfig(patterns=(r"lm_head\.weight$",), init="random"), "tunes lm_head.*mode='merged'"),
         (LoraConfig(r=2, modules_to_save=("lm_head",)), "modules_to_save.*mode='merged'"),
     ],
 )

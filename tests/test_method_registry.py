@@ -55,7 +55,7 @@ def test_capability_lists_equal_the_registry():
 def test_capability_lists_keep_their_values():
     # What these lists said before the registry answered them (order included).
     assert SEPARATE_PEFT_TYPES == (
-        "LORA", "IA3", "BOTTLENECK", "PARALLEL_ADAPTER", "MAM", "UNIPELT",
+        "LORA", "IA3", "BOTTLENECK", "PARALLEL_ADAPTER", "MAM", "UNIPELT", "SELECTIVE",
     )  # fmt: skip
     assert _STREAMED_MERGED == ("LORA", "IA3")
     assert _STREAMED_SEPARATE == ("LORA", "IA3", "BOTTLENECK")

@@ -48,7 +48,8 @@ class AdapterEntry:
     """merged: the merged weights' id (base fingerprint + adapter config + tensors, as `merge`
     reports); separate: the base fingerprint the adapter file is bound to."""
     kind: str | None = None
-    """separate: "lora", "dora", "ia3", "bottleneck", "parallel", "mam" or "kv_prefix"."""
+    """separate: "lora", "dora", "ia3", "bottleneck", "parallel", "mam", "unipelt",
+    "selective" or "kv_prefix"."""
     rank: int | None = None
     """separate: LoRA/DoRA rank (the largest, under a rank_pattern), bottleneck width; else None."""
     targets: list[str] | None = None

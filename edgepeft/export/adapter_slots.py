@@ -267,8 +267,7 @@ class AdapterSlot:
         if self.dora:
             y = b.node("Mul", [y, inputs[dora_input(name)]], name=f"{name}/dora/Mul")
             if bias is not None:
-                init = b.initializer(f"{name}.bias", bias.detach().float().cpu().numpy().astype(e.dtype))
-                y = b.node("Add", [y, init], name=f"{name}/dora/Add_bias")
+                y = b.node("Add", [y, e.bias(name, bias)], name=f"{name}/dora/Add_bias")
         if self.ia3 == "output":  # scales the bias too, as PyTorch's IA3 does
             y = b.node("Mul", [y, inputs[ia3_input(name)]], name=f"{name}/ia3/Mul_output")
         if self.bottleneck:

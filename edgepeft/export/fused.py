@@ -31,6 +31,19 @@ with their siblings, so each keeps its own input and output tensor:
               "...mlp.gate_up_proj"): the siblings then stay packed and share one branch
               (packed_adapters.py), the fast path separate mode takes
 
+A selective adapter (separate mode) changes base parameters rather than feeding a
+projection: each parameter named in `tuned_parameters` (a norm's γ, a projection's bias,
+named as PyTorch names it) becomes an optional graph input of that very name whose default
+is the base's value, so the adapter file holds the parameter's tuned value (original + Δ):
+
+    SimplifiedLayerNormalization(x, γ)   γ = input "model.layers.3.input_layernorm.weight"
+    [gemma: Add(γ, 1), the (1 + w) gemma's norm multiplies by]
+    MatMul(NBits)(x, W) + b              b = input "model.layers.3.self_attn.q_proj.bias"
+                                         (that projection is then never packed)
+
+A tuned γ is never the target of folded channel scales (they would change its value): its
+group's scales stay explicit.
+
 UniPELT's prefix gate (`prefix_gates=True`, only when a UniPELT adapter is exported, so other
 graphs are unchanged): query t's scores on the prefix's cache columns get log g_t, g_t =
 σ(x_t · w_i + b_i), x the attention's input (after its norm), as adapters/unipelt.py adds it
@@ -68,7 +81,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -207,6 +220,9 @@ class _Emitter:
         """block name ("model.layers.3.mlp") -> its BlockBranch (called by `_decoder_layer`)."""
         self.prefix_gates = False
         """Emit UniPELT's per-layer prefix gate inputs on the attention bias."""
+        self.tuned: frozenset[str] = frozenset()
+        """Parameters (full PyTorch names) emitted as optional inputs: a selective adapter's."""
+        self.emitted_tuned: set[str] = set()
         self.channel_scales: ChannelScales | None = None
         """int4 with activation-aware scales: the calibrated s per group (channel_scales.py)."""
         self.column_scale: dict[str, np.ndarray] = {}
@@ -237,7 +253,9 @@ class _Emitter:
                 touched = (*group.members, *group.packed)
                 if not group.source_is_norm:
                     touched += (group.source,)
-                if self.packable(*touched) and (fold_rows or group.source_is_norm):
+                tuned_norm = group.source_is_norm and f"{group.source}.weight" in self.tuned
+                foldable = fold_rows or group.source_is_norm
+                if self.packable(*touched) and foldable and not tuned_norm:
                     for member in group.members:
                         self.column_scale[member] = s
                     divisors = self.norm_divisor if group.source_is_norm else self.row_divisor
@@ -275,8 +293,20 @@ class _Emitter:
         return self._scaled_inputs[(x, key)], s
 
     def packable(self, *names: str) -> bool:
-        """Sibling projections may share one MatMul only if no adapter needs one of them alone."""
-        return not any(_is_target(n, self.lora_targets) for n in names)
+        """Sibling projections may share one MatMul only if no adapter needs one of them alone
+        (an adapter branch, or a tuned bias of its own)."""
+        return not any(_is_target(n, self.lora_targets) or f"{n}.bias" in self.tuned for n in names)
+
+    def _tuned_input(self, parameter: str, value: np.ndarray) -> str:
+        """The optional input a selective adapter sets, defaulting to the base's `value`."""
+        self.emitted_tuned.add(parameter)
+        return self.b.optional_input(parameter, value.astype(self.dtype), list(value.shape))
+
+    def bias(self, name: str, bias: torch.Tensor) -> str:
+        """Module `name`'s bias: an initializer, or an optional input where it is tuned."""
+        if f"{name}.bias" in self.tuned:
+            return self._tuned_input(f"{name}.bias", _numpy(bias))
+        return self.b.initializer(f"{name}.bias", _numpy(bias).astype(self.dtype))
 
     def level(self, bits: int) -> int:
         """The accuracy_level of a MatMulNBits node storing `bits`-bit weights."""
@@ -331,11 +361,7 @@ class _Emitter:
         if name in self.input_scale:  # explicit channel scales: the base reads x / s
             x, s = self._scaled_input(x, name)
             w = w * s
-        bias_init = (
-            self.b.initializer(f"{name}.bias", _numpy(bias).astype(self.dtype))
-            if bias is not None
-            else ""
-        )
+        bias_init = self.bias(name, bias) if bias is not None else ""
         packed_4bit = self.bnb4.packed(name, weight) if self.bnb4 is not None else None
         if packed_4bit is not None:  # exact NF4/FP4: the base's own bitsandbytes codes
             return bnb4.emit_matmul(self.b, x, name, packed_4bit, bias_init)
@@ -398,6 +424,12 @@ class _Emitter:
 
     def gamma(self, name: str, norm: nn.Module) -> str:
         w = _numpy(norm.weight)
+        if f"{name}.weight" in self.tuned:  # never folded (use_channel_scales)
+            gamma = self._tuned_input(f"{name}.weight", w)
+            if not self.gemma_norms:
+                return gamma
+            one = self.b.initializer(f"{name}.one", np.ones(1, self.dtype))
+            return self.b.node("Add", [gamma, one], name=f"{name}/Add_one")
         if name in self.norm_divisor:  # folded channel scales (never gemma: not supported)
             w = w / self.norm_divisor[name]
         if self.gemma_norms:  # Gemma's RMSNorm multiplies by (1 + w), in fp32 as HF does
@@ -963,6 +995,7 @@ def export_fused(
     adapter_branches: Mapping[str, AdapterBranch] | None = None,
     block_branches: Mapping[str, BlockBranch] | None = None,
     prefix_gates: bool = False,
+    tuned_parameters: Iterable[str] = (),
     optional_inputs: Mapping[str, np.ndarray] | None = None,
     progress: Callable[[str], None] | None = None,
     stream: LayerStream | None = None,
@@ -996,6 +1029,9 @@ def export_fused(
             beside that block (separate mode's parallel adapters).
         prefix_gates: Give every attention layer UniPELT's prefix gate inputs (module
             docstring); identity when left unfed.
+        tuned_parameters: Full names of the norm weights and projection biases a selective
+            adapter sets (separate mode): each becomes an optional input of that name,
+            defaulting to the base's value; one the graph does not hold raises.
         optional_inputs: Extra graph inputs, each defaulting to the array given.
         progress: Called with one line per decoder layer (default: the "edgepeft" logger
             at INFO level, or the stream's own progress callback).
@@ -1034,6 +1070,7 @@ def export_fused(
     e.adapter_branches = dict(adapter_branches or {})
     e.block_branches = dict(block_branches or {})
     e.prefix_gates = prefix_gates
+    e.tuned = frozenset(tuned_parameters)
     try:
         return _emit_graph(
             e,
@@ -1108,6 +1145,13 @@ def _emit_graph(
             f"an adapter targets layer {unexposed[0]} that the {model_type} graph does not "
             f"expose as a projection ({len(unexposed)} such layers: {unexposed[:4]}); "
             "export that adapter with mode='merged'"
+        )
+    untouched = sorted(e.tuned - e.emitted_tuned)
+    if untouched:
+        raise ValueError(
+            f"a selective adapter tunes {untouched[0]}, which the {model_type} graph does not "
+            f"hold as a norm weight or a projection bias ({len(untouched)} such parameters: "
+            f"{untouched[:4]}); export that adapter with mode='merged'"
         )
 
     present_shape = ["batch_size", dims.kv_heads, "total_sequence_length", dims.head_dim]

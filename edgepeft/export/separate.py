@@ -27,6 +27,10 @@ q/k/v or gate/up projection holds its modules' values side by side, see packed_a
                 self_attn.prefix_gate.weight (hidden,), .bias (1,) per layer, and
                 model.prefix_gate.columns = N ones (export_fused(prefix_gates=True))
                 + its prefix as adapters/<name>.kvprefix.safetensors (a hybrid, as MAM)
+    selective   <parameter> = original + Δ, under the parameter's own name ("model.norm.weight",
+                "...q_proj.bias"): the graph's input for that norm weight or bias, whose
+                default is the base's value (fused.py `tuned_parameters`; fused graphs only).
+                A masked (sparse) delta is stored dense here: γ and b are vectors, small
 
 DoRA's scale is computed here, once, from the base weights the adapter was trained on (the
 bnb layer dequantized to fp32), exactly as PyTorch computes it in every forward. The graph
@@ -36,8 +40,9 @@ base; the difference is measured in tests/test_export_separate.py.
 
 Prompt and prefix tuning are switchable too, as KV prefixes: kv_prefix.py writes their
 per-layer keys/values to adapters/<name>.kvprefix.safetensors, which the runtime seeds into
-the cache (no graph input). Not switchable here: selective adapters and modules_to_save
-(they replace norms, biases or whole heads rather than feed a projection): export those in
+the cache (no graph input). Not switchable here: modules_to_save (whole heads), and
+selective adapters that tune an embedding table, lm_head or a projection's weight (a file
+would carry the whole matrix, which the graph holds as quantized codes): export those in
 merged mode. GPT-2 and other architectures without a fused builder get the same inputs on
 their traced graph (generic_adapters.py), so their files, runtime and verify are the same;
 parallel adapters (MAM) and UniPELT, which reach inside whole blocks, need the fused graph.
@@ -65,6 +70,7 @@ from edgepeft.adapters.inject import delete_adapter, list_adapters
 from edgepeft.adapters.layer import adapter_modules
 from edgepeft.adapters.parallel import block_name
 from edgepeft.adapters.peft_format import load_adapter
+from edgepeft.adapters.selective import SelectiveLayer
 from edgepeft.adapters.unipelt import GatedBottleneckLayer, GatedLoraLayer, PrefixGate
 from edgepeft.base import (
     base_info,
@@ -121,6 +127,7 @@ _KINDS = {
     "PARALLEL_ADAPTER": "parallel",
     "MAM": "mam",
     "UNIPELT": "unipelt",
+    "SELECTIVE": "selective",
 }
 """peft_type -> the kind an .onnx_adapter's sidecar and the manifest record (else lora/dora)."""
 _PART_TYPES = {"MAM": ("PARALLEL_ADAPTER",), "UNIPELT": ("UNIPELT",)}
@@ -135,7 +142,7 @@ class AdapterTensors:
 
     name: str
     kind: str
-    """"lora", "dora", "ia3", "bottleneck", "parallel", "mam" or "unipelt"."""
+    """"lora", "dora", "ia3", "bottleneck", "parallel", "mam", "unipelt" or "selective"."""
     source: str
     slots: dict[str, AdapterSlot]
     """module -> the inputs this adapter needs there."""
@@ -149,6 +156,13 @@ class AdapterTensors:
     prefix: dict | None = None
     """A hybrid's (MAM's) KV-prefix part as `export_kv_prefix` wrote it (its manifest fields),
     loaded with the .onnx_adapter as one adapter; None for the other methods."""
+    parameters: tuple[str, ...] = ()
+    """A selective adapter's tuned base parameters (full names, each a graph input)."""
+
+    def targets(self) -> list[str]:
+        """The modules whose graph inputs the file sets."""
+        owners = {p.rsplit(".", 1)[0] for p in self.parameters}
+        return sorted(set(self.slots) | owners)
 
 
 def _np(tensor: torch.Tensor) -> np.ndarray:
@@ -172,7 +186,7 @@ def adapter_tensors(model: nn.Module, name: str, source: str = "") -> AdapterTen
         raise _refuse(name, f"trains whole modules ({', '.join(config.modules_to_save)}: modules_to_save)")
     kind = _KINDS.get(config.peft_type) or ("dora" if config.use_dora else "lora")
     parts = _PART_TYPES.get(config.peft_type, (config.peft_type,))
-    slots, tensors, ranks, scaling = {}, {}, {}, {}
+    slots, tensors, ranks, scaling, parameters = {}, {}, {}, {}, []
     for path, module in adapter_modules(model):
         if name not in module:
             continue
@@ -180,6 +194,11 @@ def adapter_tensors(model: nn.Module, name: str, source: str = "") -> AdapterTen
             continue  # a hybrid's prefix part: export_separate writes it as a .kvprefix file
         if module.peft_type not in parts:
             raise _refuse(name, f"holds a {module.peft_type} module at {path}")
+        if isinstance(module, SelectiveLayer):  # base parameters, not a projection's input
+            values = _tuned_values(model, module, name, path)
+            tensors.update(values)
+            parameters.extend(values)
+            continue
         if isinstance(module, PrefixGate):  # beside attention's bias, not a projection
             weight, bias = prefix_gate_inputs(path.rsplit(".", 1)[0])
             gate = module.gate[name]
@@ -230,7 +249,7 @@ def adapter_tensors(model: nn.Module, name: str, source: str = "") -> AdapterTen
             ranks[path] = down.weight.shape[0]
             slot = AdapterSlot(path, in_f, out_f, bottleneck=module.activation[name])
         slots[path] = slot
-    if not slots:
+    if not slots and not parameters:
         raise ValueError(f"adapter {name!r} adapts no module of this model")
     # Values trained to NaN/inf in memory never reached load_adapter's check.
     check_finite(tensors, adapter=name, file=source or "the model's adapter (in memory)")
@@ -243,7 +262,34 @@ def adapter_tensors(model: nn.Module, name: str, source: str = "") -> AdapterTen
         ranks=ranks,
         scaling=scaling,
         config=config_to_dict(config),
+        parameters=tuple(parameters),
     )
+
+
+def _tuned_values(
+    model: nn.Module, module: SelectiveLayer, name: str, path: str
+) -> dict[str, np.ndarray]:
+    """A selective adapter's part at `path`: {full parameter name: original + Δ} in fp32.
+
+    Only the vectors a graph holds as plain values can be inputs: norm weights and
+    projection biases. An embedding table, lm_head or a linear weight would put a whole
+    matrix in every file, over codes the graph stores quantized: those are refused.
+    """
+    base = module.innermost()
+    out = {}
+    for param, value in module.merge_update(name).items():
+        full = f"{path}.{param}"
+        embedding = base is model.get_input_embeddings() or base is model.get_output_embeddings()
+        matrix = value.dim() != 1 or (is_linear_like(base) and param != "bias")
+        if embedding or matrix:
+            raise _refuse(
+                name,
+                f"tunes {full} ({list(value.shape)}): a switchable file holds norm weights and "
+                "projection biases only, not whole matrices (narrow its patterns to "
+                r"'norm\.weight$' / '\.bias$' to switch it)",
+            )
+        out[full] = _np(value)
+    return out
 
 
 def _gated_part(module, name: str, path: str) -> tuple[AdapterSlot, dict[str, np.ndarray], int]:
@@ -301,7 +347,7 @@ def _description(adapter: AdapterTensors, layout) -> dict:
         "kind": adapter.kind,
         "peft_type": adapter.config["peft_type"],
         "source": adapter.source,
-        "targets": sorted(adapter.slots),
+        "targets": adapter.targets(),
         "ranks": adapter.ranks,
         "scaling": adapter.scaling,
         "activation": next(
@@ -336,7 +382,7 @@ def _write(adapter: AdapterTensors, out_dir: Path, layout, graph_inputs, base_fi
         fingerprint=base_fingerprint,
         kind=adapter.kind,
         rank=max(adapter.ranks.values(), default=None),
-        targets=sorted(adapter.slots),
+        targets=adapter.targets(),
         file=os.path.relpath(written.path, out_dir),
         sha256=written.sha256,
         prefix_file=adapter.prefix["file"] if adapter.prefix else None,
@@ -438,6 +484,14 @@ def export_separate(
             "graph: export them with graph='fused' on an architecture that has it (llama, qwen, "
             "mistral, gemma, phi3)"
         )
+    tuned = sorted({p for a in read for p in a.parameters})
+    if tuned and builder != "fused":
+        raise ValueError(
+            f"selective adapter(s) {sorted(a.name for a in read if a.parameters)} tune norm "
+            f"weights and biases, which only the fused graph takes as inputs; the {model_type} "
+            "export here is the traced (generic) graph: export them with mode='merged', or "
+            "graph='fused' on an architecture that has it (llama, qwen, mistral, gemma, phi3)"
+        )
     guard = {fingerprint_input(base_fingerprint): np.zeros(1, np.float32)}
     kwargs = dict(
         block_size=block_size,
@@ -455,6 +509,7 @@ def export_separate(
             adapter_branches=slots,
             block_branches={path: slot.block for path, slot in blocks.items()},
             prefix_gates=bool(gated),
+            tuned_parameters=tuned,
             stream=stream,
             calibration_ids=calibration_ids(tokenizer) if weights == "int4" else None,
             **kwargs,

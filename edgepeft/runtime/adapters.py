@@ -48,8 +48,8 @@ class AdapterInfo:
 
     name: str
     kind: str
-    """"lora", "dora", "ia3", "bottleneck", "parallel" (graph inputs), "kv_prefix" (cache
-    seed) or "mam" / "unipelt" (both)."""
+    """"lora", "dora", "ia3", "bottleneck", "parallel", "selective" (graph inputs),
+    "kv_prefix" (cache seed) or "mam" / "unipelt" (both)."""
     rank: int | None
     """LoRA/DoRA rank (the largest), bottleneck width; None otherwise."""
     bytes: int
