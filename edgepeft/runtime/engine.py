@@ -40,6 +40,7 @@ from edgepeft.runtime.errors import ContextLengthError
 from edgepeft.runtime.kv_cache import CacheSpec, Slot, SlotPool
 from edgepeft.runtime.memory import MemoryReport, graph_bytes
 from edgepeft.runtime.mixed import mixed_adapter, stack_adapters
+from edgepeft.runtime.row import RowState, held_back, stop_strings
 from edgepeft.runtime.sampling import Sampler, SamplingConfig
 from edgepeft.runtime.session import LOG, choose_providers, create_session, device_settings
 
@@ -357,7 +358,7 @@ class Engine:
             adapter,
             max_new_tokens,
             _sampling(temperature, top_k, top_p, repetition_penalty, seed),
-            _stops(stop),
+            stop_strings(stop),
             truncate,
             min_new=_min_new(min_new_tokens, max_new_tokens, ignore_eos),
         )
@@ -443,7 +444,7 @@ class Engine:
         """
         if not prompts:
             raise ValueError("stream_batch() needs at least one prompt")
-        stops = _stops(stop)
+        stops = stop_strings(stop)
         sampling = _sampling(temperature, top_k, top_p, repetition_penalty, seed)
         limits = _row_limits(max_new_tokens, len(prompts))
         min_new = _min_new(min_new_tokens, max(limits), ignore_eos)
@@ -456,7 +457,7 @@ class Engine:
                 texts = [r.text for r in value] if final else value
                 pieces = []
                 for b, text in enumerate(texts):
-                    safe = len(text) if final else len(text) - _held_back(text, stops)
+                    safe = len(text) if final else len(text) - held_back(text, stops)
                     pieces.append(text[sent[b] : safe] if safe > sent[b] else "")
                     sent[b] = max(sent[b], safe)
                 if final:
@@ -494,7 +495,7 @@ class Engine:
         n_virtual = prefix.num_virtual_tokens if prefix is not None else 0
         rows = [self.encode(p) for p in prompts]
         rows = [
-            self._fit(r, n_virtual, max_new_tokens, truncate, i, len(rows))
+            self.fit_prompt(r, n_virtual, max_new_tokens, truncate, i, len(rows))
             for i, r in enumerate(rows)
         ]
         input_ids, mask = self._left_padded(rows)
@@ -515,16 +516,20 @@ class Engine:
             else:
                 params = loaded.parameters if loaded is not None else {}
                 steps = generic_steps(self.session, self.spec, params, input_ids, mask, prefix)
-            has_text = self._has_tokenizer()
+            has_text = self.has_tokenizer()
             if stops and not has_text:
                 raise ValueError("stop strings need the export's tokenizer (tokenizer.json)")
-            decoders = [
-                IncrementalDecoder(self.codec) if incremental and has_text else None for _ in rows
+            states = [
+                RowState(
+                    limit=min(limit, new_tokens),
+                    eos=self.eos_token_ids,
+                    stops=stops,
+                    decoder=IncrementalDecoder(self.codec) if incremental and has_text else None,
+                    min_new=min_new,
+                    limit_reason="length" if limit <= new_tokens else "context",
+                )
+                for limit in limits
             ]
-            generated: list[list[int]] = [[] for _ in rows]
-            texts = [""] * batch
-            floors = [0] * batch  # a stop string must end past this character of the text
-            reasons: list[str | None] = [None] * batch
             start = time.perf_counter()
             try:
                 logits = next(steps)
@@ -532,61 +537,55 @@ class Engine:
                 decode_start = time.perf_counter()
                 for step in range(new_tokens):
                     # Non-finite logits would sample token 0 and answer '' without a word.
-                    active = [r is None for r in reasons]
+                    active = [not state.done for state in states]
                     check_finite_logits(logits[active], adapter=adapter_name, step=step)
                     # Every unfinished row has `step` tokens: eos is held back for all alike.
                     banned = self.eos_token_ids if step < min_new else ()
                     tokens = sampler(logits, seen, banned)
-                    for b in range(batch):
-                        if reasons[b] is not None:
+                    for b, state in enumerate(states):
+                        if state.done:
                             continue
-                        token = int(tokens[b])
-                        if token in self.eos_token_ids:
-                            reasons[b] = "eos"
-                            continue
-                        generated[b].append(token)
-                        if len(generated[b]) == limits[b] < max_new_tokens:
-                            reasons[b] = "length"  # this row's own limit, below the batch's
-                        if seen is not None:
-                            seen[b].append(token)
-                        if decoders[b] is not None:
-                            texts[b] += decoders[b].push(token)
-                            if len(generated[b]) < min_new:
-                                floors[b] = len(texts[b])
-                                continue
-                            hit = _first_stop(texts[b], stops, floors[b])
-                            if hit is not None:
-                                texts[b], reasons[b] = texts[b][:hit], "stop"
-                    if all(r is not None for r in reasons) or step == new_tokens - 1:
+                        state.push(int(tokens[b]))
+                        if seen is not None and state.reason != "eos":
+                            seen[b].append(int(tokens[b]))
+                    if all(state.done for state in states):
                         break
-                    yield texts, False
-                    tokens = np.where([r is None for r in reasons], tokens, self.pad_token_id)
+                    yield [state.text for state in states], False
+                    live = [not state.done for state in states]  # ended rows feed a pad
+                    tokens = np.where(live, tokens, self.pad_token_id)
                     logits = steps.send(tokens.astype(np.int64))
                 decode_ms = (time.perf_counter() - decode_start) * 1000
             finally:
                 steps.close()
-        ended = "length" if new_tokens == max_new_tokens else "context"
-        results = []
-        for b in range(batch):
-            text = (
-                texts[b]
-                if reasons[b] == "stop"
-                else self.codec.decode(generated[b])
-                if has_text
-                else ""
-            )
-            results.append(
-                GenerationResult(
-                    text=text,
-                    token_ids=generated[b],
-                    prompt_ids=rows[b],
-                    finish_reason=reasons[b] or ended,
-                    adapter=row_names[b],
-                    prefill_ms=prefill_ms,
-                    decode_ms=decode_ms,
-                )
-            )
+        results = [
+            self.result(state, prompt_ids, name, prefill_ms, decode_ms)
+            for state, prompt_ids, name in zip(states, rows, row_names, strict=True)
+        ]
         yield results, True
+
+    def result(
+        self,
+        state: RowState,
+        prompt_ids: list[int],
+        adapter: str | None,
+        prefill_ms: float,
+        decode_ms: float,
+    ) -> GenerationResult:
+        """The GenerationResult of a finished row: a stopped row keeps its cut text, the
+        others are decoded whole (the tokenizer's own text, not the pieces')."""
+        if state.reason == "stop":
+            text = state.text
+        else:
+            text = self.codec.decode(state.generated) if self.has_tokenizer() else ""
+        return GenerationResult(
+            text=text,
+            token_ids=state.generated,
+            prompt_ids=prompt_ids,
+            finish_reason=state.reason or state.limit_reason,
+            adapter=adapter,
+            prefill_ms=prefill_ms,
+            decode_ms=decode_ms,
+        )
 
     def _left_padded(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """input_ids and attention_mask (B, T), rows right-aligned (every prompt ends at T)."""
@@ -598,7 +597,8 @@ class Engine:
             mask[b, length - len(row) :] = 1
         return input_ids, mask
 
-    def _has_tokenizer(self) -> bool:
+    def has_tokenizer(self) -> bool:
+        """Whether the export ships a tokenizer (text in and out; else token ids only)."""
         if self._codec is not None:
             return True
         try:
@@ -607,7 +607,11 @@ class Engine:
             return False
         return True
 
-    def _fit(self, row: list[int], n_virtual: int, max_new: int, truncate: bool, i: int, n: int):
+    def fit_prompt(
+        self, row: list[int], n_virtual: int, max_new: int, truncate: bool, i: int = 0, n: int = 1
+    ) -> list[int]:
+        """Prompt `i` of `n` as it fits the export's max_context beside `n_virtual` virtual
+        tokens: as is, cut to its last tokens (`truncate`), or ContextLengthError."""
         limit = self.spec.max_context
         if not row:
             raise ValueError(
@@ -686,32 +690,6 @@ def _row_limits(max_new_tokens, batch: int) -> list[int]:
     if min(limits) < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {min(limits)}")
     return limits
-
-
-def _stops(stop) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    if any(not isinstance(s, str) or not s for s in stops):
-        raise ValueError(f"stop must be non-empty strings, got {stop!r}")
-    return stops
-
-
-def _first_stop(text: str, stops: tuple[str, ...], after: int = 0) -> int | None:
-    """Where the first stop string that ends past character `after` of `text` starts."""
-    hits = [i for i in (text.find(s, max(after - len(s) + 1, 0)) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Characters at the end of `text` that may start a stop string (not streamed yet)."""
-    held = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                held = max(held, k)
-                break
-    return held
 
 
 __all__ = ["Engine", "GenerationResult", "Request"]
