@@ -1,5 +1,6 @@
-"""The server's scheduler batches concurrent greedy requests, mixed LoRA adapters in one
-forward, and every answer equals that request run alone (serve/scheduler.py)."""
+"""The server's scheduler batches concurrent requests, mixed LoRA adapters in one forward,
+lets a request join a running batch between decode steps, and every answer equals that
+request run alone (serve/scheduler.py, runtime/continuous.py)."""
 
 from __future__ import annotations
 
@@ -66,15 +67,16 @@ def test_mixed_greedy_requests_share_one_batch_and_answer_as_alone(engine):
         assert sink.last.result.finish_reason == alone.finish_reason
 
 
-def test_sampled_requests_and_differing_options_run_apart(engine):
+def test_sampled_requests_and_differing_options_share_the_batch(engine):
+    """Each row has its own sampler, seed and stop strings: one batch, each as alone."""
     jobs = [
         _job(PROMPTS[0], "sql", 4),
-        _job(PROMPTS[1], "chat", 4, temperature=0.8, seed=3),  # sampled: alone
-        _job(PROMPTS[2], None, 4, stop=["x"]),  # other options: its own batch
+        _job(PROMPTS[1], "chat", 4, temperature=0.8, seed=3),
+        _job(PROMPTS[2], None, 4, stop=["x"]),
         _job(PROMPTS[1], "chat", 5),
     ]
     sinks, metrics = _run_all(engine, jobs)
-    assert metrics.batches == 3 and metrics.batch_rows == 4
+    assert metrics.batches == 1 and metrics.batch_rows == 4
     for job, sink in zip(jobs, sinks, strict=True):
         alone = engine.generate(job.prompt, adapter=job.adapter, return_result=True, **job.options)
         assert sink.last.result.token_ids == alone.token_ids
@@ -100,3 +102,32 @@ def test_a_cancelled_row_leaves_the_others_running(engine):
     assert isinstance(sinks[0].last, Failed)
     alone = engine.generate(jobs[1].prompt, adapter="chat", return_result=True, **jobs[1].options)
     assert sinks[1].last.result.token_ids == alone.token_ids
+
+
+def test_a_request_joins_a_running_batch_and_finishes_first(engine):
+    """A short request sent while a long one decodes joins between two decode steps and
+    ends long before it: it never waits for the long one to finish."""
+    metrics = Metrics()
+    scheduler = Scheduler(engine, max_queue=4, max_batch=4, metrics=metrics)
+    scheduler.start()
+    long_sink, short_sink = Collect(), Collect()
+    started = threading.Event()
+
+    def long_events(event):
+        long_sink(event)
+        started.set()
+
+    long_job = _job(PROMPTS[0], "sql", 400, ignore_eos=True)
+    scheduler.submit(long_job, long_events)
+    assert started.wait(60)  # the long request is decoding
+    short = _job(PROMPTS[1], "chat", 6)
+    scheduler.submit(short, short_sink)
+    assert short_sink.done.wait(60)
+    assert not long_sink.done.is_set()  # still decoding when the short one ended
+    assert long_sink.done.wait(120)
+    scheduler.close(30)
+    assert (metrics.batches, metrics.batch_rows) == (1, 2)  # one batch, joined while running
+    for job, sink in ((long_job, long_sink), (short, short_sink)):
+        alone = engine.generate(job.prompt, adapter=job.adapter, return_result=True, **job.options)
+        assert sink.last.result.token_ids == alone.token_ids
+        assert "".join(sink.pieces) == alone.text

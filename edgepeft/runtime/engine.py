@@ -11,6 +11,8 @@
         │      ─► sampling.py picks tokens ─► stop at eos / stop strings / max_new_tokens
         │      (eos and stop strings not before min_new_tokens; ignore_eos: max_new_tokens)
         ├─ stream(...) ─► text pieces as they are decoded
+        ├─ open_batch(rows) ─► a ContinuousBatch: requests join and leave between decode
+        │      steps, each row its own adapter, sampler and limits (continuous.py)
         └─ memory() ─► base, adapter and KV cache bytes
 
 Thread-safe: every request works in its own Slot; the session, the registry and the pool
@@ -40,7 +42,7 @@ from edgepeft.runtime.errors import ContextLengthError
 from edgepeft.runtime.kv_cache import CacheSpec, Slot, SlotPool
 from edgepeft.runtime.memory import MemoryReport, graph_bytes
 from edgepeft.runtime.mixed import mixed_adapter, stack_adapters
-from edgepeft.runtime.row import RowState, held_back, stop_strings
+from edgepeft.runtime.row import RowState, held_back, min_new_tokens_of, stop_strings
 from edgepeft.runtime.sampling import Sampler, SamplingConfig
 from edgepeft.runtime.session import LOG, choose_providers, create_session, device_settings
 
@@ -239,16 +241,22 @@ class Engine:
         names = list(adapter)
         if len(names) != batch:
             raise ValueError(f"adapter lists {len(names)} names for a batch of {batch} prompts")
+        return self.batch_adapter(names), names
+
+    def batch_adapter(self, rows: Sequence[str | None]) -> LoadedAdapter | None:
+        """What a batch binds for one adapter name (or None: the base) per row: that adapter
+        when all rows agree, else the rows' LoRA adapters stacked with row masks (mixed.py)."""
+        names = list(rows)
         if len(set(names)) == 1:
-            return self._row_adapters(names[0], batch)[0], names
-        rows = tuple(names)
+            return None if names[0] is None else self._registry.get(names[0])
+        distinct = tuple(sorted({n for n in names if n is not None}))
+        key = tuple(names)
         with self._mixed_lock:
-            hit = self._mixed.get(rows)
+            hit = self._mixed.get(key)
         if hit is None:
             import onnxruntime as ort
 
             to_ort = ort.OrtValue.ortvalue_from_numpy
-            distinct = tuple(sorted({n for n in names if n is not None}))
             with self._mixed_lock:
                 stack = self._stacks.get(distinct)
             if stack is None:
@@ -261,10 +269,17 @@ class Engine:
                     old = self._stacks.pop(next(iter(self._stacks)))
                     for key in [k for k, v in self._mixed.items() if v.keep_alive[0] is old]:
                         self._pool.forget(self._mixed.pop(key).name)
-                self._mixed[rows] = hit
+                self._mixed[key] = hit
                 while len(self._mixed) > MIXED_BATCHES:
                     self._pool.forget(self._mixed.pop(next(iter(self._mixed))).name)
-        return hit, names
+        return hit
+
+    def open_batch(self, rows: int = 8, context: int | None = None):
+        """A ContinuousBatch over this engine: requests join and leave between decode steps
+        (runtime/continuous.py; fused exports). Close it to give its slot back."""
+        from edgepeft.runtime.continuous import ContinuousBatch
+
+        return ContinuousBatch(self, rows, context)
 
     def _prepare(self, loaded: LoadedAdapter | None, batch_size: int, capacity: int) -> Request:
         if not self.spec.shared:
@@ -360,7 +375,7 @@ class Engine:
             _sampling(temperature, top_k, top_p, repetition_penalty, seed),
             stop_strings(stop),
             truncate,
-            min_new=_min_new(min_new_tokens, max_new_tokens, ignore_eos),
+            min_new=min_new_tokens_of(min_new_tokens, max_new_tokens, ignore_eos),
         )
         out = results if return_result else [r.text for r in results]
         return out if batched else out[0]
@@ -447,7 +462,7 @@ class Engine:
         stops = stop_strings(stop)
         sampling = _sampling(temperature, top_k, top_p, repetition_penalty, seed)
         limits = _row_limits(max_new_tokens, len(prompts))
-        min_new = _min_new(min_new_tokens, max(limits), ignore_eos)
+        min_new = min_new_tokens_of(min_new_tokens, max(limits), ignore_eos)
         sent = [0] * len(prompts)
         run = self._run(
             list(prompts), adapter, limits, sampling, stops, truncate, True, min_new=min_new
@@ -666,16 +681,6 @@ def _sampling(temperature, top_k, top_p, repetition_penalty, seed) -> SamplingCo
         repetition_penalty=float(repetition_penalty),
         seed=seed,
     )
-
-
-def _min_new(min_new_tokens: int, max_new_tokens: int, ignore_eos: bool) -> int:
-    if ignore_eos:
-        return max_new_tokens
-    if not 0 <= min_new_tokens <= max_new_tokens:
-        raise ValueError(
-            f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}"
-        )
-    return min_new_tokens
 
 
 def _row_limits(max_new_tokens, batch: int) -> list[int]:

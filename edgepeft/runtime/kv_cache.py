@@ -83,8 +83,9 @@ class Slot:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.kv.values()) + self.mask.nbytes + self.logits.nbytes
 
-    def binding(self, adapter):
-        """The IOBinding for `adapter` (a LoadedAdapter or None), built once per slot."""
+    def binding(self, adapter, cache: bool = True):
+        """The IOBinding for `adapter` (a LoadedAdapter or None), built once per slot; with
+        cache=False built anew and not kept (a continuous batch's ever-changing row mixes)."""
         key = None if adapter is None else adapter.name
         hit = self._bindings.get(key)
         if hit is not None and hit[0] is adapter:
@@ -97,7 +98,8 @@ class Slot:
             binding.bind_ortvalue_output(present_name(name), value)
         binding.bind_ortvalue_input("input_ids", self.ids_value)
         binding.bind_ortvalue_output("logits", self.logits_value)
-        self._bindings[key] = (adapter, binding)
+        if cache:
+            self._bindings[key] = (adapter, binding)
         return binding
 
     def row_binding(self, row: int, parameters=None):

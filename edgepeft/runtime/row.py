@@ -44,6 +44,17 @@ def held_back(text: str, stops: Sequence[str]) -> int:
     return held
 
 
+def min_new_tokens_of(min_new_tokens: int, max_new_tokens: int, ignore_eos: bool) -> int:
+    """The tokens before which neither eos nor a stop string ends a row (ignore_eos: all)."""
+    if ignore_eos:
+        return max_new_tokens
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(
+            f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}"
+        )
+    return min_new_tokens
+
+
 @dataclass
 class RowState:
     """What one row has generated and whether it has ended (see the module docstring)."""
@@ -101,4 +112,4 @@ class RowState:
         return piece
 
 
-__all__ = ["RowState", "first_stop", "held_back", "stop_strings"]
+__all__ = ["RowState", "first_stop", "held_back", "min_new_tokens_of", "stop_strings"]

@@ -7,7 +7,8 @@
     edgepeft_prompt_tokens_total{model}     counter
     edgepeft_generation_tokens_total{model} counter
     edgepeft_generation_seconds_total       counter  worker time spent generating
-    edgepeft_batches_total                  counter  forwards the worker ran requests in
+    edgepeft_batches_total                  counter  batches the worker ran requests in (a
+                                                     continuous batch: from empty to empty)
     edgepeft_batch_rows_total               counter  requests in them (/ batches: mean size)
     edgepeft_tokens_per_second              gauge    generated tokens / generation seconds of
                                                      the requests finished in the last WINDOW_S
@@ -51,6 +52,12 @@ class Metrics:
         with self._lock:
             self.batches += 1
             self.batch_rows += rows
+
+    def joined(self, new_batch: bool) -> None:
+        """A request joined the continuous batch; `new_batch`: it was empty (a new batch)."""
+        with self._lock:
+            self.batches += int(new_batch)
+            self.batch_rows += 1
 
     def failed(self, model: str, outcome: str) -> None:
         with self._lock:

@@ -1,23 +1,26 @@
 """The queue between HTTP handlers and the engine: bounded, one worker, cancellable, batching.
 
     handler ─ submit(job, sink) ─► deque (≤ max_queue waiting; full: QueueFullError → 429)
-                                     │ one worker thread, oldest first, which takes with it
-                                     │ up to max_batch - 1 waiting jobs it can batch with
+                                     │ one worker thread, oldest first
                                      ▼
-              one job:  Engine.stream(job.prompt, adapter=job.adapter, return_result=True)
-              a batch:  Engine.stream_batch(prompts, adapter=[per row], max_new_tokens=[per row])
-                        greedy jobs with the same options but max_tokens; LoRA adapters and
-                        the base mix in one forward (runtime/mixed.py), any other adapter
-                        batches with itself only; each row equals that job run alone
-                  each text piece ──► sink(Piece)       cancelled / past deadline: the stream
-                  the result      ──► sink(Finished)    is closed between two decode steps,
+    fused export: one ContinuousBatch of max_batch rows (runtime/continuous.py)
+        before every decode step, waiting jobs join in queue order while the oldest fits
+        (a free row, its prompt within the batch's columns, an adapter that mixes with the
+        rows running: LoRA and the base mix, another adapter only with itself); a job that
+        does not fit yet holds the ones behind it until it does (no job is overtaken
+        forever); each row has its own sampler and options and equals that job run alone
+        a job whose adapter seeds a KV prefix runs alone, once the batch is empty:
+            Engine.stream(job.prompt, adapter=job.adapter, return_result=True)
+    traced (generic) export: Engine.stream_batch of the oldest job and the waiting ones
+        with its options (greedy, same adapter or LoRA / base), run to its last row
+                  each text piece ──► sink(Piece)       cancelled / past deadline: the row
+                  the result      ──► sink(Finished)    leaves between two decode steps,
                   an exception    ──► sink(Failed)      its slot freed, sink(Failed)
     cancel(ticket): a waiting ticket leaves the queue at once; a running one stops at its
     next piece.  close(): no new submits; what is queued or running finishes; the worker ends.
 
 `sink` is called on the worker thread and must not block (the app hands events to its
-event loop). A batch runs until its last row ends: a job arriving meanwhile waits for the
-next batch (rows do not yet join a running batch between decode steps).
+event loop).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from edgepeft.runtime.continuous import CannotJoin
 from edgepeft.runtime.engine import GenerationResult
 from edgepeft.serve.errors import (
     QueueFullError,
@@ -81,11 +85,15 @@ class Ticket:
     deadline: float
     """time.monotonic() after which the job is stopped (RequestTimeoutError)."""
     submitted: float
+    started: float = 0.0
+    """time.monotonic() when it began decoding (its generation time counts from here)."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     reason: BaseException | None = None
     """What a cancelled ticket fails with (default: RequestCancelledError)."""
     done: threading.Event = field(default_factory=threading.Event)
     """Set once the last event (Finished or Failed) went to the sink."""
+    row: object | None = None
+    """Its RowRequest, once a continuous batch checked and tokenized the job."""
 
 
 class Scheduler:
@@ -237,6 +245,137 @@ class Scheduler:
         return (repr(sorted(options.items())), None if mixes else job.adapter)
 
     def _work(self) -> None:
+        open_batch = getattr(self.engine, "open_batch", None)
+        try:
+            batch = open_batch(self.max_batch) if open_batch is not None else None
+        except CannotJoin:  # a traced graph: whole batches, one after another
+            batch = None
+        if batch is None:
+            self._work_in_batches()
+            return
+        try:
+            self._work_continuously(batch)
+        finally:
+            batch.close()
+
+    # ------------------------------------------------------------ continuous batching
+
+    def _work_continuously(self, batch) -> None:
+        rows: dict[int, Ticket] = {}  # handle -> the ticket decoding in that row
+        while True:
+            with self._lock:
+                while not self._queue and not rows:
+                    if self._closing:
+                        return
+                    self._lock.wait()
+            self._admit(batch, rows)
+            if not rows:
+                continue
+            try:
+                updates = batch.step()
+            except Exception as e:  # the worker outlives any one batch: its rows fail
+                for handle, ticket in rows.items():
+                    batch.leave(handle)
+                    self._fail(ticket, e)
+                rows.clear()
+                updates = []
+            for update in updates:
+                ticket = rows[update.handle]
+                if update.piece:
+                    self._send(ticket, Piece(update.piece))
+                if update.error is not None:
+                    self._fail(ticket, update.error)
+                elif update.result is not None:
+                    self._finish(ticket, update.result, time.monotonic() - ticket.started)
+                if ticket.done.is_set():
+                    del rows[update.handle]
+            now = time.monotonic()
+            for handle, ticket in list(rows.items()):
+                if ticket.cancelled.is_set():
+                    error = ticket.reason or RequestCancelledError("the client went away")
+                elif now > ticket.deadline:
+                    error = self._timeout("generating")
+                else:
+                    continue
+                batch.leave(handle)
+                del rows[handle]
+                self._fail(ticket, error)
+            with self._lock:
+                self._running = list(rows.values())
+
+    def _admit(self, batch, rows: dict[int, Ticket]) -> None:
+        """Join waiting jobs, oldest first, while the oldest fits the batch."""
+        if not rows:  # an empty batch starts at the longest prompt of those about to join
+            with self._lock:
+                waiting = list(self._queue)[: self.max_batch]
+            batch.begin([t.row for t in itertools.takewhile(lambda t: self._prepared(batch, t), waiting)])
+        while True:
+            with self._lock:
+                ticket = self._queue[0] if self._queue else None
+            if ticket is None:
+                return
+            if time.monotonic() > ticket.deadline:
+                self._take(ticket)
+                self._fail(ticket, self._timeout("waiting in the queue"))
+                continue
+            if ticket.row is None:
+                try:
+                    self._prepared(batch, ticket, quiet=False)
+                except CannotJoin:
+                    if rows:  # it runs alone once the batch is empty
+                        return
+                    if self._take(ticket):
+                        if self.metrics is not None:
+                            self.metrics.batched(1)
+                        with self._lock:
+                            self._running = [ticket]
+                        self._run(ticket)
+                        with self._lock:
+                            self._running = []
+                    continue
+                except Exception as e:  # a bad request fails alone
+                    if self._take(ticket):
+                        self._fail(ticket, e)
+                    continue
+            if not batch.fits(ticket.row):
+                return
+            if not self._take(ticket):
+                continue  # cancelled meanwhile
+            if self.metrics is not None:
+                self.metrics.joined(new_batch=not rows)
+            ticket.started = time.monotonic()
+            try:
+                rows[batch.join(ticket.row)] = ticket
+            except Exception as e:  # e.g. its adapter unloaded since it was checked
+                self._fail(ticket, e)
+            with self._lock:
+                self._running = list(rows.values())
+
+    def _prepared(self, batch, ticket: Ticket, quiet: bool = True) -> bool:
+        """Check and tokenize the ticket's job for `batch` once (Ticket.row); with `quiet`,
+        a job that cannot join is False here and fails (or runs alone) in `_admit`."""
+        if ticket.row is None:
+            job = ticket.job
+            try:
+                ticket.row = batch.request(job.prompt, job.adapter, **job.options)
+            except Exception:
+                if quiet:
+                    return False
+                raise
+        return True
+
+    def _take(self, ticket: Ticket) -> bool:
+        """Take `ticket` off the queue; False if it left meanwhile (cancelled)."""
+        with self._lock:
+            try:
+                self._queue.remove(ticket)
+            except ValueError:
+                return False
+            return True
+
+    # ------------------------------------------------------------ whole batches
+
+    def _work_in_batches(self) -> None:
         while batch := self._next():
             if self.metrics is not None:
                 self.metrics.batched(len(batch))
