@@ -5,8 +5,8 @@
     server                   `edgepeft serve EXPORT --port 0` in a subprocess (8 adapters loaded)
     one at a time            each client's requests in turn: TTFT, per-token latency
     concurrent               N threads, each its own openai client and adapter, R requests each
-                             (the scheduler batches the waiting greedy requests: mixed adapters
-                             in one forward, serve/scheduler.py)
+                             (continuous batching: a request joins the running batch between
+                             decode steps, LoRA adapters mixed in one forward; serve/scheduler.py)
     same adapter             the same N threads all on one adapter: what mixing costs
     ─► a table: aggregate tok/s and its ratio to one at a time, p50/p99 TTFT and per-token
        latency, server RSS; BENCHMARKS.md section "serve" with --real, or --output FILE
@@ -229,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             rss = rss_bytes(server.process.pid)
         finally:
             server.close()
+        sizes = export_sizes(export)
     model = export.name if args.export else "SmolLM2-135M-Instruct" if args.real else "random llama"
-    text = markdown(model, args, len(names) - 1, alone, mixed, same, rss)
+    text = markdown(model, args, len(names) - 1, alone, mixed, same, rss, sizes)
     print(text)
     if args.json:
         runs = {"one at a time": alone, "mixed": mixed, "same adapter": same}
@@ -246,11 +247,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def export_sizes(export: Path) -> tuple[float, float]:
+    """(base graph bytes, mean adapter file bytes) of a separate export."""
+    base = sum(f.stat().st_size for f in export.glob("model.onnx*"))
+    files = list((export / "adapters").glob("*.onnx_adapter"))
+    return base, sum(f.stat().st_size for f in files) / max(len(files), 1)
+
+
 def tokens_per_s(results: list[dict], wall: float) -> float:
     return sum(r["tokens"] for r in results) / wall
 
 
-def markdown(model, args, loaded, alone, mixed, same, rss) -> str:
+def markdown(model, args, loaded, alone, mixed, same, rss, sizes) -> str:
     base = tokens_per_s(*alone)
     mixed_rate, same_rate = tokens_per_s(*mixed), tokens_per_s(*same)
     per_token = statistics.median(r["per_token"] for r in mixed[0]) / statistics.median(
@@ -277,8 +285,14 @@ def markdown(model, args, loaded, alone, mixed, same, rss) -> str:
         f"- A mixed-adapter batch against a same-adapter batch, per token (median): "
         f"**{per_token:.2f}x** (goal <= 1.15x); aggregate {mixed_rate:.0f} vs {same_rate:.0f} tok/s.",
         f"- Server RSS with {loaded} adapters loaded: {rss / 2**20:.1f} MiB.",
-        "- Batches form from requests waiting when the worker takes the next one; a batch runs to "
-        "its last row, so a request arriving meanwhile waits for it (TTFT).",
+        f"- Bytes behind each decode step: the base graph is {sizes[0] / 2**20:.1f} MiB, one "
+        f"adapter {sizes[1] / 2**20:.1f} MiB (fp32). A same-adapter batch reads one adapter per "
+        f"step, a batch of {len(set(args_models(args)))} different ones reads all of theirs: "
+        f"{(sizes[0] + sizes[1]) / 2**20:.0f} vs "
+        f"{(sizes[0] + len(set(args_models(args))) * sizes[1]) / 2**20:.0f} MiB per step.",
+        "- Continuous batching: a request joins the running batch between two decode steps "
+        "(its prefill runs alone, then it decodes with the others) and leaves when it ends; "
+        "TTFT includes the wait for a free row.",
     ]
     return "\n".join(lines) + "\n"
 

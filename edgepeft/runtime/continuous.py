@@ -23,11 +23,13 @@ A row that joins at P sits at positions P-L.. rather than 0..: rotary scores dep
 position differences, so its logits are the prompt's alone up to rounding, as for any
 left-padded row. Columns left of a row hold masked stale keys of an earlier occupant.
 
-Adapters: LoRA rows and base rows share one forward (mixed.py): the batch stacks every
-LoRA adapter that joined since it was last empty, so a join or leave changes only row masks.
-It holds the adapters a row joined with: an adapter unloaded (or reloaded under its name)
-meanwhile leaves the running rows as they were; a reloaded one joins once the batch empties.
-Rows of any other adapter share a batch only with rows of that adapter. An adapter that
+Adapters: rows that all use one adapter (or none) bind it alone, as a request alone does;
+LoRA rows of several adapters and base rows share one forward through a stack (mixed.py).
+The stack only grows (the live rows' adapters joined to those it held, while still loaded),
+so rows coming and going change only the row masks, not the stacked bytes. The batch holds
+the adapter object a row joined with: an adapter unloaded (or reloaded under its name)
+meanwhile leaves the running rows as they were; a reloaded one joins once the rows of the
+old one have ended. Rows of any other adapter share a batch only with rows of that adapter. An adapter that
 seeds a KV prefix (prompt / prefix tuning, MAM, UniPELT) cannot join: its prefix needs the
 cache's first columns; run it with Engine.generate. Each row has its own Sampler (seed,
 temperature, top-p, penalty), stop strings and limits: a sampled row draws what it would
@@ -127,9 +129,8 @@ class ContinuousBatch:
         self.columns = 0
         """P: cache columns every row has filled (left-padded)."""
         self.rows: list[_Row | None] = [None] * rows
-        self._stacked: dict[str, LoadedAdapter] = {}
-        """LoRA adapters that joined since the batch was last empty (stacked together)."""
         self._stack = None
+        """The LoraStack mixed LoRA rows read (grown as adapters join, module docstring)."""
         self._bound: tuple | None = None
         self._binding = None
         self._keep: LoadedAdapter | None = None
@@ -213,8 +214,8 @@ class ContinuousBatch:
             return False
         if not request.mixes and request.loaded is not running[0].loaded:
             return False
-        stacked = self._stacked.get(request.adapter)
-        if stacked is not None and stacked is not request.loaded:
+        same_name = [r.loaded for r in running if r.adapter == request.adapter]
+        if any(loaded is not request.loaded for loaded in same_name):
             return False  # reloaded under the same name: after the old rows end
         length = len(request.prompt_ids)
         return length <= self.columns and self.columns + request.limit - 1 <= self.capacity
@@ -248,9 +249,6 @@ class ContinuousBatch:
         if self.live == 0:  # begin() may have set the columns; they must leave it room
             fits = self.columns + request.limit - 1 <= self.capacity
             self.columns = max(self.columns, length) if fits else length
-            self._stacked, self._stack = {}, None
-        if request.mixes and request.adapter is not None:
-            self._stacked[request.adapter] = request.loaded
         start = self.columns - length
         slot = self.slot
         slot.mask[b, :start] = 0
@@ -328,25 +326,38 @@ class ContinuousBatch:
         changes them; free rows run as the base, or as the batch's one non-LoRA adapter)."""
         running = [row.request for row in self.rows if row is not None]
         names = tuple(row.request.adapter if row is not None else None for row in self.rows)
-        key = (names, tuple(self._stacked))
+        live = {r.adapter: r.loaded for r in running}
+        key = (names, tuple(id(a) for a in live.values()))
         if key == self._bound:
             return self._binding
-        if not running[0].mixes:  # one adapter, every row
+        mixed = running[0].mixes and len(live) > 1
+        if not mixed:  # one adapter (or the base) in every live row: free rows' output is unread
             loaded = running[0].loaded
-        elif not self._stacked:  # base rows only
-            loaded = None
         else:
             import onnxruntime as ort
 
             to_ort = ort.OrtValue.ortvalue_from_numpy
-            if self._stack is None or set(self._stack.names) != set(self._stacked):
-                adapters = list(self._stacked.values())
-                self._stack = stack_adapters(adapters, self.engine.graph_inputs, to_ort)
+            self._stack = self._grown_stack(
+                {n: a for n, a in live.items() if n is not None}, to_ort
+            )
             loaded = mixed_adapter(self._stack, names, to_ort)
-        self._binding = self.slot.binding(loaded, cache=not running[0].mixes)
+        self._binding = self.slot.binding(loaded, cache=not mixed)
         self._keep = loaded  # the binding's tensors live as long as it is used
         self._bound = key
         return self._binding
+
+    def _grown_stack(self, live: dict[str, LoadedAdapter], to_ort):
+        """The stack, rebuilt only when a live adapter is not in it (as that very object):
+        then with the live adapters and those it held that are still loaded as they were."""
+        held = (
+            dict(zip(self._stack.names, self._stack.adapters, strict=True)) if self._stack else {}
+        )
+        if all(held.get(name) is adapter for name, adapter in live.items()):
+            return self._stack
+        for name, adapter in held.items():
+            if name not in live and self.engine.adapters().get(name) is adapter.info:
+                live[name] = adapter
+        return stack_adapters(list(live.values()), self.engine.graph_inputs, to_ort)
 
     def _take(self, b: int, logits: np.ndarray, updates: list[Update]) -> None:
         """Row b's next token from its logits (1, V): a piece, and its end if it ended."""

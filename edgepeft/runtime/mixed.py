@@ -76,6 +76,8 @@ class LoraStack:
     nbytes: int
     dtype: np.dtype
     """The adapters' dtype (the graph's: fp32, or fp16 for an fp16 graph): the masks' too."""
+    adapters: tuple = ()
+    """The LoadedAdapters stacked, in `names` order."""
     keep_alive: tuple = ()
 
 
@@ -118,7 +120,8 @@ def stack_adapters(
         columns,
         sum(x.nbytes for x in arrays),
         arrays[0].dtype if arrays else np.dtype(np.float32),
-        (tuple(arrays), tuple(adapters)),
+        tuple(adapters),
+        tuple(arrays),
     )
 
 
