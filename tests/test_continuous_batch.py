@@ -117,11 +117,36 @@ def test_a_longer_prompt_waits_until_the_batch_has_its_columns(engine):
 
 
 def test_what_cannot_join_says_why(engine):
-    with engine.open_batch(rows=2, context=64) as batch:
+    with engine.open_batch(rows=2, context=16, max_columns=32) as small:
+        with pytest.raises(
+            CannotJoin, match=r"need \d+ cache columns, more than a batch grows to \(32"
+        ):
+            small.request(PROMPTS[0], None, max_new_tokens=40)
+    with engine.open_batch(rows=2) as batch:
         for prefix in ("prefix", "prompt"):
             with pytest.raises(CannotJoin, match=f"{prefix!r} seeds a KV prefix"):
                 batch.request(PROMPTS[0], prefix)
-        with pytest.raises(CannotJoin, match="cache columns"):
-            batch.request(PROMPTS[0], None, max_new_tokens=500)
         with pytest.raises(UnknownAdapterError, match="no-such-adapter"):
             batch.request(PROMPTS[0], "no-such-adapter")
+
+
+def test_a_request_longer_than_the_batch_waits_for_it_to_empty_then_grows_it(engine):
+    with engine.open_batch(rows=2, context=16) as batch:
+        short = batch.request(PROMPTS[0], "lora", max_new_tokens=4)
+        batch.join(short)
+        long = batch.request(PROMPTS[1], "lora", max_new_tokens=40, ignore_eos=True)
+        assert not batch.fits(long)  # 16 columns cannot hold it beside the running row
+        while batch.live:
+            batch.step()
+        assert batch.fits(long)
+        handle = batch.join(long)
+        assert batch.capacity >= len(long.prompt_ids) + 39
+        results = {}
+        while batch.live:
+            results.update({u.handle: u.result for u in batch.step() if u.result is not None})
+        again = batch.request(PROMPTS[0], None, max_new_tokens=2)
+        batch.join(again)
+        assert batch.capacity == 16  # back to its context once a request fits it
+    alone = engine.generate(PROMPTS[1], adapter="lora", max_new_tokens=40, ignore_eos=True,
+                            return_result=True)  # fmt: skip
+    assert results[handle].token_ids == alone.token_ids

@@ -247,21 +247,28 @@ def test_limits_answer_400_and_413(client, http):
     assert route.status_code == 404 and "error" in route.json()
 
 
-def test_a_full_queue_answers_429_and_the_queued_request_still_runs(served, client, reference):
-    scheduler = served.app.state.server.scheduler
-    long = client.completions.create(model="sql", prompt=PROMPTS[0], max_tokens=LONG,
-                                     temperature=0, extra_body={"ignore_eos": True}, stream=True)  # fmt: skip
-    next(iter(long))  # running: the worker is busy
-    queued = {}
-    thread = threading.Thread(target=lambda: queued.update(r=client.completions.create(
-        model="chat", prompt=PROMPTS[1], max_tokens=NEW, temperature=0)))  # fmt: skip
-    thread.start()
-    wait_for(lambda: scheduler.waiting == 1, "the second request to queue")
-    with pytest.raises(openai.RateLimitError) as e:
-        client.completions.create(model="sql", prompt="x", max_tokens=2)
-    assert error_of(e.value)["code"] == "queue_full"
-    long.close()  # the client leaves: the worker moves on to the queued request
-    thread.join(120)
+def test_a_full_queue_answers_429_and_the_queued_request_still_runs(export, reference):
+    """One row (--max-batch 1) and one queue place: a third request is refused."""
+    engine = Engine(export, threads=1)
+    config = ServeConfig(model_name=BASE, max_queue=1, max_batch=1, max_tokens_limit=LONG)
+    with ServerThread(create_app(engine, config)) as server, openai.OpenAI(
+        base_url=f"{server.url}/v1", api_key="none", max_retries=0
+    ) as client:
+        scheduler = server.app.state.server.scheduler
+        long = client.completions.create(model="sql", prompt=PROMPTS[0], max_tokens=LONG,
+                                         temperature=0, extra_body={"ignore_eos": True},
+                                         stream=True)  # fmt: skip
+        next(iter(long))  # running: its row is the only one
+        queued = {}
+        thread = threading.Thread(target=lambda: queued.update(r=client.completions.create(
+            model="chat", prompt=PROMPTS[1], max_tokens=NEW, temperature=0)))  # fmt: skip
+        thread.start()
+        wait_for(lambda: scheduler.waiting == 1, "the second request to queue")
+        with pytest.raises(openai.RateLimitError) as e:
+            client.completions.create(model="sql", prompt="x", max_tokens=2)
+        assert error_of(e.value)["code"] == "queue_full"
+        long.close()  # the client leaves: the worker moves on to the queued request
+        thread.join(120)
     want = reference.generate(PROMPTS[1], adapter="chat", max_new_tokens=NEW)
     assert queued["r"].choices[0].text == want
 

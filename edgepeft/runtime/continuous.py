@@ -9,8 +9,8 @@
 Every row shares the batch's column count P (fused graphs: GroupQueryAttention takes one
 total length for the whole batch and rotates keys by column index):
 
-    join(L-token prompt): a free row b with L <= P (an empty batch starts at P = L) and
-        P + its new tokens - 1 <= capacity; prefilled alone (batch 1, row b's buffer views)
+    join(L-token prompt): a free row b with L <= P (an empty batch starts at P = L, its
+        capacity grown if this row needs more) and P + its new tokens - 1 <= capacity; prefilled alone (batch 1, row b's buffer views)
         with attention_mask (1, P) = [0] * (P - L) + [1] * L, so its keys land at columns
         P-L .. P-1, right-aligned as a left-padded row of a static batch would be
         ─► its first token, from that prefill's last logits
@@ -53,6 +53,9 @@ from edgepeft.runtime.sampling import Sampler, SamplingConfig
 BATCH_CONTEXT = 512
 """Default columns of a continuous batch (capped at the export's max_context): room for
 the rows that join while it runs; KV memory grows with it."""
+GROWTH = 4
+"""An empty batch grows to at most GROWTH x its context for a long request (KV memory is
+rows x columns); a request needing more runs alone (Engine.generate's one-row slot)."""
 
 
 class CannotJoin(ValueError):
@@ -69,6 +72,9 @@ class RowRequest:
     mixes: bool
     """LoRA or the base: shares a forward with other LoRA / base rows."""
     limit: int
+    """Most new tokens: max_new_tokens, or the room the export's max_context leaves."""
+    limit_reason: str
+    """"length", or "context" when max_context cut the limit."""
     sampling: SamplingConfig
     stops: tuple[str, ...]
     min_new: int
@@ -107,10 +113,15 @@ class ContinuousBatch:
         rows: Most requests decoding at once.
         context: Columns of the batch's cache (default BATCH_CONTEXT, capped at the
             export's max_context): a row joins only if its prompt and new tokens fit in
-            what is left.
+            what is left. A request that needs more waits until the batch is empty, which
+            then grows to it (up to `max_columns`) and shrinks back when a request fits again.
+        max_columns: The most columns the batch grows to (default GROWTH x context, capped
+            at max_context); `request` refuses one that needs more (CannotJoin).
     """
 
-    def __init__(self, engine, rows: int = 8, context: int | None = None):
+    def __init__(
+        self, engine, rows: int = 8, context: int | None = None, max_columns: int | None = None
+    ):
         if not engine.spec.shared:
             raise CannotJoin(
                 "continuous batching needs a fused graph (shared KV buffers); this export is "
@@ -119,13 +130,13 @@ class ContinuousBatch:
         if rows < 1:
             raise ValueError(f"rows must be >= 1, got {rows}")
         self.engine = engine
-        wanted = context or BATCH_CONTEXT
-        if engine.spec.max_context:
-            wanted = min(wanted, engine.spec.max_context)
-        self._request = engine.prepare(None, rows, wanted)
+        self.context = self._capped(context or BATCH_CONTEXT)
+        """The columns the batch keeps when its rows need no more."""
+        self.max_columns = max(self._capped(max_columns or GROWTH * self.context), self.context)
+        self._request = engine.prepare(None, rows, self.context)
         self.slot = self._request.slot
-        self.capacity = wanted
-        """Columns rows may fill (the slot, perhaps reused, may hold more)."""
+        self.capacity = self.context
+        """Columns rows may fill now (the slot, perhaps reused, may hold more)."""
         self.columns = 0
         """P: cache columns every row has filled (left-padded)."""
         self.rows: list[_Row | None] = [None] * rows
@@ -158,8 +169,7 @@ class ContinuousBatch:
         """Check and tokenize one request (Engine.generate's arguments, one prompt).
 
         Raises:
-            CannotJoin: its adapter seeds a KV prefix, or the request can never fit the
-                batch's columns.
+            CannotJoin: its adapter seeds a KV prefix, or it needs more than max_columns.
             UnknownAdapterError / ValueError / ContextLengthError: as Engine.generate does.
         """
         if max_new_tokens < 1:
@@ -175,18 +185,21 @@ class ContinuousBatch:
             raise ValueError("stop strings need the export's tokenizer (tokenizer.json)")
         ids = self.engine.encode(prompt)
         ids = self.engine.fit_prompt(ids, 0, max_new_tokens, truncate)
-        if len(ids) + max_new_tokens - 1 > self.capacity:
+        need = self._capped(len(ids) + max_new_tokens - 1)
+        if need > self.max_columns:
             raise CannotJoin(
-                f"the prompt ({len(ids)} tokens) and max_new_tokens {max_new_tokens} need "
-                f"{len(ids) + max_new_tokens - 1} cache columns, more than the batch's "
-                f"{self.capacity}; ask for fewer tokens, or run it with Engine.generate"
+                f"the prompt ({len(ids)} tokens) and max_new_tokens {max_new_tokens} need {need} "
+                f"cache columns, more than a batch grows to ({self.max_columns} x {len(self.rows)} "
+                "rows of KV cache); it runs alone"
             )
+        room = need - len(ids) + 1  # max_context cuts the new tokens, as generate does
         return RowRequest(
             prompt_ids=ids,
             adapter=adapter,
             loaded=loaded,
             mixes=loaded is None or loaded.info.kind == "lora",
-            limit=max_new_tokens,
+            limit=min(max_new_tokens, room),
+            limit_reason="length" if room >= max_new_tokens else "context",
             sampling=SamplingConfig(
                 temperature=float(temperature),
                 top_k=int(top_k),
@@ -204,7 +217,8 @@ class ContinuousBatch:
         return sum(row is not None for row in self.rows)
 
     def fits(self, request: RowRequest) -> bool:
-        """Whether `request` can join now (else after some steps, or once the batch empties)."""
+        """Whether `request` can join now (else after some steps, or once the batch empties:
+        an empty batch takes any request, growing its columns if it must)."""
         if self.live == len(self.rows):
             return False
         running = [row.request for row in self.rows if row is not None]
@@ -247,6 +261,7 @@ class ContinuousBatch:
         b = self.rows.index(None)
         length = len(request.prompt_ids)
         if self.live == 0:  # begin() may have set the columns; they must leave it room
+            self._resize(max(self.columns, length) + request.limit - 1)
             fits = self.columns + request.limit - 1 <= self.capacity
             self.columns = max(self.columns, length) if fits else length
         start = self.columns - length
@@ -267,6 +282,7 @@ class ContinuousBatch:
                 if self.engine.has_tokenizer()
                 else None,
                 min_new=request.min_new,
+                limit_reason=request.limit_reason,
             ),
             sampler=Sampler(request.sampling),
             seen=list(request.prompt_ids) if request.sampling.repetition_penalty != 1.0 else None,
@@ -276,6 +292,21 @@ class ContinuousBatch:
         self.rows[b] = row
         self._take(b, logits, self._pending)
         return row.handle
+
+    def _capped(self, columns: int) -> int:
+        limit = self.engine.spec.max_context
+        return min(columns, limit) if limit else columns
+
+    def _resize(self, needed: int) -> None:
+        """An empty batch takes a slot of max(context, needed) columns if it has another."""
+        wanted = max(self.context, self._capped(needed))
+        if wanted == self.capacity:
+            return
+        self._request.close()
+        self._bound = self._binding = self._keep = None
+        self.engine.clear_cache()  # the old slot's buffers go (idle slots are re-made on demand)
+        self._request = self.engine.prepare(None, len(self.rows), wanted)
+        self.slot, self.capacity = self._request.slot, wanted
 
     def _prefill(self, b: int, request: RowRequest) -> np.ndarray:
         """Row b's prompt alone over its buffer views; its last position's logits (1, V)."""

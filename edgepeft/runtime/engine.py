@@ -274,12 +274,14 @@ class Engine:
                     self._pool.forget(self._mixed.pop(next(iter(self._mixed))).name)
         return hit
 
-    def open_batch(self, rows: int = 8, context: int | None = None):
+    def open_batch(
+        self, rows: int = 8, context: int | None = None, max_columns: int | None = None
+    ):
         """A ContinuousBatch over this engine: requests join and leave between decode steps
         (runtime/continuous.py; fused exports). Close it to give its slot back."""
         from edgepeft.runtime.continuous import ContinuousBatch
 
-        return ContinuousBatch(self, rows, context)
+        return ContinuousBatch(self, rows, context, max_columns)
 
     def _prepare(self, loaded: LoadedAdapter | None, batch_size: int, capacity: int) -> Request:
         if not self.spec.shared:
