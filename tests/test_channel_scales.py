@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from ort_prefill import prefill
 
 import edgepeft as ep
 from edgepeft.adapters.inject import add_adapter
@@ -44,19 +45,6 @@ def _random_scales(model, spread: float = 0.7, seed: int = 0) -> ChannelScales:
     return ChannelScales(scales, alphas, tokens=0)
 
 
-def _prefill(path, ids: np.ndarray) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    for i in session.get_inputs():
-        if i.name.startswith("past_key_values"):
-            shape = [len(ids) if d == "batch_size" else 0 if isinstance(d, str) else d
-                     for d in i.shape]  # fmt: skip
-            feed[i.name] = np.zeros(shape, np.float32)
-    return session.run(["logits"], feed)[0]
-
-
 def _ids(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, TINY_VOCAB, (2, 12)).astype(np.int64)
 
@@ -87,7 +75,7 @@ def test_given_scales_keep_an_fp32_graph_exact(arch, targets, tmp_path):
     )
     ids = _ids()
     reference = _torch_logits(model, ids)
-    diff = np.abs(_prefill(info.path, ids) - reference).max() / np.abs(reference).max()
+    diff = np.abs(prefill(info.path, ids) - reference).max() / np.abs(reference).max()
     assert diff <= 1e-5, f"{arch} {targets}: relative max |Δlogit| {diff:.2e}"
     scale_muls = [n for n in _ops(info.path) if n.name.endswith("/ScaleMul")]
     if targets:  # q_proj: the q|k|v group; up_proj: gate|up and (its rows feed) down

@@ -9,6 +9,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from ort_prefill import prefill
+from ort_prefill import session as ort_session
+from runtime_fixtures import bos_ids, torch_greedy
 
 from edgepeft.adapters.importance import choose_mask
 from edgepeft.adapters.inject import add_adapter, set_adapter
@@ -19,7 +22,6 @@ from edgepeft.export import api
 from edgepeft.export.channel_scales import ChannelScales, layer_groups
 from edgepeft.export.fused import export_fused
 from edgepeft.tiny import TINY_VOCAB, tiny_model
-from tests.runtime_fixtures import bos_ids, torch_greedy
 
 ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -35,22 +37,6 @@ def _ids(seed: int = 0) -> np.ndarray:
 def _calibration(n: int = 2, seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, TINY_VOCAB, (2, 12), generator=g) for _ in range(n)]
-
-
-def _session(path):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _prefill(session, ids: np.ndarray, extra: dict | None = None) -> np.ndarray:
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), **(extra or {})}
-    for i in session.get_inputs():
-        if i.name.startswith("past_key_values"):
-            shape = [len(ids) if d == "batch_size" else 0 if isinstance(d, str) else d
-                     for d in i.shape]  # fmt: skip
-            feed[i.name] = np.zeros(shape, np.float32)
-    return session.run(["logits"], feed)[0]
 
 
 def _relative(test: np.ndarray, reference: np.ndarray) -> float:
@@ -87,18 +73,14 @@ def test_tuned_parameters_switch_on_one_graph_exactly(arch, patterns, tiny_dir, 
     if arch == "qwen2":
         assert "model.layers.0.self_attn.q_proj" in entry["targets"]
 
-    session = _session(out / "model.onnx")
+    session = ort_session(out / "model.onnx")
     adapter = ort.LoraAdapter()
     adapter.Load(str(out / entry["file"]))
     options = ort.RunOptions()
     options.add_active_adapter(adapter)
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    for i in session.get_inputs():
-        if i.name.startswith("past_key_values"):
-            feed[i.name] = np.zeros([2, i.shape[1], 0, i.shape[3]], np.float32)
-    with_adapter = session.run(["logits"], feed, options)[0]
+    with_adapter = prefill(session, ids, run_options=options)
     assert _relative(with_adapter, tuned_logits) <= 1e-5
-    assert _relative(_prefill(session, ids), base_logits) <= 1e-5
+    assert _relative(prefill(session, ids), base_logits) <= 1e-5
     assert _relative(tuned_logits, base_logits) > 1e-2  # the adapter changes something
 
 
@@ -127,7 +109,7 @@ def test_a_tuned_norm_keeps_its_channel_scales_explicit(tmp_path):
             values[name] = gamma.numpy().copy()
         ids = _ids()
         reference = model(torch.from_numpy(ids)).logits.numpy()
-    assert _relative(_prefill(_session(info.path), ids, values), reference) <= 1e-5
+    assert _relative(prefill(info.path, ids, values), reference) <= 1e-5
 
 
 @pytest.mark.parametrize("weights", ["nf4", "int4"])
