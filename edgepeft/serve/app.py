@@ -133,6 +133,7 @@ class Server:
             engine,
             max_queue=config.max_queue,
             max_batch=config.max_batch,
+            batch_context=config.batch_context,
             timeout_s=config.request_timeout_s,
             metrics=self.metrics,
         )

@@ -75,8 +75,16 @@ def add_parser(commands) -> None:
         type=int,
         default=DEFAULTS.max_batch,
         metavar="N",
-        help="most greedy requests decoded together, mixed adapters included "
-        f"(default: {DEFAULTS.max_batch}; 1: one at a time)",
+        help="most requests decoding together (a request joins the running batch between "
+        f"decode steps), mixed adapters included (default: {DEFAULTS.max_batch}; 1: one at a time)",
+    )
+    serve.add_argument(
+        "--batch-context",
+        type=int,
+        default=DEFAULTS.batch_context,
+        metavar="N",
+        help="cache columns of the running batch (KV memory: --max-batch x N); it grows to 4x "
+        f"for a long request, longer ones run alone (default: {DEFAULTS.batch_context})",
     )
     serve.add_argument(
         "--max-tokens",
@@ -167,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.served_model_name,
         max_queue=args.max_queue,
         max_batch=args.max_batch,
+        batch_context=args.batch_context,
         max_tokens_limit=args.max_tokens,
         default_max_tokens=min(args.default_max_tokens, args.max_tokens),
         max_body_bytes=parse_size(args.max_body_bytes, "--max-body-bytes"),

@@ -16,8 +16,11 @@ class ServeConfig:
     max_queue: int = 16
     """Requests that may wait for the worker (the running ones not counted); more get 429."""
     max_batch: int = 8
-    """Most greedy requests decoded together in one forward, mixed adapters included (1: one
-    at a time)."""
+    """Most requests decoding together (rows of the continuous batch), mixed adapters
+    included (1: one at a time)."""
+    batch_context: int = 512
+    """Cache columns of the continuous batch (KV memory: max_batch x this); it grows to 4x
+    for a long request once empty, and a request needing more runs alone."""
     max_tokens_limit: int = 2048
     """Largest `max_tokens` a request may ask for; more get 400."""
     default_max_tokens: int = 256
@@ -33,6 +36,7 @@ class ServeConfig:
         limits = (
             "max_queue",
             "max_batch",
+            "batch_context",
             "max_tokens_limit",
             "default_max_tokens",
             "max_body_bytes",

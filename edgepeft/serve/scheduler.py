@@ -105,6 +105,7 @@ class Scheduler:
         timeout_s: A job's deadline, counted from submit (waiting included).
         metrics: An edgepeft.serve.metrics.Metrics to count requests and tokens in.
         max_batch: Most jobs decoded together in one batch (1: one at a time).
+        batch_context: Cache columns of the continuous batch (None: its default).
     """
 
     def __init__(
@@ -115,6 +116,7 @@ class Scheduler:
         timeout_s: float = 300.0,
         metrics=None,
         max_batch: int = 8,
+        batch_context: int | None = None,
     ):
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
@@ -123,6 +125,7 @@ class Scheduler:
         self.engine = engine
         self.max_queue = max_queue
         self.max_batch = max_batch
+        self.batch_context = batch_context
         self.timeout_s = timeout_s
         self.metrics = metrics
         self._queue: deque[Ticket] = deque()
@@ -247,7 +250,7 @@ class Scheduler:
     def _work(self) -> None:
         open_batch = getattr(self.engine, "open_batch", None)
         try:
-            batch = open_batch(self.max_batch) if open_batch is not None else None
+            batch = open_batch(self.max_batch, self.batch_context) if open_batch else None
         except CannotJoin:  # a traced graph: whole batches, one after another
             batch = None
         if batch is None:
