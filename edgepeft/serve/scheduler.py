@@ -9,7 +9,8 @@
         rows running: LoRA and the base mix, another adapter only with itself); a job that
         does not fit yet holds the ones behind it until it does (no job is overtaken
         forever); each row has its own sampler and options and equals that job run alone
-        a job whose adapter seeds a KV prefix runs alone, once the batch is empty:
+        a job whose adapter seeds a KV prefix, or that needs more cache columns than the
+        batch grows to (--batch-context x 4), runs alone once the batch is empty:
             Engine.stream(job.prompt, adapter=job.adapter, return_result=True)
     traced (generic) export: Engine.stream_batch of the oldest job and the waiting ones
         with its options (greedy, same adapter or LoRA / base), run to its last row
