@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -643,19 +641,6 @@ def edgepeft_row(key, adapter, work, prompts, people, reference_text, ref, wante
 # ---------------------------------------------------------------- llama.cpp
 
 
-def gguf_lora(adapter: Path, out: Path) -> Path:
-    """The PEFT folder as a llama.cpp LoRA GGUF (f32), through its convert_lora_to_gguf.py."""
-    script = bq.converter().parent / "convert_lora_to_gguf.py"
-    env = {**os.environ, "PYTHONPATH": str(script.parent / "gguf-py")}
-    command = [sys.executable, str(script), str(adapter), "--base", str(smollm2_dir()),
-               "--outtype", "f32", "--outfile", str(out)]  # fmt: skip
-    proc = subprocess.run(command, capture_output=True, text=True, env=env)
-    if proc.returncode != 0 or not out.is_file():
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"convert_lora_to_gguf.py failed on {adapter}: {last}")
-    return out
-
-
 def llama_generate(path: Path, lora: Path | None, prompts: list[list[int]], max_new: int,
                    eos: int) -> list[list[int]]:  # fmt: skip
     """Greedy new token ids per prompt from llama.cpp (our ids fed as they are)."""
@@ -685,7 +670,7 @@ def llama_rows(adapter, work, prompts, people, reference_text, ref, wanted, info
         f32 = work / "F32.gguf"
         if not f32.is_file():
             bq.gguf_f32(smollm2_dir(), f32)
-        lora = gguf_lora(adapter, work / "lora-f32.gguf")
+        lora = bq.gguf_lora(adapter, smollm2_dir(), work / "lora-f32.gguf")
     except Exception as e:
         return [Row(label, skipped=bq.reason(e)) for label in labels.values()]
     info["llama_as_stored"] = amx_build()

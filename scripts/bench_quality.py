@@ -275,6 +275,20 @@ def gguf_f32(folder: Path, out: Path) -> Path:
     return out
 
 
+def gguf_lora(adapter: Path, base: Path, out: Path) -> Path:
+    """A PEFT folder trained on the HF folder `base` as a llama.cpp LoRA GGUF (f32), through
+    its convert_lora_to_gguf.py."""
+    script = converter().parent / "convert_lora_to_gguf.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parent / "gguf-py")}
+    command = [sys.executable, str(script), str(adapter), "--base", str(base),
+               "--outtype", "f32", "--outfile", str(out)]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    if proc.returncode != 0 or not out.is_file():
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"convert_lora_to_gguf.py failed on {adapter}: {last}")
+    return out
+
+
 def gguf_quantized(f32: Path, kind: str, out: Path) -> Path:
     """`f32` quantized to `kind` (a GGUF_TYPES key) by llama.cpp's llama_model_quantize."""
     import llama_cpp

@@ -8,6 +8,10 @@
                              (continuous batching: a request joins the running batch between
                              decode steps, LoRA adapters mixed in one forward; serve/scheduler.py)
     same adapter             the same N threads all on one adapter: what mixing costs
+    peer (--real)            llama-cpp-python's server (python -m llama_cpp.server) on the same
+                             weights: convert_hf_to_gguf ─► Q4_K_M, adapter a0 ─► LoRA GGUF;
+                             the same loads on that one adapter (it serves one LoRA, fixed at
+                             start); eos banned by logit_bias so every request runs its length
     ─► a table: aggregate tok/s and its ratio to one at a time, p50/p99 TTFT and per-token
        latency, server RSS; BENCHMARKS.md section "serve" with --real, or --output FILE
 
@@ -25,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -122,18 +127,28 @@ class Served:
         self.process.wait(120)
 
 
-def one_request(client, model: str, new_tokens: int) -> dict:
-    """TTFT and per-token latency of one streamed request (exactly new_tokens tokens)."""
+PEER_EOS_IDS = (0, 2)
+"""SmolLM2's <|endoftext|> and <|im_end|>: banned on the peer, which has no ignore_eos."""
+
+
+def one_request(client, model: str, new_tokens: int, peer: bool = False) -> dict:
+    """TTFT and per-token latency of one streamed request (exactly new_tokens tokens). The
+    peer reports no usage while streaming: its tokens are its text chunks (one per token)."""
     start = time.perf_counter()
     first = None
     tokens = 0
+    if peer:
+        options = {"logit_bias": {str(t): -100 for t in PEER_EOS_IDS}}
+    else:
+        options = {"stream_options": {"include_usage": True}, "extra_body": {"ignore_eos": True}}
     stream = client.completions.create(
-        model=model, prompt=PROMPT, max_tokens=new_tokens, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-    )  # fmt: skip
+        model=model, prompt=PROMPT, max_tokens=new_tokens, temperature=0, stream=True, **options
+    )
     for chunk in stream:
-        if chunk.choices and chunk.choices[0].text and first is None:
-            first = time.perf_counter()
+        if chunk.choices and chunk.choices[0].text:
+            first = first or time.perf_counter()
+            if peer:
+                tokens += 1
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
     end = time.perf_counter()
@@ -142,7 +157,9 @@ def one_request(client, model: str, new_tokens: int) -> dict:
             "tokens": tokens}  # fmt: skip
 
 
-def run_clients(url: str, models: list[str], requests: int, new_tokens: int, concurrent: bool):
+def run_clients(
+    url: str, models: list[str], requests: int, new_tokens: int, concurrent: bool, peer=False
+):
     import openai
 
     results: list[dict] = []
@@ -152,7 +169,7 @@ def run_clients(url: str, models: list[str], requests: int, new_tokens: int, con
         with openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0,
                            timeout=600) as client:  # fmt: skip
             for _ in range(requests):
-                r = one_request(client, model, new_tokens)
+                r = one_request(client, model, new_tokens, peer)
                 with lock:
                     results.append(r)
 
@@ -230,11 +247,16 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.close()
         sizes = export_sizes(export)
+        peer = None
+        if args.real and args.export is None:
+            peer = llama_server_runs(work, args)
     model = export.name if args.export else "SmolLM2-135M-Instruct" if args.real else "random llama"
-    text = markdown(model, args, len(names) - 1, alone, mixed, same, rss, sizes)
+    text = markdown(model, args, len(names) - 1, alone, mixed, same, rss, sizes, peer)
     print(text)
     if args.json:
         runs = {"one at a time": alone, "mixed": mixed, "same adapter": same}
+        if isinstance(peer, dict):
+            runs.update({f"llama.cpp server, {k}": v for k, v in peer.items()})
         numbers = {name: {"requests": results, "wall_s": wall, "tok_s": tokens_per_s(results, wall)}
                    for name, (results, wall) in runs.items()}  # fmt: skip
         args.json.write_text(json.dumps({"model": model, "rss_bytes": rss, "runs": numbers}, indent=1))
@@ -245,6 +267,66 @@ def main(argv: list[str] | None = None) -> int:
 
         log(f"wrote {write_section('serve', text)}")
     return 0
+
+
+def llama_server_runs(work: Path, args) -> dict | str:
+    """{"one at a time", "concurrent"} on llama-cpp-python's server with adapter a0 (the
+    same weights, Q4_K_M), or why it was skipped."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_quality as bq
+    from real_model import smollm2_dir
+
+    missing = bq.installed("llama_cpp") or bq.installed("sse_starlette") or bq.installed(
+        "pydantic_settings"
+    )
+    if missing:
+        return missing
+    log("llama.cpp peer: converting SmolLM2 to Q4_K_M and adapter a0 to a LoRA GGUF")
+    f32 = bq.gguf_f32(smollm2_dir(), work / "smollm2-f32.gguf")
+    q4 = bq.gguf_quantized(f32, "Q4_K_M", work / "smollm2-q4_k_m.gguf")
+    lora = bq.gguf_lora(work / "lora" / ADAPTERS[0], smollm2_dir(), work / "a0-f32.gguf")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # --interrupt_requests False: by default a new request cuts the running one short
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(q4), "--lora_path",
+               str(lora), "--n_threads", str(args.threads), "--n_ctx", "2048",
+               "--host", "127.0.0.1", "--port", str(port),
+               "--interrupt_requests", "False"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=env)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        for _ in range(240):
+            if server.poll() is not None:
+                return f"llama_cpp.server exited with {server.returncode}"
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            return "llama_cpp.server did not answer within 2 minutes"
+        import openai
+
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="none") as client:
+            one_request(client, "a0", 4, peer=True)  # warm up
+        models = ["a0"] * args.clients
+        log("llama.cpp peer: one at a time")
+        alone = run_clients(url, models, args.requests, args.new_tokens, False, peer=True)
+        log(f"llama.cpp peer: {args.clients} concurrent clients")
+        together = run_clients(url, models, args.requests, args.new_tokens, True, peer=True)
+        counts = {r["tokens"] for results, _ in (alone, together) for r in results}
+        if counts != {args.new_tokens}:
+            return (f"llama_cpp.server answered {sorted(counts)} tokens per request, not "
+                    f"{args.new_tokens}")  # fmt: skip
+        return {"one at a time": alone, "concurrent": together}
+    finally:
+        server.terminate()
+        server.wait(120)
 
 
 def export_sizes(export: Path) -> tuple[float, float]:
@@ -258,7 +340,7 @@ def tokens_per_s(results: list[dict], wall: float) -> float:
     return sum(r["tokens"] for r in results) / wall
 
 
-def markdown(model, args, loaded, alone, mixed, same, rss, sizes) -> str:
+def markdown(model, args, loaded, alone, mixed, same, rss, sizes, peer=None) -> str:
     base = tokens_per_s(*alone)
     mixed_rate, same_rate = tokens_per_s(*mixed), tokens_per_s(*same)
     per_token = statistics.median(r["per_token"] for r in mixed[0]) / statistics.median(
@@ -294,6 +376,31 @@ def markdown(model, args, loaded, alone, mixed, same, rss, sizes) -> str:
         "(its prefill runs alone, then it decodes with the others) and leaves when it ends; "
         "TTFT includes the wait for a free row.",
     ]
+    if isinstance(peer, dict):
+        peer_alone, peer_together = peer["one at a time"], peer["concurrent"]
+        peer_rate = tokens_per_s(*peer_together)
+        lines += [
+            "",
+            "Peer: llama-cpp-python's server (`python -m llama_cpp.server`) on the same weights "
+            "(convert_hf_to_gguf.py ─► Q4_K_M) with adapter a0 converted by "
+            "convert_lora_to_gguf.py; it takes one LoRA, fixed at start, so it runs the "
+            "one-adapter load; eos banned through logit_bias (it has no ignore_eos). Ratios "
+            "against edgepeft one at a time.",
+            "",
+            "| run | requests | tok/s | vs edgepeft one at a time | TTFT p50 ms | TTFT p99 ms | "
+            "per-token p50 ms | per-token p99 ms |",
+            "|---|---|---|---|---|---|---|---|",
+            row("llama.cpp server, one at a time", *peer_alone, base),
+            row(f"llama.cpp server, {args.clients} concurrent, one adapter", *peer_together, base),
+            "",
+            f"- edgepeft with {args.clients} concurrent clients on one adapter against the "
+            f"llama.cpp server under the same load: **{same_rate / peer_rate:.2f}x** "
+            f"({same_rate:.0f} vs {peer_rate:.0f} tok/s); on {len(set(args_models(args)))} "
+            f"different adapters (which that server cannot serve at once): "
+            f"{mixed_rate / peer_rate:.2f}x.",
+        ]
+    elif peer:
+        lines += ["", f"- Peer llama-cpp-python server: skipped ({peer})."]
     return "\n".join(lines) + "\n"
 
 
