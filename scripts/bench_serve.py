@@ -137,6 +137,7 @@ def one_request(client, model: str, new_tokens: int, peer: bool = False) -> dict
     start = time.perf_counter()
     first = None
     tokens = 0
+    text = []
     if peer:
         options = {"logit_bias": {str(t): -100 for t in PEER_EOS_IDS}}
     else:
@@ -146,6 +147,7 @@ def one_request(client, model: str, new_tokens: int, peer: bool = False) -> dict
     )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
+            text.append(chunk.choices[0].text)
             first = first or time.perf_counter()
             if peer:
                 tokens += 1
@@ -154,7 +156,7 @@ def one_request(client, model: str, new_tokens: int, peer: bool = False) -> dict
     end = time.perf_counter()
     first = first or end
     return {"ttft": first - start, "per_token": (end - first) / max(tokens - 1, 1),
-            "tokens": tokens}  # fmt: skip
+            "tokens": tokens, "model": model, "text": "".join(text)}  # fmt: skip
 
 
 def run_clients(
@@ -336,6 +338,13 @@ def export_sizes(export: Path) -> tuple[float, float]:
     return base, sum(f.stat().st_size for f in files) / max(len(files), 1)
 
 
+def identical(results: list[dict], alone: list[dict]) -> tuple[int, int]:
+    """(answers equal to that adapter's answer one at a time, answers): every request sends
+    the same prompt, so one answer per adapter is the reference."""
+    reference = {r["model"]: r["text"] for r in alone}
+    return sum(r["text"] == reference[r["model"]] for r in results), len(results)
+
+
 def tokens_per_s(results: list[dict], wall: float) -> float:
     return sum(r["tokens"] for r in results) / wall
 
@@ -366,6 +375,11 @@ def markdown(model, args, loaded, alone, mixed, same, rss, sizes, peer=None) -> 
         f"**{mixed_rate / base:.2f}x** one at a time (goal >= 4x with 8 clients).",
         f"- A mixed-adapter batch against a same-adapter batch, per token (median): "
         f"**{per_token:.2f}x** (goal <= 1.15x); aggregate {mixed_rate:.0f} vs {same_rate:.0f} tok/s.",
+        f"- Answers equal to the same adapter's answer one at a time (greedy, {args.new_tokens} "
+        "tokens): "
+        f"{'{}/{}'.format(*identical(mixed[0], alone[0]))} with {len(set(args_models(args)))} "
+        f"adapters, {'{}/{}'.format(*identical(same[0], alone[0]))} on one (an int4 graph with "
+        "int8 activations moves a row's logits with its place in the cache; see README).",
         f"- Server RSS with {loaded} adapters loaded: {rss / 2**20:.1f} MiB.",
         f"- Bytes behind each decode step: the base graph is {sizes[0] / 2**20:.1f} MiB, one "
         f"adapter {sizes[1] / 2**20:.1f} MiB (fp32). A same-adapter batch reads one adapter per "
