@@ -338,11 +338,20 @@ def export_sizes(export: Path) -> tuple[float, float]:
     return base, sum(f.stat().st_size for f in files) / max(len(files), 1)
 
 
-def identical(results: list[dict], alone: list[dict]) -> tuple[int, int]:
-    """(answers equal to that adapter's answer one at a time, answers): every request sends
-    the same prompt, so one answer per adapter is the reference."""
+def identical(results: list[dict], alone: list[dict]) -> str:
+    """"equal/answers": answers equal to that adapter's answer one at a time (every request
+    sends the same prompt, so one answer per adapter is the reference)."""
     reference = {r["model"]: r["text"] for r in alone}
-    return sum(r["text"] == reference[r["model"]] for r in results), len(results)
+    return f"{sum(r['text'] == reference[r['model']] for r in results)}/{len(results)}"
+
+
+def table_head(ratio: str) -> list[str]:
+    """The header of a runs table whose ratio column is named `ratio`."""
+    return [
+        f"| run | requests | tok/s | {ratio} | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | "
+        "per-token p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
 
 def tokens_per_s(results: list[dict], wall: float) -> float:
@@ -355,6 +364,7 @@ def markdown(model, args, loaded, alone, mixed, same, rss, sizes, peer=None) -> 
     per_token = statistics.median(r["per_token"] for r in mixed[0]) / statistics.median(
         r["per_token"] for r in same[0]
     )
+    kinds = len(set(args_models(args)))
     lines = [
         "## serve",
         "",
@@ -364,11 +374,9 @@ def markdown(model, args, loaded, alone, mixed, same, rss, sizes, peer=None) -> 
         f"{args.new_tokens} tokens (ignore_eos), greedy; server: {args.threads} onnxruntime "
         f"threads, --max-batch {args.max_batch}; loopback.",
         "",
-        "| run | requests | tok/s | vs one at a time | TTFT p50 ms | TTFT p99 ms | "
-        "per-token p50 ms | per-token p99 ms |",
-        "|---|---|---|---|---|---|---|---|",
+        *table_head("vs one at a time"),
         row("one at a time", *alone, base),
-        row(f"{args.clients} concurrent, {len(set(args_models(args)))} adapters", *mixed, base),
+        row(f"{args.clients} concurrent, {kinds} adapters", *mixed, base),
         row(f"{args.clients} concurrent, one adapter", *same, base),
         "",
         f"- Aggregate decode with {args.clients} clients on different adapters: "
@@ -377,15 +385,15 @@ def markdown(model, args, loaded, alone, mixed, same, rss, sizes, peer=None) -> 
         f"**{per_token:.2f}x** (goal <= 1.15x); aggregate {mixed_rate:.0f} vs {same_rate:.0f} tok/s.",
         f"- Answers equal to the same adapter's answer one at a time (greedy, {args.new_tokens} "
         "tokens): "
-        f"{'{}/{}'.format(*identical(mixed[0], alone[0]))} with {len(set(args_models(args)))} "
-        f"adapters, {'{}/{}'.format(*identical(same[0], alone[0]))} on one (an int4 graph with "
+        f"{identical(mixed[0], alone[0])} with {kinds} adapters, "
+        f"{identical(same[0], alone[0])} on one (an int4 graph with "
         "int8 activations moves a row's logits with its place in the cache; see README).",
         f"- Server RSS with {loaded} adapters loaded: {rss / 2**20:.1f} MiB.",
         f"- Bytes behind each decode step: the base graph is {sizes[0] / 2**20:.1f} MiB, one "
         f"adapter {sizes[1] / 2**20:.1f} MiB (fp32). A same-adapter batch reads one adapter per "
-        f"step, a batch of {len(set(args_models(args)))} different ones reads all of theirs: "
-        f"{(sizes[0] + sizes[1]) / 2**20:.0f} vs "
-        f"{(sizes[0] + len(set(args_models(args))) * sizes[1]) / 2**20:.0f} MiB per step.",
+        f"step, a batch of {kinds} different ones reads all of theirs: "
+        f"{(sizes[0] + sizes[1]) / 2**20:.0f} vs {(sizes[0] + kinds * sizes[1]) / 2**20:.0f} "
+        "MiB per step.",
         "- Continuous batching: a request joins the running batch between two decode steps "
         "(its prefill runs alone, then it decodes with the others) and leaves when it ends; "
         "TTFT includes the wait for a free row.",
@@ -401,15 +409,13 @@ def markdown(model, args, loaded, alone, mixed, same, rss, sizes, peer=None) -> 
             "one-adapter load; eos banned through logit_bias (it has no ignore_eos). Ratios "
             "against edgepeft one at a time.",
             "",
-            "| run | requests | tok/s | vs edgepeft one at a time | TTFT p50 ms | TTFT p99 ms | "
-            "per-token p50 ms | per-token p99 ms |",
-            "|---|---|---|---|---|---|---|---|",
+            *table_head("vs edgepeft one at a time"),
             row("llama.cpp server, one at a time", *peer_alone, base),
             row(f"llama.cpp server, {args.clients} concurrent, one adapter", *peer_together, base),
             "",
             f"- edgepeft with {args.clients} concurrent clients on one adapter against the "
             f"llama.cpp server under the same load: **{same_rate / peer_rate:.2f}x** "
-            f"({same_rate:.0f} vs {peer_rate:.0f} tok/s); on {len(set(args_models(args)))} "
+            f"({same_rate:.0f} vs {peer_rate:.0f} tok/s); on {kinds} "
             f"different adapters (which that server cannot serve at once): "
             f"{mixed_rate / peer_rate:.2f}x.",
         ]

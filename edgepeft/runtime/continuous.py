@@ -10,8 +10,8 @@ Every row shares the batch's column count P (fused graphs: GroupQueryAttention t
 total length for the whole batch and rotates keys by column index):
 
     join(L-token prompt): a free row b with L <= P (an empty batch starts at P = L, its
-        capacity grown if this row needs more) and P + its new tokens - 1 <= capacity; prefilled alone (batch 1, row b's buffer views)
-        with attention_mask (1, P) = [0] * (P - L) + [1] * L, so its keys land at columns
+        capacity grown if this row needs more) and P + its new tokens - 1 <= capacity;
+        prefilled alone (batch 1, row b's buffer views) with attention_mask (1, P) = [0] * (P - L) + [1] * L, so its keys land at columns
         P-L .. P-1, right-aligned as a left-padded row of a static batch would be
         ─► its first token, from that prefill's last logits
     step(): one decode forward (B, 1), attention_mask (B, P + 1): each row feeds its last
@@ -29,8 +29,8 @@ The stack only grows (the live rows' adapters joined to those it held, while sti
 so rows coming and going change only the row masks, not the stacked bytes. The batch holds
 the adapter object a row joined with: an adapter unloaded (or reloaded under its name)
 meanwhile leaves the running rows as they were; a reloaded one joins once the rows of the
-old one have ended. Rows of any other adapter share a batch only with rows of that adapter. An adapter that
-seeds a KV prefix (prompt / prefix tuning, MAM, UniPELT) cannot join: its prefix needs the
+old one have ended. Rows of any other adapter share a batch only with rows of that adapter.
+An adapter that seeds a KV prefix (prompt / prefix tuning, MAM, UniPELT) cannot join: its prefix needs the
 cache's first columns; run it with Engine.generate. Each row has its own Sampler (seed,
 temperature, top-p, penalty), stop strings and limits: a sampled row draws what it would
 alone.
@@ -48,7 +48,7 @@ from edgepeft.runtime.adapters import LoadedAdapter
 from edgepeft.runtime.chat import IncrementalDecoder
 from edgepeft.runtime.mixed import mixed_adapter, stack_adapters
 from edgepeft.runtime.row import RowState, min_new_tokens_of, stop_strings
-from edgepeft.runtime.sampling import Sampler, SamplingConfig
+from edgepeft.runtime.sampling import Sampler, SamplingConfig, sampling_config
 
 BATCH_CONTEXT = 512
 """Default columns of a continuous batch (capped at the export's max_context): room for
@@ -79,6 +79,11 @@ class RowRequest:
     stops: tuple[str, ...]
     min_new: int
 
+    def shares_forward(self, other: RowRequest) -> bool:
+        """Whether the two can decode in one forward: LoRA / base rows together (stacked),
+        any other adapter's rows only with rows of that very adapter object."""
+        return self.mixes == other.mixes and (self.mixes or self.loaded is other.loaded)
+
 
 @dataclass(frozen=True)
 class Update:
@@ -98,7 +103,6 @@ class _Row:
     request: RowRequest
     state: RowState
     sampler: Sampler
-    seen: list[int] | None
     token: int = 0
     """The last sampled token: fed at the next step."""
     prefill_ms: float = 0.0
@@ -200,13 +204,7 @@ class ContinuousBatch:
             mixes=loaded is None or loaded.info.kind == "lora",
             limit=min(max_new_tokens, room),
             limit_reason="length" if room >= max_new_tokens else "context",
-            sampling=SamplingConfig(
-                temperature=float(temperature),
-                top_k=int(top_k),
-                top_p=float(top_p),
-                repetition_penalty=float(repetition_penalty),
-                seed=seed,
-            ),
+            sampling=sampling_config(temperature, top_k, top_p, repetition_penalty, seed),
             stops=stops,
             min_new=min_new_tokens_of(min_new_tokens, max_new_tokens, ignore_eos),
         )
@@ -224,9 +222,7 @@ class ContinuousBatch:
         running = [row.request for row in self.rows if row is not None]
         if not running:
             return True
-        if request.mixes != running[0].mixes:
-            return False
-        if not request.mixes and request.loaded is not running[0].loaded:
+        if not request.shares_forward(running[0]):
             return False
         same_name = [r.loaded for r in running if r.adapter == request.adapter]
         if any(loaded is not request.loaded for loaded in same_name):
@@ -242,9 +238,7 @@ class ContinuousBatch:
             return
         first, columns, taken = requests[0], 0, []
         for request in requests[: len(self.rows)]:
-            if request.mixes != first.mixes or (
-                not first.mixes and request.adapter != first.adapter
-            ):
+            if not request.shares_forward(first):
                 break
             taken.append(request)
             longer = max(columns, len(request.prompt_ids))
@@ -283,9 +277,9 @@ class ContinuousBatch:
                 else None,
                 min_new=request.min_new,
                 limit_reason=request.limit_reason,
+                seen=list(request.prompt_ids) if request.sampling.repetition_penalty != 1 else None,
             ),
             sampler=Sampler(request.sampling),
-            seen=list(request.prompt_ids) if request.sampling.repetition_penalty != 1.0 else None,
         )
         row.prefill_ms = (time.perf_counter() - began) * 1000
         row.decode_start = time.perf_counter()
@@ -385,8 +379,9 @@ class ContinuousBatch:
         )
         if all(held.get(name) is adapter for name, adapter in live.items()):
             return self._stack
+        loaded = self.engine.adapters()
         for name, adapter in held.items():
-            if name not in live and self.engine.adapters().get(name) is adapter.info:
+            if name not in live and loaded.get(name) is adapter.info:
                 live[name] = adapter
         return stack_adapters(list(live.values()), self.engine.graph_inputs, to_ort)
 
@@ -400,12 +395,9 @@ class ContinuousBatch:
             self._free(b)
             updates.append(Update(row.handle, error=e))
             return
-        seen = [row.seen] if row.seen is not None else None
-        token = int(row.sampler(logits, seen, state.banned())[0])
-        state.push(token)
-        if row.seen is not None and state.reason != "eos":
-            row.seen.append(token)
-        row.token = token
+        seen = [state.seen] if state.seen is not None else None
+        row.token = int(row.sampler(logits, seen, state.banned())[0])
+        state.push(row.token)
         if not state.done:
             updates.append(Update(row.handle, state.piece()))
             return

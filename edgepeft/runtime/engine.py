@@ -43,7 +43,7 @@ from edgepeft.runtime.kv_cache import CacheSpec, Slot, SlotPool
 from edgepeft.runtime.memory import MemoryReport, graph_bytes
 from edgepeft.runtime.mixed import mixed_adapter, stack_adapters
 from edgepeft.runtime.row import RowState, held_back, min_new_tokens_of, stop_strings
-from edgepeft.runtime.sampling import Sampler, SamplingConfig
+from edgepeft.runtime.sampling import Sampler, sampling_config
 from edgepeft.runtime.session import LOG, choose_providers, create_session, device_settings
 
 FINISH_REASONS = ("eos", "stop", "length", "context")
@@ -374,7 +374,7 @@ class Engine:
             prompts,
             adapter,
             max_new_tokens,
-            _sampling(temperature, top_k, top_p, repetition_penalty, seed),
+            sampling_config(temperature, top_k, top_p, repetition_penalty, seed),
             stop_strings(stop),
             truncate,
             min_new=min_new_tokens_of(min_new_tokens, max_new_tokens, ignore_eos),
@@ -462,7 +462,7 @@ class Engine:
         if not prompts:
             raise ValueError("stream_batch() needs at least one prompt")
         stops = stop_strings(stop)
-        sampling = _sampling(temperature, top_k, top_p, repetition_penalty, seed)
+        sampling = sampling_config(temperature, top_k, top_p, repetition_penalty, seed)
         limits = _row_limits(max_new_tokens, len(prompts))
         min_new = min_new_tokens_of(min_new_tokens, max(limits), ignore_eos)
         sent = [0] * len(prompts)
@@ -521,7 +521,7 @@ class Engine:
         new_tokens = min(max_new_tokens, room)
         min_new = min(min_new, new_tokens)
         sampler = Sampler(sampling)
-        seen = [list(r) for r in rows] if sampling.repetition_penalty != 1.0 else None
+        penalised = sampling.repetition_penalty != 1.0
         need = n_virtual + length + new_tokens - 1  # cache positions the request fills
         # The adapter looked up above serves the whole request, even if it is unloaded meanwhile.
         with self._prepare(loaded, batch, need) as request:
@@ -544,9 +544,11 @@ class Engine:
                     decoder=IncrementalDecoder(self.codec) if incremental and has_text else None,
                     min_new=min_new,
                     limit_reason="length" if limit <= new_tokens else "context",
+                    seen=list(row) if penalised else None,
                 )
-                for limit in limits
+                for limit, row in zip(limits, rows, strict=True)
             ]
+            seen = [state.seen for state in states] if penalised else None
             start = time.perf_counter()
             try:
                 logits = next(steps)
@@ -563,8 +565,6 @@ class Engine:
                         if state.done:
                             continue
                         state.push(int(tokens[b]))
-                        if seen is not None and state.reason != "eos":
-                            seen[b].append(int(tokens[b]))
                     if all(state.done for state in states):
                         break
                     yield [state.text for state in states], False
@@ -673,16 +673,6 @@ def _eos_ids(value) -> frozenset[int]:
         return frozenset()
     values = value if isinstance(value, (list, tuple)) else [value]
     return frozenset(int(v) for v in values)
-
-
-def _sampling(temperature, top_k, top_p, repetition_penalty, seed) -> SamplingConfig:
-    return SamplingConfig(
-        temperature=float(temperature),
-        top_k=int(top_k),
-        top_p=float(top_p),
-        repetition_penalty=float(repetition_penalty),
-        seed=seed,
-    )
 
 
 def _row_limits(max_new_tokens, batch: int) -> list[int]:

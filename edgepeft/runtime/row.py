@@ -69,6 +69,8 @@ class RowState:
     limit_reason: str = "length"
     """The reason given when `limit` is reached: "length", or "context" when the limit was
     cut to the room left in the context."""
+    seen: list[int] | None = None
+    """Prompt and kept tokens, for a repetition penalty (None: no penalty)."""
     generated: list[int] = field(default_factory=list)
     text: str = ""
     floor: int = 0
@@ -91,6 +93,8 @@ class RowState:
             self.reason = "eos"
             return
         self.generated.append(token)
+        if self.seen is not None:
+            self.seen.append(token)
         if len(self.generated) >= self.limit:
             self.reason = self.limit_reason
         if self.decoder is None:

@@ -47,6 +47,17 @@ class SamplingConfig:
         return self.temperature == 0
 
 
+def sampling_config(temperature, top_k, top_p, repetition_penalty, seed) -> SamplingConfig:
+    """SamplingConfig from request arguments as callers give them (ints, floats, JSON)."""
+    return SamplingConfig(
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        repetition_penalty=float(repetition_penalty),
+        seed=seed,
+    )
+
+
 class Sampler:
     """Picks each step's tokens for one request (its own Generator, so threads never share one)."""
 
@@ -111,4 +122,4 @@ def _penalised(logits: np.ndarray, seen: list[list[int]], penalty: float) -> np.
     return out
 
 
-__all__ = ["Sampler", "SamplingConfig"]
+__all__ = ["Sampler", "SamplingConfig", "sampling_config"]

@@ -95,6 +95,8 @@ class Ticket:
     """Set once the last event (Finished or Failed) went to the sink."""
     row: object | None = None
     """Its RowRequest, once a continuous batch checked and tokenized the job."""
+    refused: BaseException | None = None
+    """Why the continuous batch's check refused the job (checked once, like `row`)."""
 
 
 class Scheduler:
@@ -312,7 +314,8 @@ class Scheduler:
         if not rows:  # an empty batch starts at the longest prompt of those about to join
             with self._lock:
                 waiting = list(self._queue)[: self.max_batch]
-            batch.begin([t.row for t in itertools.takewhile(lambda t: self._prepared(batch, t), waiting)])
+            joinable = itertools.takewhile(lambda t: self._checked(batch, t), waiting)
+            batch.begin([t.row for t in joinable])
         while True:
             with self._lock:
                 ticket = self._queue[0] if self._queue else None
@@ -322,10 +325,8 @@ class Scheduler:
                 self._take(ticket)
                 self._fail(ticket, self._timeout("waiting in the queue"))
                 continue
-            if ticket.row is None:
-                try:
-                    self._prepared(batch, ticket, quiet=False)
-                except CannotJoin:
+            if not self._checked(batch, ticket):
+                if isinstance(ticket.refused, CannotJoin):
                     if rows:  # it runs alone once the batch is empty
                         return
                     if self._take(ticket):
@@ -336,11 +337,9 @@ class Scheduler:
                         self._run(ticket)
                         with self._lock:
                             self._running = []
-                    continue
-                except Exception as e:  # a bad request fails alone
-                    if self._take(ticket):
-                        self._fail(ticket, e)
-                    continue
+                elif self._take(ticket):  # a bad request fails alone
+                    self._fail(ticket, ticket.refused)
+                continue
             if not batch.fits(ticket.row):
                 return
             if not self._take(ticket):
@@ -355,18 +354,16 @@ class Scheduler:
             with self._lock:
                 self._running = list(rows.values())
 
-    def _prepared(self, batch, ticket: Ticket, quiet: bool = True) -> bool:
-        """Check and tokenize the ticket's job for `batch` once (Ticket.row); with `quiet`,
-        a job that cannot join is False here and fails (or runs alone) in `_admit`."""
-        if ticket.row is None:
+    def _checked(self, batch, ticket: Ticket) -> bool:
+        """Check and tokenize the ticket's job for `batch`, once: True with Ticket.row set,
+        False with Ticket.refused (CannotJoin: it runs alone; else it fails)."""
+        if ticket.row is None and ticket.refused is None:
             job = ticket.job
             try:
                 ticket.row = batch.request(job.prompt, job.adapter, **job.options)
-            except Exception:
-                if quiet:
-                    return False
-                raise
-        return True
+            except Exception as e:
+                ticket.refused = e
+        return ticket.row is not None
 
     def _take(self, ticket: Ticket) -> bool:
         """Take `ticket` off the queue; False if it left meanwhile (cancelled)."""
